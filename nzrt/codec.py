@@ -1,0 +1,118 @@
+"""compress / decompress / decode_into: torch tensors in and out, a kernel backend underneath."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+import torch
+
+from .format import CompressedTensor
+from .kernels import spec
+
+BACKENDS = ("reference", "numba", "triton")
+_MODULES = {"reference": "reference", "numba": "numba_cpu", "triton": "triton_gpu"}
+
+
+def _backend_module(name):
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return importlib.import_module(f"{__package__}.kernels.{_MODULES[name]}")
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend that will run: the argument, else $NZRT_BACKEND, else the best for the device."""
+    name = backend or os.environ.get("NZRT_BACKEND") or None
+    if name:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r} (from {'argument' if backend else 'NZRT_BACKEND'}); "
+                             f"choose one of {', '.join(BACKENDS)}")
+        return name
+    if device.type == "cuda":
+        return "triton"
+    return "numba" if _numba_available() else "reference"
+
+
+def _numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def layout_of(dtype: torch.dtype) -> spec.FloatLayout:
+    name = str(dtype).removeprefix("torch.")
+    if name not in spec.LAYOUTS:
+        kind = ("an integer" if not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+                else "a bool" if dtype == torch.bool else "a complex" if dtype.is_complex else "this")
+        raise TypeError(f"nzrt compresses bfloat16, float16 and float32 tensors; got {kind} tensor "
+                        f"of dtype {dtype}. Convert it first (e.g. t.to(torch.bfloat16)) or leave it uncompressed.")
+    return spec.LAYOUTS[name]
+
+
+def _int_dtype(layout: spec.FloatLayout) -> torch.dtype:
+    return {2: torch.int16, 4: torch.int32}[layout.itemsize]
+
+
+def compress(tensor: torch.Tensor, *, mantissa_bits: int | None = None,
+             backend: str | None = None, tile: int = spec.DEFAULT_TILE) -> CompressedTensor:
+    """Compress a float tensor. Lossless unless ``mantissa_bits`` (kept mantissa bits) is given.
+
+    Returns a CompressedTensor on the tensor's device.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"compress() takes a torch.Tensor, got {type(tensor).__name__}")
+    layout = layout_of(tensor.dtype)
+    keep = layout.man_bits if mantissa_bits is None else int(mantissa_bits)
+    if not 0 <= keep <= layout.man_bits:
+        raise ValueError(f"mantissa_bits must be in 0..{layout.man_bits} for {layout.name}, got {mantissa_bits}")
+    if tile <= 0 or tile % 8:
+        raise ValueError(f"tile must be a positive multiple of 8, got {tile}")
+    device = tensor.device
+    name = resolve_backend(backend, device)
+    bits = tensor.detach().contiguous().view(_int_dtype(layout)).reshape(-1)
+    mod = _backend_module(name)
+    if name != "triton" and device.type != "cpu":
+        bits = bits.cpu()
+    widths, has_raw, symbols, sections = mod.encode(bits.cpu().numpy().view(layout.uint)
+                                                    if name != "triton" else bits, layout, keep, tile)
+    ct = CompressedTensor.from_sections(
+        dict(dtype=layout.name, shape=tuple(tensor.shape), mantissa_bits=keep, tile=tile,
+             widths=tuple(int(w) for w in widths), has_raw=bool(has_raw),
+             symbols=tuple(int(s) for s in symbols)), sections)
+    return ct.to(device) if device.type != "cpu" else ct
+
+
+def decode_into(ct: CompressedTensor, out: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Decode into ``out`` (contiguous, ct's dtype, ct.numel() elements, any shape). No allocation
+    on the fast backends; on CUDA it runs on the current stream with no host synchronisation."""
+    if not isinstance(ct, CompressedTensor):
+        raise TypeError(f"expected a CompressedTensor, got {type(ct).__name__}")
+    if out.dtype != ct.dtype or out.numel() != ct.numel() or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {ct.dtype} tensor of {ct.numel()} elements; "
+                         f"got {out.dtype}, {out.numel()} elements, contiguous={out.is_contiguous()}")
+    if out.device != ct.device:
+        raise ValueError(f"out is on {out.device} but the compressed tensor is on {ct.device}; "
+                         f"move one of them (ct.to(device))")
+    ct.verify()
+    name = resolve_backend(backend, ct.device)
+    mod = _backend_module(name)
+    layout = spec.LAYOUTS[ct.header.dtype]
+    flat = out.view(-1).view(_int_dtype(layout))
+    if name == "triton":
+        mod.decode_into(ct, flat)
+    else:
+        if ct.device.type != "cpu":
+            raise ValueError(f"the {name} backend decodes CPU tensors; this one is on {ct.device}")
+        mod.decode_into(ct, flat.numpy().view(layout.uint))
+    return out
+
+
+def decompress(ct: CompressedTensor, *, out: torch.Tensor | None = None,
+               backend: str | None = None) -> torch.Tensor:
+    """The dense tensor, bit-identical to what was compressed (lossless mode)."""
+    if out is None:
+        out = torch.empty(ct.shape, dtype=ct.dtype, device=ct.device)
+    decode_into(ct, out, backend=backend)
+    return out
