@@ -14,6 +14,7 @@ __all__ = [
     "decode_into",
     "save",
     "load",
+    "load_metadata",
 ]
 
 _LAZY = {
@@ -24,6 +25,7 @@ _LAZY = {
     "decode_into": "codec",
     "save": "checkpoint",
     "load": "checkpoint",
+    "load_metadata": "checkpoint",
 }
 
 
