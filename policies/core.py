@@ -1,0 +1,328 @@
+"""The policies: frozen dataclasses whose ``plan(trace, layers, budget, costs)`` is a pure function.
+
+* ``Resident(lookahead=1)``: every unit compressed on the device (NeuZip's default); each unit is
+  decoded ``lookahead`` steps before it runs and dropped right after.
+* ``Offload(lookahead=2)``: compressed in host memory (pinned), copied and decoded ahead.
+* ``Belady(lookahead=1, cache_bytes=None)``: resident, plus a dense cache that fills the rest of
+  the budget; the trace repeats, so the future is known and the cache evicts the unit whose next
+  use is furthest away (MIN). MIN is optimal only for equal sizes, so the plan also evaluates LRU
+  on the same cache and keeps whichever decodes less: it never decodes more than LRU.
+* ``Lru(lookahead=1, cache_bytes=None)``: the same cache with least-recently-used eviction (a baseline).
+* ``Auto(max_lookahead=3)``: a cost model (measured decode and transfer bandwidths, layer times)
+  over tier placements, lookaheads and caches; the fastest plan that fits the budget. Without a
+  budget it stays within the memory of ``Resident()``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from .plan import (BudgetError, Costs, LayerInfo, Plan, Step, Tier, estimate_seconds, static_bytes,
+                   validate_inputs)
+
+_MAX_CYCLES = 16
+
+
+def _window(trace, g, k, pinned):
+    n = len(trace)
+    return {trace[(g + j) % n] for j in range(k + 1)} - pinned
+
+
+def _timeline(trace: tuple, layers: Mapping[str, LayerInfo], pinned: set, k: int, extra: int,
+              rule: str) -> tuple[tuple[Step, ...], frozenset, int]:
+    """Cache simulation from a cold start until the state at a trace boundary repeats; the
+    repeating stretch is the cyclic timeline. ``k``: lookahead; ``extra``: bytes of dense copies
+    that may stay beyond the lookahead window; ``rule``: "min" or "lru" eviction.
+    Returns (steps, initial_dense, max dense bytes)."""
+    n = len(trace)
+    if n == 0:
+        return (), frozenset(), 0
+    size = {u: layers[u].dense_bytes for u in set(trace)}
+    positions: dict = {}
+    for i, u in enumerate(trace):
+        positions.setdefault(u, []).append(i)
+
+    def next_use(u, g):
+        """Steps from g to the next run of u (strictly after g)."""
+        i = g % n
+        best = None
+        for p in positions[u]:
+            d = p - i if p > i else p - i + n
+            if best is None or d < best:
+                best = d
+        return best
+
+    dense: set = set()
+    last_run: dict = {}
+    prefetch_log, release_log, max_bytes = [], [], 0
+    keys = {}
+    g = 0
+    for cycle in range(_MAX_CYCLES + 1):
+        for i in range(n):
+            w = _window(trace, g, k, pinned)
+            # phase A: evictions (they belong to the previous step's release list)
+            cached = [u for u in dense if u not in w]
+            cbytes = sum(size[u] for u in cached)
+            evicted = []
+            if cbytes > extra:
+                if rule == "min":
+                    cached.sort(key=lambda u: (-next_use(u, g), u))
+                else:
+                    cached.sort(key=lambda u: (last_run.get(u, -1), u))
+                for u in cached:
+                    if cbytes <= extra:
+                        break
+                    dense.discard(u)
+                    cbytes -= size[u]
+                    evicted.append(u)
+            release_log.append(tuple(sorted(evicted)))
+            if i == 0:
+                if rule == "min":
+                    key = frozenset(dense)
+                else:
+                    key = tuple(sorted(dense, key=lambda u: (last_run.get(u, -1), u)))
+                if key in keys:
+                    c0 = keys[key]
+                    start, stop = c0 * n, cycle * n
+                    steps = tuple(Step(trace[j % n], prefetch_log[j], release_log[j + 1])
+                                  for j in range(start, stop))
+                    init = frozenset(key)
+                    return steps, init, max_bytes
+                keys[key] = cycle
+                if cycle == _MAX_CYCLES:
+                    break
+            # phase B: prefetch what the window needs
+            p = tuple(sorted(w - dense))
+            dense |= w
+            prefetch_log.append(p)
+            max_bytes = max(max_bytes, sum(size[u] for u in dense))
+            last_run[trace[i]] = g
+            g += 1
+    raise RuntimeError("cache simulation did not reach a steady state")  # pragma: no cover
+
+
+def _untraced_default(layers, trace, tier):
+    seen = set(trace)
+    return {u: tier for u in layers if u not in seen}
+
+
+def _build(name: str, trace, layers, tiers: dict, costs: Costs, k: int, extra: int, rule: str) -> Plan:
+    pinned = {u for u, t in tiers.items() if t == Tier.DENSE}
+    steps, init, dense_peak = _timeline(trace, layers, pinned, k, extra, rule)
+    static = static_bytes(tiers, layers, costs)
+    plan = Plan(policy=name, trace=trace, steps=steps, tiers=tuple(sorted(tiers.items())),
+                initial_dense=init, static_bytes=static,
+                peak_bytes=static + max(dense_peak, max((layers[u].dense_bytes for u in layers
+                                                         if tiers[u] != Tier.DENSE), default=0)))
+    # The peak includes one on-demand unit: before a trace exists (or after it changed) the
+    # scheduler decodes one unit at a time, and that must fit too.
+    decodes = sum(len(s.prefetch) for s in steps) / plan.period
+    est = estimate_seconds(plan, layers, costs) if steps else 0.0
+    return Plan(**{**plan.__dict__, "decodes_per_cycle": decodes, "est_seconds": est})
+
+
+def _check(plan: Plan, budget, needed=None) -> Plan:
+    if budget is not None and plan.peak_bytes > budget:
+        need = plan.peak_bytes if needed is None else needed
+        raise BudgetError(f"policy {plan.policy} needs {need} bytes, the budget is {budget}", need)
+    return plan
+
+
+def _costs(costs):
+    return costs if costs is not None else Costs()
+
+
+@dataclass(frozen=True)
+class Resident:
+    """All units compressed on the device; decode ``lookahead`` steps ahead, drop after use."""
+
+    lookahead: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"resident(lookahead={self.lookahead})"
+
+    def plan(self, trace: Sequence[str], layers: Mapping[str, LayerInfo], budget: int | None = None,
+             costs: Costs | None = None) -> Plan:
+        trace = validate_inputs(trace, layers)
+        costs = _costs(costs)
+        tiers = {u: Tier.DEVICE for u in layers}
+        return _check(_build(self.name, trace, layers, tiers, costs, self.lookahead, 0, "min"), budget)
+
+
+@dataclass(frozen=True)
+class Offload:
+    """All units compressed in host memory (``tier="host"``) or read from their file
+    (``tier="disk"``, where they have one); copied, decoded ``lookahead`` steps ahead."""
+
+    lookahead: int = 2
+    tier: str = Tier.HOST
+
+    @property
+    def name(self) -> str:
+        return f"offload(lookahead={self.lookahead}, tier={self.tier})"
+
+    def plan(self, trace, layers, budget=None, costs=None) -> Plan:
+        trace = validate_inputs(trace, layers)
+        costs = _costs(costs)
+        if self.tier not in (Tier.HOST, Tier.DISK):
+            raise ValueError(f"Offload tier must be 'host' or 'disk', got {self.tier!r}")
+        tiers = {u: (Tier.DISK if self.tier == Tier.DISK and info.on_disk else Tier.HOST)
+                 for u, info in layers.items()}
+        return _check(_build(self.name, trace, layers, tiers, costs, self.lookahead, 0, "min"), budget)
+
+
+def _cache_plan(name, rules, lookahead, cache_bytes, trace, layers, budget, costs) -> Plan:
+    trace = validate_inputs(trace, layers)
+    costs = _costs(costs)
+    tiers = {u: Tier.DEVICE for u in layers}
+    base = _check(_build(name, trace, layers, tiers, costs, lookahead, 0, rules[0]), budget)
+    if cache_bytes is not None:
+        extra = int(cache_bytes)
+    elif budget is None:
+        extra = 0
+    else:
+        extra = max(budget - base.peak_bytes, 0)
+    best = None
+    for rule in rules:
+        p = _build(name, trace, layers, tiers, costs, lookahead, extra, rule)
+        key = (p.decodes_per_cycle, p.peak_bytes)
+        if best is None or key < best[0]:
+            best = (key, p)
+    return _check(best[1], budget, needed=base.peak_bytes)
+
+
+@dataclass(frozen=True)
+class Belady:
+    """Resident plus a dense cache in the rest of the budget, evicting by the known future (MIN)."""
+
+    lookahead: int = 1
+    cache_bytes: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"belady(lookahead={self.lookahead})"
+
+    def plan(self, trace, layers, budget=None, costs=None) -> Plan:
+        return _cache_plan(self.name, ("min", "lru"), self.lookahead, self.cache_bytes, trace, layers,
+                           budget, costs)
+
+
+@dataclass(frozen=True)
+class Lru:
+    """Resident plus a dense cache in the rest of the budget, evicting the least recently used."""
+
+    lookahead: int = 1
+    cache_bytes: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"lru(lookahead={self.lookahead})"
+
+    def plan(self, trace, layers, budget=None, costs=None) -> Plan:
+        return _cache_plan(self.name, ("lru",), self.lookahead, self.cache_bytes, trace, layers,
+                           budget, costs)
+
+
+@dataclass(frozen=True)
+class Auto:
+    """The fastest plan under the budget by the cost model (see ``plan.estimate_seconds``), over:
+    lookahead 0..``max_lookahead``; compressed tier device or host (host only where the host is
+    not the device); units promoted to the dense tier with the budget left (greedy by time saved
+    per byte); and a Belady cache. Without a budget: the memory of ``Resident()``."""
+
+    max_lookahead: int = 3
+
+    @property
+    def name(self) -> str:
+        return "auto"
+
+    def plan(self, trace, layers, budget=None, costs=None) -> Plan:
+        trace = validate_inputs(trace, layers)
+        costs = _costs(costs)
+        if budget is None:
+            budget = Resident(1).plan(trace, layers, None, costs).peak_bytes
+        uses: dict = {}
+        for u in trace:
+            uses[u] = uses.get(u, 0) + 1
+        base_tiers = [{u: Tier.DEVICE for u in layers}]
+        if not costs.host_is_device:
+            base_tiers.append({u: (Tier.DISK if i.on_disk and costs.disk_bps > costs.h2d_bps else Tier.HOST)
+                               for u, i in layers.items()})
+            # mixed: the units that cost most to fetch stay on the device while room lasts
+            mixed = dict(base_tiers[-1])
+            room = budget - max((i.dense_bytes for i in layers.values()), default=0) * (self.max_lookahead + 1)
+            order = sorted(layers, key=lambda u: -uses.get(u, 0) * layers[u].compressed_bytes)
+            for u in order:
+                if uses.get(u) and layers[u].compressed_bytes <= room:
+                    mixed[u] = Tier.DEVICE
+                    room -= layers[u].compressed_bytes
+            base_tiers.append(mixed)
+        cands, needed = [], []
+        for tiers0 in base_tiers:
+            for k in range(self.max_lookahead + 1):
+                try:
+                    p = _build(f"auto:resident(lookahead={k})", trace, layers, dict(tiers0), costs, k, 0, "min")
+                except RuntimeError:
+                    continue
+                needed.append(p.peak_bytes)
+                if p.peak_bytes > budget:
+                    continue
+                cands.append(p)
+                promoted = self._promote(trace, layers, dict(tiers0), costs, k, budget, uses, p)
+                if promoted is not None:
+                    cands.append(promoted)
+                if k == 1 and budget > p.peak_bytes:
+                    cands.append(_build(f"auto:belady(lookahead={k})", trace, layers, dict(tiers0),
+                                        costs, k, budget - p.peak_bytes, "min"))
+        cands = [c for c in cands if c.peak_bytes <= budget]
+        if not cands:
+            need = min(needed) if needed else 0
+            raise BudgetError(f"no plan fits the budget of {budget} bytes; the smallest needs {need}", need)
+        return min(cands, key=lambda c: (c.est_seconds, c.peak_bytes, c.policy))
+
+    def _promote(self, trace, layers, tiers, costs, k, budget, uses, base) -> Plan | None:
+        """Promote units to the dense tier while the budget allows (greedy by seconds saved per byte)."""
+        room = budget - base.peak_bytes
+        if room <= 0 or not trace:
+            return None
+
+        def added(u):
+            info = layers[u]
+            if costs.host_is_device or tiers[u] != Tier.DEVICE:
+                return info.dense_bytes
+            return info.dense_bytes - info.compressed_bytes  # the compressed copy moves to the host
+
+        order = sorted((u for u in uses), key=lambda u: -uses[u] * costs.fetch_s(layers[u], tiers[u])
+                       / max(added(u), 1))
+        chosen = []
+        for u in order:
+            if added(u) <= room:
+                chosen.append(u)
+                room -= added(u)
+        while chosen:
+            t = dict(tiers)
+            for u in chosen:
+                t[u] = Tier.DENSE
+            p = _build(f"auto:resident(lookahead={k})+dense({len(chosen)})", trace, layers, t, costs, k, 0, "min")
+            if p.peak_bytes <= budget:
+                return p
+            chosen.pop()
+        return None
+
+
+POLICIES = {"resident": Resident, "offload": Offload, "belady": Belady, "lru": Lru, "auto": Auto}
+
+
+def get_policy(policy) -> object:
+    """A policy value from a name ("resident", "offload", "belady", "lru", "auto") or an object
+    with a ``plan`` method (returned as is)."""
+    if isinstance(policy, str):
+        try:
+            return POLICIES[policy.lower()]()
+        except KeyError:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)} "
+                             f"or pass a policy object") from None
+    if not callable(getattr(policy, "plan", None)):
+        raise TypeError(f"a policy is a name or an object with a plan() method, got {policy!r}")
+    return policy
