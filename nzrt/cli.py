@@ -1,0 +1,300 @@
+"""The ``nzrt`` command line. It only parses arguments and calls library functions; everything
+heavy is imported inside the commands so ``nzrt --help`` and ``import nzrt.cli`` stay fast."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    name="nzrt",
+    help="Keep a PyTorch model's weights compressed and decode each layer just in time.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_STATE = {"debug": bool(os.environ.get("NZRT_DEBUG"))}
+
+MODEL_ARG_HELP = ("a transformers directory, a .gguf file, a .nzrt checkpoint, package.module:factory, "
+                  "'minilm', or nothing for the embedded SmolLM2-135M")
+
+
+# -- errors ------------------------------------------------------------------------------------
+def _one_line(e: BaseException) -> str:
+    """What is wrong and what to do, on one line."""
+    from .models import ModelError
+
+    msg = " ".join(str(e).split()) or type(e).__name__
+    name = type(e).__name__
+    if isinstance(e, ModelError):
+        return msg
+    if name == "FormatError":
+        return f"{msg}; the file is not a valid .nzrt: re-create it with `nzrt compress`"
+    if name == "BudgetError":
+        needed = getattr(e, "needed", None)
+        hint = f"; pass --budget {_human(needed)} or more" if needed and "budget" not in msg.split(";")[-1] else ""
+        return f"{msg}{hint}"
+    if isinstance(e, FileNotFoundError):
+        return f"{msg}; check the path"
+    if isinstance(e, PermissionError):
+        return f"{msg}; check the permissions or pick another path"
+    if isinstance(e, (TypeError, ValueError)):
+        return msg
+    if isinstance(e, MemoryError):
+        return "out of memory; pass a smaller --budget, use --policy offload, or a smaller model"
+    return f"{name}: {msg} (run with --debug for the traceback)"
+
+
+def _human(n) -> str:
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.2f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+@contextlib.contextmanager
+def _errors():
+    """Turn exceptions into one line on stderr and exit code 2 (``--debug`` re-raises)."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+        if _STATE["debug"]:
+            raise
+        typer.echo(f"error: {_one_line(e)}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _progress():
+    """A rich progress bar on stderr; returns (context manager, callback(done, total, what))."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                               TimeElapsedColumn)
+
+    console = Console(stderr=True)
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[what]}", style="dim"), console=console, transient=True,
+                    disable=not console.is_terminal and not os.environ.get("NZRT_PROGRESS"))
+    tasks = {}
+
+    def make(label):
+        def cb(done, total, what=""):
+            if label not in tasks:
+                tasks[label] = prog.add_task(label, total=total, what="")
+            prog.update(tasks[label], completed=done, total=total, what=str(what)[-40:])
+        return cb
+
+    return prog, make
+
+
+def _status(text: str):
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return contextlib.nullcontext()
+    return console.status(text)
+
+
+def _load(model: Optional[str], dtype: Optional[str] = None):
+    from . import models
+
+    with _status(f"loading {model or 'the embedded SmolLM2-135M'} ..."):
+        return models.resolve(model, dtype=dtype)
+
+
+def _parse_budget(budget: Optional[str]):
+    if budget is None:
+        return None
+    b = budget.strip()
+    if b.isdigit():
+        return int(b)
+    return b  # "6GiB", "80%": the runtime parses and checks it
+
+
+# -- commands ----------------------------------------------------------------------------------
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")):
+    if debug:
+        _STATE["debug"] = True
+
+
+@app.command()
+def profile(
+    model: Optional[str] = typer.Argument(None, help=MODEL_ARG_HELP, show_default=False),
+    policy: Optional[List[str]] = typer.Option(None, "--policy", "-p",
+                                               help="Policy to run (repeatable); default: every policy that fits."),
+    budget: Optional[str] = typer.Option(None, "--budget", "-b", help='Memory budget: bytes, "6GiB" or "80%".'),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, cuda, cuda:1 ... (default: cuda if any)."),
+    mantissa_bits: Optional[int] = typer.Option(None, "--mantissa-bits", "-k",
+                                                help="Keep K mantissa bits (lossy); also measures quality."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the table and per-layer reports as JSON."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: memory over time, per-layer phases."),
+    tokens: int = typer.Option(128, "--tokens", help="Tokens per forward pass."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed forward passes after the first."),
+    gen_tokens: int = typer.Option(8, "--gen-tokens", help="Greedy tokens generated for tok/s (causal LMs)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16, float32 (default: as stored; bf16 for GGUF)."),
+):
+    """Run MODEL plainly and under each policy; print one table (JSON and PNG on request)."""
+    with _errors():
+        from . import profile as prof
+
+        lm = _load(model, dtype)
+        prog, make = _progress()
+        with prog:
+            res = prof.profile(lm, policies=policy or None, budget=_parse_budget(budget), device=device,
+                               mantissa_bits=mantissa_bits, tokens=tokens, repeats=repeats, gen_tokens=gen_tokens,
+                               progress=make("profile"))
+        typer.echo(prof.format_table(res))
+        if json_out:
+            json_out.write_text(res.to_json())
+            typer.echo(f"wrote {json_out}")
+        if plot_out:
+            prof.plot(res, plot_out)
+            typer.echo(f"wrote {plot_out}")
+
+
+@app.command()
+def compress(
+    model: str = typer.Argument(..., help=MODEL_ARG_HELP.replace(", or nothing for", "; 'smollm2' for")),
+    out: Path = typer.Argument(..., help="The .nzrt file to write."),
+    mantissa_bits: Optional[int] = typer.Option(None, "--mantissa-bits", "-k", help="Keep K mantissa bits (lossy)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Convert the weights first (bfloat16, float16, float32)."),
+):
+    """Write a compressed checkpoint (weights + config + tokenizer), loadable without the dense weights."""
+    with _errors():
+        from . import models
+
+        if out.exists() and out.is_dir():
+            raise models.ModelError(f"{out} is a directory; give the .nzrt file to write")
+        lm = _load(model, dtype)
+        prog, make = _progress()
+        with prog:
+            st = models.compress_model(lm, out, mantissa_bits=mantissa_bits, progress=make("compressing"))
+        mode = "lossless" if mantissa_bits is None else f"lossy, {mantissa_bits} mantissa bits"
+        typer.echo(f"{lm.name}: {st.tensors} weight tensors, {st.params:,} weights ({mode})")
+        typer.echo(f"before: {_human(st.dense_bytes)} dense {str(lm.dtype).removeprefix('torch.')}")
+        typer.echo(f"after:  {_human(st.compressed_bytes)} compressed weights "
+                   f"({100 * st.ratio:.1f}%, {st.bits_per_weight:.2f} bits/weight); "
+                   f"file {out} {_human(st.file_bytes)}; {st.seconds:.1f} s")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    target: Optional[str] = typer.Argument(None, help="A .nzrt file, or a MODEL (" + MODEL_ARG_HELP + ")."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON (with exponent histograms) instead of a table."),
+    all_rows: bool = typer.Option(False, "--all", help="Show every tensor (default: the first 40)."),
+    mantissa_bits: Optional[int] = typer.Option(None, "--mantissa-bits", "-k",
+                                                help="For a MODEL: statistics as compressed with K mantissa bits."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="For a MODEL: convert the weights first."),
+):
+    """Per tensor: dtype, shape, bits/weight, exponent entropy, tier coverage; totals."""
+    with _errors():
+        from . import models, stats
+
+        prog, make = _progress()
+        path = Path(target).expanduser() if target else None
+        is_file = path is not None and path.is_file() and _is_nzrt(path)
+        if is_file:
+            with prog:
+                res = stats.inspect_file(path, progress=make("reading"))
+        else:
+            lm = _load(target, dtype)
+            with prog:
+                res = stats.inspect_model(lm, mantissa_bits=mantissa_bits, progress=make("compressing"))
+        if json_out:
+            typer.echo(json.dumps(res, indent=1, default=str))
+        else:
+            typer.echo(stats.format_table(res, limit=None if all_rows else 40))
+
+
+def _is_nzrt(path: Path) -> bool:
+    from .models import NZRT_MAGIC
+
+    with open(path, "rb") as f:
+        return f.read(8) == NZRT_MAGIC
+
+
+@app.command()
+def generate(
+    model: Optional[str] = typer.Argument(None, help=MODEL_ARG_HELP),
+    prompt: str = typer.Option(..., "--prompt", help="The text to continue."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate."),
+    budget: Optional[str] = typer.Option(None, "--budget", "-b", help='Memory budget: bytes, "6GiB" or "80%".'),
+    policy: str = typer.Option("auto", "--policy", "-p", help="auto, resident, offload, belady, lru; or 'plain' (no nzrt)."),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, cuda ... (default: cuda if any)."),
+    mantissa_bits: Optional[int] = typer.Option(None, "--mantissa-bits", "-k", help="Keep K mantissa bits (lossy)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    report: bool = typer.Option(False, "--report", help="Print the runtime's report at the end."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16, float32 (default: as stored)."),
+):
+    """Greedy generation under a memory budget; tokens are streamed, tokens/s at the end."""
+    with _errors():
+        from . import models
+        from .generate import generate as gen
+
+        if max_new_tokens < 1:
+            raise ValueError("--max-new-tokens must be at least 1")
+        lm = _load(model, dtype)
+        if lm.kind != "causal-lm" or lm.tokenizer is None:
+            raise models.ModelError(f"{lm.name} is not a causal language model with a tokenizer; "
+                                    f"`nzrt generate` needs one (try `nzrt profile` for other models)")
+        from .profile import default_device
+
+        dev = device or default_device()
+
+        def echo(text):
+            typer.echo(text, nl=False)
+            sys.stdout.flush()
+
+        if policy == "plain":
+            if lm.compressed is not None:
+                lm.materialize()
+            lm.model.to(dev)
+            res = gen(lm.model, lm.tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat, on_text=echo,
+                      device=dev)
+            rep = None
+        else:
+            with models.managed(lm, policy=policy, budget=_parse_budget(budget), mantissa_bits=mantissa_bits,
+                                device=dev) as run:
+                res = gen(lm.model, lm.tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat,
+                          on_text=echo, device=dev)
+                rep = run.report()
+        typer.echo("")
+        typer.echo(f"[{len(res.new_tokens)} tokens in {res.seconds:.2f} s: {res.tokens_per_s:.1f} tokens/s; "
+                   f"prompt {res.prompt_tokens} tokens; policy {policy}]", err=True)
+        if report and rep is not None:
+            typer.echo(str(rep), err=True)
+
+
+@app.command()
+def env(json_out: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Versions, GPUs (NVML), the decode backend that will run, CPU threads."""
+    with _errors():
+        from .envinfo import collect, format_env
+
+        info = collect()
+        typer.echo(json.dumps(info, indent=1) if json_out else format_env(info))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point: ``--debug`` is accepted anywhere on the command line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:
+        args = [a for a in args if a != "--debug"]
+        _STATE["debug"] = True
+    app(args=args, prog_name="nzrt")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

