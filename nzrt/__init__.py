@@ -15,6 +15,12 @@ __all__ = [
     "save",
     "load",
     "load_metadata",
+    "managed",
+    "Managed",
+    "BudgetError",
+    "MemoryTracker",
+    "Report",
+    "parse_budget",
 ]
 
 _LAZY = {
@@ -26,6 +32,12 @@ _LAZY = {
     "save": "checkpoint",
     "load": "checkpoint",
     "load_metadata": "checkpoint",
+    "managed": "runtime",
+    "Managed": "runtime",
+    "BudgetError": "policies",
+    "MemoryTracker": "memory",
+    "Report": "report",
+    "parse_budget": "budget",
 }
 
 

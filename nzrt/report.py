@@ -1,0 +1,109 @@
+"""Report: what a managed run did, per layer and in total. ``str(report)`` is a readable table,
+``report.to_json()`` the same as JSON."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .budget import format_bytes
+
+
+@dataclass
+class LayerReport:
+    name: str
+    tier: str
+    dense_bytes: int
+    compressed_bytes: int
+    decodes: int = 0
+    decode_s: float = 0.0
+    transfer_s: float = 0.0
+    stall_s: float = 0.0
+    hits: int = 0
+    misses: int = 0
+    runs: int = 0
+
+
+@dataclass
+class Report:
+    policy: str
+    device: str
+    plan: str
+    budget: int | None
+    mantissa_bits: int | None
+    layers: list = field(default_factory=list)
+    held: dict = field(default_factory=dict)       # bytes held now, measured from storages
+    peaks: dict = field(default_factory=dict)      # MemoryTracker peaks (host RSS, torch, NVML)
+    nvml: str = ""
+    runtime_peak_dense: int = 0                    # peak bytes of dense buffers held by the scheduler
+    pool_allocations: int = 0
+    passes: int = 0
+    divergences: int = 0
+    replans: int = 0
+    mode: str = ""
+    entry_s: float = 0.0
+    warnings: list = field(default_factory=list)
+    fixed_bytes: int = 0
+
+    # -- totals -------------------------------------------------------------------------------
+    @property
+    def dense_bytes(self) -> int:
+        return sum(layer.dense_bytes for layer in self.layers)
+
+    @property
+    def compressed_bytes(self) -> int:
+        return sum(layer.compressed_bytes for layer in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        return self.compressed_bytes / max(self.dense_bytes, 1)
+
+    def totals(self) -> dict:
+        ls = self.layers
+        return {
+            "layers": len(ls), "dense_bytes": self.dense_bytes, "compressed_bytes": self.compressed_bytes,
+            "ratio": self.ratio, "decodes": sum(x.decodes for x in ls),
+            "decode_s": sum(x.decode_s for x in ls), "transfer_s": sum(x.transfer_s for x in ls),
+            "stall_s": sum(x.stall_s for x in ls), "hits": sum(x.hits for x in ls),
+            "misses": sum(x.misses for x in ls),
+        }
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["totals"] = self.totals()
+        return d
+
+    def to_json(self, **kw) -> str:
+        kw.setdefault("indent", 2)
+        return json.dumps(self.to_dict(), **kw)
+
+    def __str__(self) -> str:
+        t = self.totals()
+        lines = [
+            f"nzrt report - policy {self.policy} on {self.device}"
+            + (f", mantissa_bits={self.mantissa_bits}" if self.mantissa_bits is not None else ", lossless"),
+            f"  plan: {self.plan or '-'}",
+            f"  budget {format_bytes(self.budget)}; weights {format_bytes(t['dense_bytes'])} dense -> "
+            f"{format_bytes(t['compressed_bytes'])} compressed ({100 * t['ratio']:.1f}%); "
+            f"{format_bytes(self.fixed_bytes)} left uncompressed",
+            f"  passes {self.passes}, re-plans {self.replans}, trace changes {self.divergences}, mode {self.mode}",
+            f"  decodes {t['decodes']} ({t['decode_s'] * 1e3:.1f} ms), transfer {t['transfer_s'] * 1e3:.1f} ms, "
+            f"stalls {t['stall_s'] * 1e3:.1f} ms, hits {t['hits']}, on-demand {t['misses']}",
+            f"  dense slot peak {format_bytes(self.runtime_peak_dense)}, slot allocations {self.pool_allocations}",
+        ]
+        if self.held:
+            lines.append("  held now: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in self.held.items()))
+        if self.peaks:
+            lines.append("  peaks: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.peaks.items())))
+        lines.append(f"  NVML: {self.nvml}")
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        lines.append("")
+        head = f"  {'layer':<40} {'tier':<7} {'dense':>11} {'compr':>11} {'dec':>5} {'dec ms':>8} " \
+               f"{'stall ms':>8} {'hits':>5} {'miss':>5}"
+        lines.append(head)
+        for x in self.layers:
+            name = x.name if len(x.name) <= 40 else "..." + x.name[-37:]
+            lines.append(f"  {name:<40} {x.tier:<7} {format_bytes(x.dense_bytes):>11} "
+                         f"{format_bytes(x.compressed_bytes):>11} {x.decodes:>5} {x.decode_s * 1e3:>8.2f} "
+                         f"{x.stall_s * 1e3:>8.2f} {x.hits:>5} {x.misses:>5}")
+        return "\n".join(lines)
