@@ -103,37 +103,132 @@ _INT_DTYPES = {2: torch.int16, 4: torch.int32}
 # Device helpers
 # ---------------------------------------------------------------------------------------------
 
+@triton.constexpr_function
+def _span_bytes(w):
+    """Bytes a ``w``-bit entry can touch: it starts at a bit offset that is a multiple of gcd(w, 8)."""
+    g = 8 if w % 8 == 0 else 4 if w % 4 == 0 else 2 if w % 2 == 0 else 1
+    return (w + 8 - g + 7) // 8
+
+
 @triton.jit
 def _read_bits(ptr, entry, valid, W: tl.constexpr):
-    """Entries ``entry`` (int64) of a ``W``-bit little-endian stream at byte pointer ``ptr``."""
-    bit = entry * W
-    byte = bit >> 3
-    sh = (bit & 7).to(tl.int32)
-    v = tl.load(ptr + byte, mask=valid, other=0).to(tl.int32)
-    if W + 7 > 8:
-        v = v | (tl.load(ptr + byte + 1, mask=valid, other=0).to(tl.int32) << 8)
-    if W + 7 > 16:
-        v = v | (tl.load(ptr + byte + 2, mask=valid, other=0).to(tl.int32) << 16)
-    if W + 7 > 24:
-        v = v | (tl.load(ptr + byte + 3, mask=valid, other=0).to(tl.int32) << 24)
-    return (v >> sh) & ((1 << W) - 1)
+    """Entries ``entry`` (int32, relative to ``ptr``) of a ``W``-bit little-endian stream.
+
+    ``ptr`` is a byte pointer to the stream's first byte (the tile's first byte; tiles start on
+    byte boundaries). Loads only the bytes an entry of this width can touch."""
+    NB: tl.constexpr = _span_bytes(W)
+    if valid is None:
+        other = None
+    else:
+        other = 0
+    if W % 8 == 0:  # byte aligned: no shift, no mask
+        byte = entry * (W // 8)
+        v = tl.load(ptr + byte, mask=valid, other=other).to(tl.int32)
+        if NB > 1:
+            v = v | (tl.load(ptr + byte + 1, mask=valid, other=other).to(tl.int32) << 8)
+        if NB > 2:
+            v = v | (tl.load(ptr + byte + 2, mask=valid, other=other).to(tl.int32) << 16)
+        return v
+    else:
+        bit = entry * W
+        byte = bit >> 3
+        v = tl.load(ptr + byte, mask=valid, other=other).to(tl.int32)
+        if NB > 1:
+            v = v | (tl.load(ptr + byte + 1, mask=valid, other=other).to(tl.int32) << 8)
+        if NB > 2:
+            v = v | (tl.load(ptr + byte + 2, mask=valid, other=other).to(tl.int32) << 16)
+        if NB > 3:
+            v = v | (tl.load(ptr + byte + 3, mask=valid, other=other).to(tl.int32) << 24)
+        return (v >> (bit & 7)) & ((1 << W) - 1)
 
 
 @triton.jit
-def _level_step(stream_ptr, slot_base, count, esc, val, raw,
+def _level_step(stream_ptr, count, esc, val, raw,
                 W: tl.constexpr, FIRST: tl.constexpr, IS_RAW: tl.constexpr):
-    """Resolve one deeper level for the values in ``esc`` (those that escaped the level above)."""
+    """Resolve one deeper level for the values in ``esc`` (those that escaped the level above).
+
+    ``stream_ptr`` points at this tile's first entry of the level; ``count`` is how many of the
+    tile's values reached the level in earlier sub-blocks. ``val`` becomes the symbol index
+    ``FIRST + code`` (or, at the raw level, the exponent itself, flagged in ``raw``).
+    Deep levels are sparse (for weights ~N(0, 0.02): 27%, 4%, 0.7%, <0.01% of values reach
+    levels 1..4), so a sub-block none of whose values reached the level skips it (a uniform
+    branch)."""
     r = esc.to(tl.int32)
-    slot = slot_base + (count + tl.cumsum(r, axis=0) - r).to(tl.int64)
-    code = _read_bits(stream_ptr, slot, esc, W)
-    count = count + tl.sum(r, axis=0)
-    if IS_RAW:
-        val = tl.where(esc, code, val)
-        raw = raw | esc
+    k = tl.sum(r, axis=0)
+    if k > 0:
+        # exclusive prefix count in value order = inclusive count - 1 for the escaped values;
+        # other lanes read some in-range entry (>= 0, < count + k) and ignore it: no mask
+        slot = tl.maximum(tl.cumsum(r, axis=0) + (count - 1), 0)
+        code = _read_bits(stream_ptr, slot, None, W)
+        if IS_RAW:
+            val = tl.where(esc, code, val)
+            raw = raw | esc
+        else:
+            val = tl.where(esc, code + FIRST, val)
+            esc = esc & (code == (1 << W) - 1)
+    return count + k, esc, val, raw
+
+
+@triton.jit
+def _decode_block(l0_ptr, l1_ptr, l2_ptr, l3_ptr, l4_ptr, sm_ptr, out_t, sym_ptr, start, lim,
+                  c1, c2, c3, c4,
+                  W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
+                  W4: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
+                  N_LEVELS: tl.constexpr, N_CODED: tl.constexpr,
+                  KEEP: tl.constexpr, MAN: tl.constexpr, TOTAL: tl.constexpr,
+                  BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    """Values ``start .. start + BLOCK`` of a tile (only those ``< lim`` when ``MASKED``; full
+    sub-blocks run unmasked so their fixed-position loads and the store vectorise)."""
+    # contiguity hints: each thread owns a run of consecutive values, which vectorises the
+    # stores and keeps most of the prefix counts below inside a thread
+    local = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+    if MASKED:
+        mask = local < lim
     else:
-        val = tl.where(esc, code + FIRST, val)
-        esc = esc & (code == (1 << W) - 1)
-    return count, esc, val, raw
+        mask = None
+    # level 0: every value, at its own position
+    val = _read_bits(l0_ptr, local, mask, W0)
+    never = val < 0  # all false
+    if N_CODED == 0:
+        raw = ~never
+        esc = never
+    else:
+        raw = never
+        esc = val == (1 << W0) - 1
+    if MASKED:
+        raw = raw & mask
+        esc = esc & mask
+    if N_LEVELS > 1:
+        c1, esc, val, raw = _level_step(l1_ptr, c1, esc, val, raw, W1, F1, N_CODED == 1)
+    if N_LEVELS > 2:
+        c2, esc, val, raw = _level_step(l2_ptr, c2, esc, val, raw, W2, F2, N_CODED == 2)
+    if N_LEVELS > 3:
+        c3, esc, val, raw = _level_step(l3_ptr, c3, esc, val, raw, W3, F3, N_CODED == 3)
+    if N_LEVELS > 4:  # only a raw level can be the fifth
+        c4, esc, val, raw = _level_step(l4_ptr, c4, esc, val, raw, W4, 0, True)  # raw only
+    # symbol index -> exponent (raw values already are exponents); the table has 128 entries
+    # and every index is < 128, so the gather needs no mask
+    exp = val
+    if N_CODED > 0:
+        if N_LEVELS > N_CODED:  # a raw level exists
+            sym = tl.load(sym_ptr + val, mask=~raw, other=0).to(tl.int32)
+            exp = tl.where(raw, val, sym)
+        else:
+            exp = tl.load(sym_ptr + val).to(tl.int32)
+    sm = _read_bits(sm_ptr, local, mask, 1 + KEEP)
+    sign = sm >> KEEP
+    bits = (sign << (TOTAL - 1)) | (exp << MAN)
+    if KEEP > 0:
+        bits = bits | ((sm & ((1 << KEEP) - 1)) << (MAN - KEEP))
+    tl.store(out_t + local, bits.to(out_t.dtype.element_ty), mask=mask)
+    return c1, c2, c3, c4
+
+
+@triton.jit
+def _level_ptr(blob_ptr, lvl_off, offs_ptr, row, W: tl.constexpr):
+    """Byte pointer to tile ``row``'s first entry of a level: offsets[t, l-1] groups of 8 entries
+    are ``groups * W`` bytes."""
+    return blob_ptr + lvl_off + tl.load(offs_ptr + row).to(tl.int64) * W
 
 
 @triton.jit
@@ -141,63 +236,47 @@ def _decode_tile(blob_ptr, out_ptr, sym_ptr, n, tile, t,
                  sm_off, off_off, l0_off, l1_off, l2_off, l3_off, l4_off,
                  W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
                  W4: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
-                 F4: tl.constexpr, N_LEVELS: tl.constexpr, N_CODED: tl.constexpr,
+                 N_LEVELS: tl.constexpr, N_CODED: tl.constexpr,
                  KEEP: tl.constexpr, MAN: tl.constexpr, TOTAL: tl.constexpr,
                  BLOCK: tl.constexpr):
+    """Decode tile ``t``. 64-bit arithmetic only for the tile's base pointers; per-value
+    arithmetic is 32-bit and relative to the tile (tile * 24 bits < 2**31)."""
     t64 = t.to(tl.int64)
-    tile64 = tile.to(tl.int64)
-    tile_start = t64 * tile64
-    zero = (t * 0).to(tl.int32)
-    zero64 = zero.to(tl.int64)
-    # where this tile's entries start in levels 1.. (offsets[t, l-1] groups of 8 entries)
+    tile_start = tl.multiple_of(t64 * tile, 8)
+    # tile % 8 == 0, so every stream's tile starts on a byte boundary
+    sm_ptr = blob_ptr + sm_off + tile_start * (1 + KEEP) // 8
+    l0_ptr = blob_ptr + l0_off + tile_start * W0 // 8
+    out_t = out_ptr + tile_start
+    lim = tl.minimum(n - tile_start, tile).to(tl.int32)  # values in this tile
     offs_ptr = (blob_ptr + off_off).to(tl.pointer_type(tl.int32))
     row = t64 * (N_LEVELS - 1)
-    s1 = zero64
-    s2 = zero64
-    s3 = zero64
-    s4 = zero64
+    l1_ptr = blob_ptr
+    l2_ptr = blob_ptr
+    l3_ptr = blob_ptr
+    l4_ptr = blob_ptr
     if N_LEVELS > 1:
-        s1 = tl.load(offs_ptr + row).to(tl.int64) * 8
+        l1_ptr = _level_ptr(blob_ptr, l1_off, offs_ptr, row, W1)
     if N_LEVELS > 2:
-        s2 = tl.load(offs_ptr + row + 1).to(tl.int64) * 8
+        l2_ptr = _level_ptr(blob_ptr, l2_off, offs_ptr, row + 1, W2)
     if N_LEVELS > 3:
-        s3 = tl.load(offs_ptr + row + 2).to(tl.int64) * 8
+        l3_ptr = _level_ptr(blob_ptr, l3_off, offs_ptr, row + 2, W3)
     if N_LEVELS > 4:
-        s4 = tl.load(offs_ptr + row + 3).to(tl.int64) * 8
+        l4_ptr = _level_ptr(blob_ptr, l4_off, offs_ptr, row + 3, W4)
+    zero = lim * 0
     c1 = zero
     c2 = zero
     c3 = zero
     c4 = zero
-    for start in range(0, tile, BLOCK):
-        local = start + tl.arange(0, BLOCK)
-        idx = tile_start + local.to(tl.int64)
-        mask = (local < tile) & (idx < n)
-        # level 0: every value, at its own position
-        val = _read_bits(blob_ptr + l0_off, idx, mask, W0)
-        if N_CODED == 0:
-            raw = mask
-            esc = mask & (val < 0)  # all false
-        else:
-            raw = mask & (val < 0)
-            esc = mask & (val == (1 << W0) - 1)
-        if N_LEVELS > 1:
-            c1, esc, val, raw = _level_step(blob_ptr + l1_off, s1, c1, esc, val, raw, W1, F1, N_CODED == 1)
-        if N_LEVELS > 2:
-            c2, esc, val, raw = _level_step(blob_ptr + l2_off, s2, c2, esc, val, raw, W2, F2, N_CODED == 2)
-        if N_LEVELS > 3:
-            c3, esc, val, raw = _level_step(blob_ptr + l3_off, s3, c3, esc, val, raw, W3, F3, N_CODED == 3)
-        if N_LEVELS > 4:
-            c4, esc, val, raw = _level_step(blob_ptr + l4_off, s4, c4, esc, val, raw, W4, F4, N_CODED == 4)
-        # symbol index -> exponent (raw values already are exponents)
-        exp = val
-        if N_CODED > 0:
-            sym = tl.load(sym_ptr + val, mask=mask & ~raw, other=0).to(tl.int32)
-            exp = tl.where(raw, val, sym)
-        sm = _read_bits(blob_ptr + sm_off, idx, mask, 1 + KEEP)
-        sign = sm >> KEEP
-        man = (sm & ((1 << KEEP) - 1)) << (MAN - KEEP)
-        bits = (sign << (TOTAL - 1)) | (exp << MAN) | man
-        tl.store(out_ptr + idx, bits.to(out_ptr.dtype.element_ty), mask=mask)
+    args = (l0_ptr, l1_ptr, l2_ptr, l3_ptr, l4_ptr, sm_ptr, out_t, sym_ptr)
+    full = lim // BLOCK * BLOCK
+    for start in range(0, full, BLOCK):
+        c1, c2, c3, c4 = _decode_block(*args, start, lim, c1, c2, c3, c4,
+                                       W0, W1, W2, W3, W4, F1, F2, F3, N_LEVELS, N_CODED,
+                                       KEEP, MAN, TOTAL, BLOCK, False)
+    if full < lim:
+        _decode_block(*args, full, lim, c1, c2, c3, c4,
+                      W0, W1, W2, W3, W4, F1, F2, F3, N_LEVELS, N_CODED,
+                      KEEP, MAN, TOTAL, BLOCK, True)
 
 
 @triton.jit
@@ -205,41 +284,36 @@ def _decode_kernel(blob_ptr, out_ptr, sym_ptr, n, tile,
                    sm_off, off_off, l0_off, l1_off, l2_off, l3_off, l4_off,
                    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
                    W4: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
-                   F4: tl.constexpr, N_LEVELS: tl.constexpr, N_CODED: tl.constexpr,
+                   N_LEVELS: tl.constexpr, N_CODED: tl.constexpr,
                    KEEP: tl.constexpr, MAN: tl.constexpr, TOTAL: tl.constexpr,
                    BLOCK: tl.constexpr):
     """One tile of one tensor per program."""
     t = tl.program_id(0)
     _decode_tile(blob_ptr, out_ptr, sym_ptr, n, tile, t,
                  sm_off, off_off, l0_off, l1_off, l2_off, l3_off, l4_off,
-                 W0, W1, W2, W3, W4, F1, F2, F3, F4, N_LEVELS, N_CODED, KEEP, MAN, TOTAL, BLOCK)
+                 W0, W1, W2, W3, W4, F1, F2, F3, N_LEVELS, N_CODED, KEEP, MAN, TOTAL, BLOCK)
 
 
 @triton.jit
 def _decode_many_kernel(meta_ptr, blob_ptr, out_ptr, n_tensors,
                         W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
                         W4: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
-                        F4: tl.constexpr, N_LEVELS: tl.constexpr, N_CODED: tl.constexpr,
+                        N_LEVELS: tl.constexpr, N_CODED: tl.constexpr,
                         KEEP: tl.constexpr, MAN: tl.constexpr, TOTAL: tl.constexpr,
                         BLOCK: tl.constexpr, MAX_T: tl.constexpr, META_COLS: tl.constexpr):
-    """One tile of one of several tensors per program; ``meta_ptr`` rows describe the tensors:
-    [first tile, numel, tile, blob delta (bytes), out delta (elements), sm, offsets,
-     level0..level4 byte offsets, symbol-table index into meta, -, -]."""
+    """One tile of one of several tensors per program. Row ``j`` of ``meta_ptr`` (int64):
+    [first global tile, numel, tile, blob delta (bytes), out delta (elements), sm, offsets,
+     level0..level4 byte offsets, symbol-table index into meta]."""
     pid = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, MAX_T)
     first = tl.load(meta_ptr + r * META_COLS, mask=r < n_tensors, other=1 << 62)
     j = tl.sum((first <= pid).to(tl.int32), axis=0) - 1
     m = meta_ptr + j.to(tl.int64) * META_COLS
-    t = pid - tl.load(m)
-    n = tl.load(m + 1)
-    tile = tl.load(m + 2)
-    blob = blob_ptr + tl.load(m + 3)
-    out = out_ptr + tl.load(m + 4)
-    sym = meta_ptr + tl.load(m + 12)
-    _decode_tile(blob, out, sym, n, tile, t,
+    _decode_tile(blob_ptr + tl.load(m + 3), out_ptr + tl.load(m + 4), meta_ptr + tl.load(m + 12),
+                 tl.load(m + 1), tl.load(m + 2), pid - tl.load(m),
                  tl.load(m + 5), tl.load(m + 6), tl.load(m + 7), tl.load(m + 8), tl.load(m + 9),
                  tl.load(m + 10), tl.load(m + 11),
-                 W0, W1, W2, W3, W4, F1, F2, F3, F4, N_LEVELS, N_CODED, KEEP, MAN, TOTAL, BLOCK)
+                 W0, W1, W2, W3, W4, F1, F2, F3, N_LEVELS, N_CODED, KEEP, MAN, TOTAL, BLOCK)
 
 
 @triton.jit
@@ -430,7 +504,7 @@ def _signature(h) -> dict:
     first += [0] * (5 - len(first))
     ws_p = ws + [1] * (5 - len(ws))
     return dict(W0=ws_p[0], W1=ws_p[1], W2=ws_p[2], W3=ws_p[3], W4=ws_p[4],
-                F1=first[1], F2=first[2], F3=first[3], F4=first[4],
+                F1=first[1], F2=first[2], F3=first[3],
                 N_LEVELS=len(ws), N_CODED=len(h.widths), KEEP=h.mantissa_bits,
                 MAN=lay.man_bits, TOTAL=lay.total_bits)
 
