@@ -125,8 +125,7 @@ def _parse_budget(budget: Optional[str]):
 # -- commands ----------------------------------------------------------------------------------
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")):
-    if debug:
-        _STATE["debug"] = True
+    _STATE["debug"] = bool(debug or os.environ.get("NZRT_DEBUG") or _STATE.get("argv_debug"))
 
 
 @app.command()
@@ -292,7 +291,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in args:
         args = [a for a in args if a != "--debug"]
-        _STATE["debug"] = True
+        _STATE["argv_debug"] = True
     app(args=args, prog_name="nzrt")
 
 

@@ -28,7 +28,7 @@ def perplexity(model, tokenizer, text: str | None = None, *, max_tokens: int = 1
     text = text if text is not None else eval_text()
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
     dev = device or _device_of(model)
-    with torch.inference_mode():
+    with torch.no_grad():
         logits = model(input_ids=ids.to(dev)).logits
     logits = logits[0, :-1].float()
     target = ids[0, 1:].to(logits.device)
@@ -44,7 +44,7 @@ def embed(model, tokenizer, texts: list[str] | None = None, *, device=None):
     enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
     dev = device or _device_of(model)
     enc = {k: v.to(dev) for k, v in enc.items()}
-    with torch.inference_mode():
+    with torch.no_grad():
         out = model(**enc)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     mask = enc["attention_mask"].unsqueeze(-1).to(torch.float32)
@@ -83,19 +83,36 @@ def quality(lm, *, reference=None, device=None) -> dict:
     return res
 
 
-def lossy_copy_(model, mantissa_bits: int, *, progress=None) -> None:
+def min_lossy_numel() -> int:
+    """Parameters smaller than this stay exact in lossy mode (the runtime keeps them dense)."""
+    try:
+        from .runtime import DEFAULT_MIN_NUMEL
+    except ImportError:  # pragma: no cover
+        return 2048
+    return int(DEFAULT_MIN_NUMEL)
+
+
+def lossy_copy_(model, mantissa_bits: int | None, *, progress=None) -> float:
     """Round every float parameter of ``model`` in place through the codec at ``mantissa_bits``
-    (compress then decompress): exactly the weights a lossy nzrt model computes with."""
+    (compress then decompress): exactly the weights a lossy nzrt model computes with (parameters
+    below the runtime's size threshold stay exact, as under ``managed``).
+    Returns the compressed size in bits per weight (tied weights once)."""
     import torch
 
     import nzrt
 
     params = [p for p in model.parameters() if p.is_floating_point() and p.device.type != "meta"]
     total = sum(p.numel() for p in params)
-    done = 0
+    done = nbytes = 0
+    small = min_lossy_numel()
     with torch.no_grad():
         for p in params:
-            p.copy_(nzrt.decompress(nzrt.compress(p.detach().cpu(), mantissa_bits=mantissa_bits)).to(p.device))
+            # as the runtime does: parameters below its size threshold (norms, biases) stay exact
+            k = mantissa_bits if p.numel() >= small else None
+            ct = nzrt.compress(p.detach().cpu(), mantissa_bits=k)
+            nbytes += ct.nbytes
+            p.copy_(nzrt.decompress(ct).to(p.device))
             done += p.numel()
             if progress:
                 progress(done, total, "")
+    return 8.0 * nbytes / max(total, 1)

@@ -51,7 +51,7 @@ def generate(model, tokenizer, prompt: str, *, max_new_tokens: int = 32, chat: b
 
     streamer = _Stream(tokenizer, skip_prompt=True, skip_special_tokens=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.inference_mode():
+    with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, streamer=streamer, pad_token_id=pad)
     res.seconds = time.perf_counter() - t0

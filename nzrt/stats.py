@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .models import TOKENIZER_PREFIX
+from .models import INTERNAL_PREFIX
 
 
 def exponent_histogram(dense) -> np.ndarray:
@@ -100,7 +100,7 @@ def inspect_file(path, progress=None) -> dict:
     path = Path(path)
     meta = load_metadata(path)
     tensors = load(path)
-    names = [k for k in tensors if not k.startswith(TOKENIZER_PREFIX)]
+    names = [k for k in tensors if not k.startswith(INTERNAL_PREFIX)]
     total = sum(tensors[k].numel() for k in names)
     rows, done = [], 0
     for k in names:

@@ -1,0 +1,215 @@
+"""The command line: every command through typer's runner, the installed entry point as a
+subprocess, generate == plain transformers on SmolLM2, compress -> load -> run bit-identical."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("typer")
+from typer.testing import CliRunner  # noqa: E402
+
+from nzrt import models  # noqa: E402
+from nzrt.cli import app  # noqa: E402
+
+runner = CliRunner()
+
+TINY = textwrap.dedent('''
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(100, 64)
+            self.l1 = torch.nn.Linear(64, 256)
+            self.norm = torch.nn.LayerNorm(256)
+            self.l2 = torch.nn.Linear(256, 64)
+            self.register_buffer("scale", torch.full((64,), 0.5))
+
+        def forward(self, ids):
+            return self.l2(self.norm(torch.relu(self.l1(self.emb(ids))))) * self.scale.to(torch.bfloat16)
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        m = Tiny()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        m = m.to(torch.bfloat16)
+        m.scale = torch.full((64,), 0.5)
+        return m, (torch.randint(0, 100, (2, 16), generator=g),)
+''')
+
+
+def _ints(t):
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _ok(result):
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.output
+
+
+def _err(result):
+    """One line on stderr, exit code 2, no traceback."""
+    assert result.exit_code == 2, (result.output, result.exception)
+    text = result.output.strip()
+    assert "Traceback" not in text
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), text
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("factory")
+    (d / "nzrt_tiny_factory.py").write_text(TINY)
+    sys.path.insert(0, str(d))
+    yield "nzrt_tiny_factory:make"
+    sys.path.remove(str(d))
+
+
+@pytest.fixture(scope="session")
+def smol():
+    return models.resolve(None)
+
+
+@pytest.fixture(scope="session")
+def smol_nzrt(tmp_path_factory, smol):
+    out = tmp_path_factory.mktemp("ckpt") / "smol.nzrt"
+    out_text = _ok(runner.invoke(app, ["compress", "smollm2", str(out)]))
+    assert "before:" in out_text and "after:" in out_text
+    return out
+
+
+# -- cheap things ------------------------------------------------------------------------------
+def test_import_is_cheap():
+    code = "import sys, nzrt, nzrt.cli; print(sorted(m for m in ('torch', 'numba', 'triton', 'pynvml', " \
+           "'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_installed_entry_point_runs():
+    exe = Path(sys.executable).with_name("nzrt")
+    assert exe.exists(), f"{exe} missing: pip install -e ."
+    p = subprocess.run([str(exe), "env"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "torch" in p.stdout and "decode backend" in p.stdout and "CPU:" in p.stdout
+    p = subprocess.run([str(exe), "inspect", "/no/such/model"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error: ")
+
+
+def test_env():
+    out = _ok(runner.invoke(app, ["env"]))
+    assert "versions:" in out and "GPUs:" in out or "GPUs (NVML" in out
+    info = json.loads(_ok(runner.invoke(app, ["env", "--json"])))
+    assert set(info["versions"]) >= {"nzrt", "torch", "triton", "numba", "numpy"}
+    assert info["decode"]["backend"] in ("reference", "numba", "triton")
+    assert info["cpu"]["torch_threads"] >= 1
+
+
+def test_errors_are_one_line(tmp_path):
+    line = _err(runner.invoke(app, ["inspect", str(tmp_path / "missing")]))
+    assert "no such file" in line
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    assert "not a model" in _err(runner.invoke(app, ["profile", str(text)]))
+    fake = tmp_path / "bad.nzrt"
+    fake.write_bytes(b"not really an nzrt file")
+    assert "nzrt compress" in _err(runner.invoke(app, ["inspect", str(fake)]))
+    assert "dtype" in _err(runner.invoke(app, ["compress", "smollm2", str(tmp_path / "x.nzrt"), "--dtype", "int8"]))
+    assert "cannot import" in _err(runner.invoke(app, ["inspect", "no_such_module_xyz:make"]))
+    # --debug: the exception propagates (traceback) instead
+    res = runner.invoke(app, ["--debug", "inspect", str(tmp_path / "missing")])
+    assert res.exit_code != 0 and isinstance(res.exception, models.ModelError)
+
+
+def test_factory_compress_inspect_profile(tiny, tmp_path):
+    out = tmp_path / "tiny.nzrt"
+    text = _ok(runner.invoke(app, ["compress", tiny, str(out)]))
+    assert "before:" in text and "after:" in text and out.exists()
+    table = _ok(runner.invoke(app, ["inspect", str(out)]))
+    assert "l1.weight" in table and "bits/weight" in table
+    res = json.loads(_ok(runner.invoke(app, ["inspect", str(out), "--json"])))
+    rows = {r["name"]: r for r in res["tensors"]}
+    assert rows["l1.weight"]["compressed"] and rows["l1.weight"]["shape"] == [256, 64]
+    assert 0 < rows["l1.weight"]["exponent_entropy"] < 8
+    assert abs(sum(rows["l1.weight"]["coverage"]) - 1) < 1e-9
+    assert res["totals"]["numel"] > 0
+    # from the factory directly
+    assert "emb.weight" in _ok(runner.invoke(app, ["inspect", tiny]))
+    # the checkpoint runs bit-identical to the factory's model
+    plain = models.resolve(tiny)
+    ref = plain.model(*plain.inputs)
+    lm = models.resolve(str(out))
+    assert lm.on_meta
+    got = lm.materialize().model(*lm.inputs)
+    assert torch.equal(_ints(ref), _ints(got))
+    # profile with JSON and PNG
+    j, png = tmp_path / "p.json", tmp_path / "p.png"
+    text = _ok(runner.invoke(app, ["profile", tiny, "--policy", "resident", "--policy", "offload",
+                                   "--json", str(j), "--plot", str(png), "--repeats", "1"]))
+    assert "plain" in text and "resident" in text and "offload" in text
+    data = json.loads(j.read_text())
+    assert [r["run"] for r in data["rows"]] == ["plain", "resident", "offload"]
+    assert all(r["ok"] for r in data["rows"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- SmolLM2 -----------------------------------------------------------------------------------
+def test_generate_same_tokens_as_transformers(smol):
+    prompt = "The three primary colors are"
+    n = 12
+    ids = smol.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        ref = smol.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                  pad_token_id=smol.tokenizer.eos_token_id)
+    want = smol.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    for policy in ("auto", "plain"):
+        res = runner.invoke(app, ["generate", "--prompt", prompt, "--max-new-tokens", str(n), "--policy", policy])
+        out = _ok(res)
+        assert out.startswith(want), (policy, out, want)
+        assert "tokens/s" in out
+
+
+def test_compress_load_run_bit_identical(smol, smol_nzrt):
+    from nzrt.models import managed
+
+    ids = smol.tokenizer("It was the best of times, it was the worst of times", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        ref = smol.model(ids).logits
+    lm = models.resolve(str(smol_nzrt))
+    assert lm.on_meta and lm.compressed is not None
+    with managed(lm, policy="resident") as run:
+        with torch.inference_mode():
+            got = lm.model(ids).logits
+    assert torch.equal(_ints(ref), _ints(got))
+    assert run.report() is not None
+    # the plain route: decode every weight, then run
+    lm2 = models.resolve(str(smol_nzrt))
+    with torch.inference_mode():
+        got2 = lm2.materialize().model(ids).logits
+    assert torch.equal(_ints(ref), _ints(got2))
+
+
+def test_lossy_quality(smol):
+    import copy
+
+    from nzrt import evaluate
+
+    base = evaluate.perplexity(smol.model, smol.tokenizer)
+    assert 1 < base < 100
+    lossy = copy.deepcopy(smol.model)
+    evaluate.lossy_copy_(lossy, 7)  # lossless for bf16: the same model bit for bit
+    assert evaluate.perplexity(lossy, smol.tokenizer) == base
+    evaluate.lossy_copy_(lossy, 0)
+    assert evaluate.perplexity(lossy, smol.tokenizer) > base
