@@ -88,12 +88,17 @@ from .reference import code_tables
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
 
 # Sub-block sizes. Under the interpreter every program costs ~1 ms of Python, so one sub-block
-# covers a whole tile (up to 64Ki values); on a GPU a 2048-value sub-block keeps registers low.
-DECODE_BLOCK = int(os.environ.get("NZRT_TRITON_BLOCK", 65536 if INTERPRET else 2048))
-DECODE_WARPS = int(os.environ.get("NZRT_TRITON_WARPS", 8))
+# covers a whole tile (up to 64Ki values). On a GPU, BLOCK / (32 * warps) = 8 consecutive values
+# per thread lets the int16 store vectorise and keeps the prefix counts mostly in-thread; 1024
+# values on 4 warps is the default (unmeasured: tools/bench_gpu.py sweeps the alternatives and
+# `tools/bench_gpu.py --static` counts SASS instructions per value without a GPU).
+DECODE_BLOCK = int(os.environ.get("NZRT_TRITON_BLOCK", 65536 if INTERPRET else 1024))
+DECODE_WARPS = int(os.environ.get("NZRT_TRITON_WARPS", 4))
 ENCODE_BLOCK = 65536 if INTERPRET else 2048
 PACK_BLOCK = 65536 if INTERPRET else 1024
-SYM_TABLE = 128  # >= the most symbols any header can name (4 levels of <= 5 bits: 124)
+_RAW_BASE = 128  # table index of raw exponent 0; symbols (<= 4 levels of <= 5 bits: 124) come first
+RAW_BASE = tl.constexpr(_RAW_BASE)
+SYM_TABLE = _RAW_BASE + 256  # symbols, then the identity for raw exponents (8 bits at most)
 META_COLS = 16
 
 _INT_DTYPES = {2: torch.int16, 4: torch.int32}
@@ -111,7 +116,7 @@ def _span_bytes(w):
 
 
 @triton.jit
-def _read_bits(ptr, entry, valid, W: tl.constexpr):
+def _read_bits(ptr, entry, valid, W: tl.constexpr, FIXED: tl.constexpr = False):
     """Entries ``entry`` (int32, relative to ``ptr``) of a ``W``-bit little-endian stream.
 
     ``ptr`` is a byte pointer to the stream's first byte (the tile's first byte; tiles start on
@@ -121,7 +126,19 @@ def _read_bits(ptr, entry, valid, W: tl.constexpr):
         other = None
     else:
         other = 0
-    if W % 8 == 0:  # byte aligned: no shift, no mask
+    if FIXED and (W == 1 or W == 2 or W == 4):
+        # fixed-position stream whose 8 consecutive entries fill one aligned 1/2/4-byte word
+        # (``entry`` counts from a multiple of 8, ``ptr`` is aligned to W bytes): one load per
+        # 8 values (the same address for all 8, which the compiler merges), then shifts
+        if W == 1:
+            wptr = ptr
+        elif W == 2:
+            wptr = ptr.to(tl.pointer_type(tl.int16))
+        else:
+            wptr = ptr.to(tl.pointer_type(tl.int32))
+        word = tl.load(wptr + (entry >> 3), mask=valid, other=other).to(tl.int32)
+        return (word >> ((entry & 7) * W)) & ((1 << W) - 1)
+    elif W % 8 == 0:  # byte aligned: no shift, no mask
         byte = entry * (W // 8)
         v = tl.load(ptr + byte, mask=valid, other=other).to(tl.int32)
         if NB > 1:
@@ -143,30 +160,27 @@ def _read_bits(ptr, entry, valid, W: tl.constexpr):
 
 
 @triton.jit
-def _level_step(stream_ptr, count, esc, val, raw,
-                W: tl.constexpr, FIRST: tl.constexpr, IS_RAW: tl.constexpr):
+def _level_step(stream_ptr, count, esc, val, W: tl.constexpr, FIRST: tl.constexpr,
+                LAST: tl.constexpr):
     """Resolve one deeper level for the values in ``esc`` (those that escaped the level above).
 
     ``stream_ptr`` points at this tile's first entry of the level; ``count`` is how many of the
-    tile's values reached the level in earlier sub-blocks. ``val`` becomes the symbol index
-    ``FIRST + code`` (or, at the raw level, the exponent itself, flagged in ``raw``).
+    tile's values reached the level in earlier sub-blocks. ``val`` becomes the table index
+    ``FIRST + code`` (the raw level's FIRST is ``RAW_BASE``: its codes are exponents).
     Deep levels are sparse (for weights ~N(0, 0.02): 27%, 4%, 0.7%, <0.01% of values reach
     levels 1..4), so a sub-block none of whose values reached the level skips it (a uniform
     branch)."""
-    r = esc.to(tl.int32)
+    r = esc
     k = tl.sum(r, axis=0)
     if k > 0:
         # exclusive prefix count in value order = inclusive count - 1 for the escaped values;
         # other lanes read some in-range entry (>= 0, < count + k) and ignore it: no mask
         slot = tl.maximum(tl.cumsum(r, axis=0) + (count - 1), 0)
         code = _read_bits(stream_ptr, slot, None, W)
-        if IS_RAW:
-            val = tl.where(esc, code, val)
-            raw = raw | esc
-        else:
-            val = tl.where(esc, code + FIRST, val)
-            esc = esc & (code == (1 << W) - 1)
-    return count + k, esc, val, raw
+        val = tl.where(r != 0, code + FIRST, val)
+        if not LAST:
+            esc = tl.where(code == (1 << W) - 1, r, 0)
+    return count + k, esc, val
 
 
 @triton.jit
@@ -187,35 +201,28 @@ def _decode_block(l0_ptr, l1_ptr, l2_ptr, l3_ptr, l4_ptr, sm_ptr, out_t, sym_ptr
     else:
         mask = None
     # level 0: every value, at its own position
-    val = _read_bits(l0_ptr, local, mask, W0)
-    never = val < 0  # all false
-    if N_CODED == 0:
-        raw = ~never
-        esc = never
+    val = _read_bits(l0_ptr, local, mask, W0, True)
+    if N_CODED == 0:  # raw only
+        val = val + RAW_BASE
     else:
-        raw = never
-        esc = val == (1 << W0) - 1
-    if MASKED:
-        raw = raw & mask
-        esc = esc & mask
-    if N_LEVELS > 1:
-        c1, esc, val, raw = _level_step(l1_ptr, c1, esc, val, raw, W1, F1, N_CODED == 1)
-    if N_LEVELS > 2:
-        c2, esc, val, raw = _level_step(l2_ptr, c2, esc, val, raw, W2, F2, N_CODED == 2)
-    if N_LEVELS > 3:
-        c3, esc, val, raw = _level_step(l3_ptr, c3, esc, val, raw, W3, F3, N_CODED == 3)
-    if N_LEVELS > 4:  # only a raw level can be the fifth
-        c4, esc, val, raw = _level_step(l4_ptr, c4, esc, val, raw, W4, 0, True)  # raw only
-    # symbol index -> exponent (raw values already are exponents); the table has 128 entries
-    # and every index is < 128, so the gather needs no mask
-    exp = val
-    if N_CODED > 0:
-        if N_LEVELS > N_CODED:  # a raw level exists
-            sym = tl.load(sym_ptr + val, mask=~raw, other=0).to(tl.int32)
-            exp = tl.where(raw, val, sym)
-        else:
-            exp = tl.load(sym_ptr + val).to(tl.int32)
-    sm = _read_bits(sm_ptr, local, mask, 1 + KEEP)
+        esc = (val == (1 << W0) - 1).to(tl.int32)  # 0/1: who reaches level 1
+        if MASKED:
+            esc = tl.where(mask, esc, 0)
+        if N_LEVELS > 1:
+            c1, esc, val = _level_step(l1_ptr, c1, esc, val, W1,
+                                       F1 if N_CODED > 1 else RAW_BASE, N_LEVELS == 2)
+        if N_LEVELS > 2:
+            c2, esc, val = _level_step(l2_ptr, c2, esc, val, W2,
+                                       F2 if N_CODED > 2 else RAW_BASE, N_LEVELS == 3)
+        if N_LEVELS > 3:
+            c3, esc, val = _level_step(l3_ptr, c3, esc, val, W3,
+                                       F3 if N_CODED > 3 else RAW_BASE, N_LEVELS == 4)
+        if N_LEVELS > 4:  # only a raw level can be the fifth
+            c4, esc, val = _level_step(l4_ptr, c4, esc, val, W4, RAW_BASE, True)
+    # table index -> exponent: symbols at 0.., the identity at RAW_BASE.. (every index is in
+    # the table, so the gather needs no mask)
+    exp = tl.load(sym_ptr + val).to(tl.int32)
+    sm = _read_bits(sm_ptr, local, mask, 1 + KEEP, True)
     sign = sm >> KEEP
     bits = (sign << (TOTAL - 1)) | (exp << MAN)
     if KEEP > 0:
@@ -488,6 +495,7 @@ def _to_device(host: torch.Tensor, device: torch.device):
 def _sym_table(symbols: tuple, device: torch.device) -> torch.Tensor:
     def make():
         host = torch.zeros(SYM_TABLE, dtype=torch.int32)
+        host[_RAW_BASE:] = torch.arange(SYM_TABLE - _RAW_BASE, dtype=torch.int32)
         if symbols:
             host[:len(symbols)] = torch.tensor(symbols, dtype=torch.int32)
         return _to_device(host, device)
@@ -582,6 +590,7 @@ def _group_meta(cts, outs, device):
                *_section_offsets(h), sym_base]
         m[j * META_COLS:j * META_COLS + len(row)] = row
         m[sym_base:sym_base + len(h.symbols)] = h.symbols
+        m[sym_base + _RAW_BASE:sym_base + SYM_TABLE] = np.arange(SYM_TABLE - _RAW_BASE)
         first += spec.n_tiles(h.numel, h.tile)
     dev, src = _to_device(meta, device)
     return dev, src, first
