@@ -221,3 +221,33 @@ def test_no_triton_at_nzrt_import():
             "assert 'triton' not in sys.modules, 'triton imported'; "
             "assert 'nzrt.kernels.triton_gpu' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _with_exponents(exps: np.ndarray, seed: int) -> np.ndarray:
+    """bf16 patterns with the given exponents and random sign/mantissa."""
+    rng = np.random.default_rng(seed)
+    sm = rng.integers(0, 256, len(exps))
+    return (((sm >> 7) << 15) | (np.clip(exps, 0, 255) << 7) | (sm & 127)).astype(np.uint16)
+
+
+@pytest.mark.parametrize("name", ["dominant", "u12", "u20", "u40", "geo", "geo2"])
+def test_level_widths_1_to_5(name):
+    """Cascades whose levels are 1, 2, 3, 4 and 5 bits wide (every read path of _read_bits)."""
+    rng = np.random.default_rng(len(name))
+    exps = {"dominant": np.r_[np.full(8000, 120), rng.integers(100, 140, 2000)],
+            "u12": rng.integers(100, 112, 10000), "u20": rng.integers(100, 120, 10000),
+            "u40": rng.integers(100, 140, 10000), "geo": 127 - rng.geometric(0.35, 10000),
+            "geo2": 127 - rng.geometric(0.15, 10000)}[name]
+    exps = rng.permutation(exps)
+    roundtrip(_with_exponents(exps, 1), BF16, 7, 4096)
+
+
+@pytest.mark.parametrize("layout,keep", [(BF16, 1), (FP16, 0), (FP16, 5), (FP32, 0), (FP32, 3),
+                                         (FP32, 7), (FP32, 15)],
+                         ids=["bf16k1", "fp16k0", "fp16k5", "fp32k0", "fp32k3", "fp32k7", "fp32k15"])
+def test_sm_widths(layout, keep):
+    """sm streams of 1, 2, 4, 6, 8, 16 bits (fixed-position word, byte and unaligned paths)."""
+    x = _normal(3000, {2: torch.bfloat16 if layout is BF16 else torch.float16, 4: torch.float32}[layout.itemsize],
+                seed=keep)
+    bits = x.view(INT[layout.itemsize]).numpy().view(layout.uint)
+    roundtrip(bits, layout, keep, 1024)
