@@ -1,0 +1,1021 @@
+"""numba CPU backend: the stream layout of ``spec`` / ``reference``, fast.
+
+Same two entry points as ``reference``: ``encode`` (bytes identical to ``reference.encode``) and
+``decode_into`` (bits identical to ``reference.decode``). Kernels are ``nogil`` and run in parallel
+over tiles; they compile on first call (and are cached on disk), never at import of ``nzrt``.
+
+Decoding a tile, in three steps and without any scratch memory:
+  1. top-down, count the escapes of every level within the tile (popcounts for 1- and 2-bit
+     levels), which gives each deeper level's entry count; check it against the tile's offsets;
+  2. bottom-up, decode the deepest level into the *tail* of the tile's own output slots, then
+     merge each shallower level with the list below it (a code picks its symbol, an escape takes
+     the next list entry: a branchless cursor), again into the tail;
+  3. level 0 merges with the level-1 list and the sign/mantissa stream into the final bits.
+A list of ``k`` entries lives in the last ``k`` slots of the tile; the merge reads slot
+``end - (escapes left)`` and writes slot ``end - (entries left)``, so it never overwrites an
+entry it still has to read. The bf16/fp16 path does level 0 four values at a time: one level-0
+byte selects the four symbols, the escape lanes and their count from 256-entry tables, and two
+PDEPs place the sign/mantissa bits and the escaped exponents into a 64-bit word of output.
+Errors (more escapes than the offsets allow, a code that names no symbol, offsets past a stream,
+a patch index out of range) come back as flags and raise ``FormatError`` in Python.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import numba
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import spec
+from .reference import code_tables
+from .spec import FloatLayout, FormatError
+
+_OPTS = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+_NLEV = spec.MAX_LEVELS + 1  # coded levels plus the raw one
+_NCODE = 256  # widest level: the raw exponent byte
+
+
+# --- intrinsics: unaligned loads/stores, popcount, pdep -------------------------------------
+
+def _elem_ptr(context, builder, aryty, ary, idx, idxty):
+    a = context.make_array(aryty)(context, builder, ary)
+    i = context.cast(builder, idx, idxty, types.intp)
+    return builder.gep(a.data, [i])
+
+
+def _make_load(bits):
+    @intrinsic
+    def load(typingctx, arr, idx):
+        """``bits``-bit little-endian word at element ``idx`` of ``arr`` (unaligned), as int64."""
+        if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
+            return None
+        sig = types.int64(arr, idx)
+
+        def codegen(context, builder, sig, args):
+            ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            p = builder.bitcast(ptr, ir.IntType(bits).as_pointer())
+            v = builder.load(p, align=1)
+            return v if bits == 64 else builder.zext(v, ir.IntType(64))
+        return sig, codegen
+    return load
+
+
+def _make_store(bits):
+    @intrinsic
+    def store(typingctx, arr, idx, val):
+        """Store the low ``bits`` bits of ``val`` at element ``idx`` of ``arr`` (unaligned)."""
+        if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
+            return None
+        sig = types.void(arr, idx, types.int64)
+
+        def codegen(context, builder, sig, args):
+            ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            p = builder.bitcast(ptr, ir.IntType(bits).as_pointer())
+            v = args[2] if bits == 64 else builder.trunc(args[2], ir.IntType(bits))
+            builder.store(v, p, align=1)
+            return context.get_dummy_value()
+        return sig, codegen
+    return store
+
+
+@intrinsic
+def _ldel(typingctx, arr, idx):
+    """arr[idx] as int64, without negative-index wraparound (the caller keeps idx in range)."""
+    if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
+        return None
+    sig = types.int64(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        v = builder.load(ptr)
+        dt = sig.args[0].dtype
+        if dt.bitwidth == 64:
+            return v
+        return builder.sext(v, ir.IntType(64)) if dt.signed else builder.zext(v, ir.IntType(64))
+    return sig, codegen
+
+
+@intrinsic
+def _stel(typingctx, arr, idx, val):
+    """arr[idx] = low bits of val, without negative-index wraparound."""
+    if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
+        return None
+    sig = types.void(arr, idx, types.int64)
+
+    def codegen(context, builder, sig, args):
+        ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        bw = sig.args[0].dtype.bitwidth
+        v = args[2] if bw == 64 else builder.trunc(args[2], ir.IntType(bw))
+        builder.store(v, ptr)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _cmov(typingctx, cond, a, b):
+    """``a if cond != 0 else b`` as a real CMOV (LLVM would otherwise turn a select whose operand
+    is a load back into an unpredictable branch)."""
+    sig = types.int64(types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(i64, [i64, i64, i64])
+        return builder.asm(fnty, "testq $1, $1\n\tcmovneq $2, $0",
+                           "=r,r,r,0,~{flags}", args, side_effect=False)
+    return sig, codegen
+
+
+_ld64 = _make_load(64)
+_ld32 = _make_load(32)
+_st64 = _make_store(64)
+_st32 = _make_store(32)
+
+
+@intrinsic
+def _popc(typingctx, x):
+    sig = types.int64(types.int64)
+
+    def codegen(context, builder, sig, args):
+        return builder.ctpop(args[0])
+    return sig, codegen
+
+
+def _pdep_soft(x, m):
+    r = np.int64(0)
+    bit = np.int64(1)
+    while m != 0:
+        low = m & -m
+        if x & bit:
+            r |= low
+        m &= m - 1
+        bit <<= 1
+    return r
+
+
+def _host_has_bmi2() -> bool:
+    try:
+        import llvmlite.binding as llvm
+        return bool(llvm.get_host_cpu_features().get("bmi2", False))
+    except Exception:  # pragma: no cover - exotic llvmlite builds
+        return False
+
+
+_HAS_BMI2 = _host_has_bmi2()
+
+
+def _init_asm_parser() -> None:
+    """The JIT must parse the inline assembly of ``_cmov``."""
+    import llvmlite.binding as llvm
+    try:
+        llvm.initialize_native_asmparser()
+    except Exception:  # pragma: no cover - newer llvmlite initialises everything itself
+        pass
+
+
+_init_asm_parser()
+
+
+@intrinsic
+def _pdep(typingctx, x, m):
+    """Parallel bit deposit (BMI2 PDEP; a loop where the CPU lacks it)."""
+    sig = types.int64(types.int64, types.int64)
+
+    def codegen(context, builder, sig, args):
+        if _HAS_BMI2:
+            fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64), ir.IntType(64)])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.bmi.pdep.64")
+            return builder.call(fn, args)
+        return context.compile_internal(builder, _pdep_soft, sig, args)
+    return sig, codegen
+
+
+# --- the plan: an exact, fast replica of spec.choose_cascade --------------------------------
+
+@njit(cache=True, nogil=True)
+def _choose_cascade_nb(counts, exp_bits, tile, max_levels, max_width):
+    """Same candidates, same order, same cost and same tie-break as ``spec.choose_cascade``."""
+    nc = len(counts)
+    pre = np.zeros(nc + 1, np.int64)
+    for i in range(nc):
+        pre[i + 1] = pre[i] + counts[i]
+    n = pre[nc]
+    tiles = (n + tile - 1) // tile
+    max_w = min(max_width, exp_bits)
+    best_cost = np.int64(-1)
+    best_m = 0
+    best_idx = 0
+    best_raw = False
+    widths = np.zeros(max_levels, np.int64)
+    for m in range(max_levels + 1):
+        total = 1
+        for _ in range(m):
+            total *= max_w
+        for idx in range(total):
+            rest = idx
+            for j in range(m - 1, -1, -1):
+                widths[j] = rest % max_w + 1
+                rest //= max_w
+            entering = n
+            used = 0
+            bits = np.int64(0)
+            levels = 0
+            for j in range(m):
+                w = widths[j]
+                bits += entering * w + tiles * 4 * w
+                levels += 1
+                cap = (1 << w) - 1
+                hi = min(used + cap, nc)
+                lo = min(used, nc)
+                entering -= pre[hi] - pre[lo]
+                used += cap
+            has_raw = entering > 0
+            if has_raw:
+                bits += entering * exp_bits + tiles * 4 * exp_bits
+                levels += 1
+            bits += tiles * 32 * max(levels - 1, 0)
+            if best_cost < 0 or bits < best_cost:
+                best_cost = bits
+                best_m = m
+                best_idx = idx
+                best_raw = has_raw
+    out = np.zeros(best_m, np.int64)
+    rest = best_idx
+    for j in range(best_m - 1, -1, -1):
+        out[j] = rest % max_w + 1
+        rest //= max_w
+    return out, best_raw
+
+
+def choose_cascade(hist: np.ndarray, exp_bits: int, tile: int) -> tuple[tuple[int, ...], bool]:
+    """``spec.choose_cascade``, compiled (the readable one costs ~5 ms per tensor)."""
+    counts = np.sort(hist[hist > 0])[::-1].astype(np.int64)
+    if counts.sum() == 0:
+        return (), False
+    w, raw = _choose_cascade_nb(counts, exp_bits, tile, spec.MAX_LEVELS, spec.MAX_WIDTH)
+    return tuple(int(x) for x in w), bool(raw)
+
+
+# --- encode kernels --------------------------------------------------------------------------
+
+@njit(**_OPTS)
+def _hist_tile(t, bits, n, tile, mb, emask, th):
+    a = t * tile
+    end = min(a + tile, n)
+    nsym = emask + 1
+    # four interleaved sub-histograms break the store-to-load chain of repeated exponents
+    h4 = np.zeros(4 * nsym, np.int32)
+    i = a
+    if bits.itemsize == 2:
+        while i + 4 <= end:
+            x = _ld64(bits, i)
+            e0 = (x >> mb) & emask
+            e1 = (x >> (mb + 16)) & emask
+            e2 = (x >> (mb + 32)) & emask
+            e3 = (x >> (mb + 48)) & emask
+            _stel(h4, e0, _ldel(h4, e0) + 1)
+            _stel(h4, nsym + e1, _ldel(h4, nsym + e1) + 1)
+            _stel(h4, 2 * nsym + e2, _ldel(h4, 2 * nsym + e2) + 1)
+            _stel(h4, 3 * nsym + e3, _ldel(h4, 3 * nsym + e3) + 1)
+            i += 4
+    while i + 4 <= end:
+        e0 = (_ldel(bits, i) >> mb) & emask
+        e1 = (_ldel(bits, i + 1) >> mb) & emask
+        e2 = (_ldel(bits, i + 2) >> mb) & emask
+        e3 = (_ldel(bits, i + 3) >> mb) & emask
+        _stel(h4, e0, _ldel(h4, e0) + 1)
+        _stel(h4, nsym + e1, _ldel(h4, nsym + e1) + 1)
+        _stel(h4, 2 * nsym + e2, _ldel(h4, 2 * nsym + e2) + 1)
+        _stel(h4, 3 * nsym + e3, _ldel(h4, 3 * nsym + e3) + 1)
+        i += 4
+    while i < end:
+        e = (_ldel(bits, i) >> mb) & emask
+        _stel(h4, e, _ldel(h4, e) + 1)
+        i += 1
+    for e in range(nsym):
+        th[t, e] = h4[e] + h4[nsym + e] + h4[2 * nsym + e] + h4[3 * nsym + e]
+
+
+@njit(**_OPTS)
+def _round_tile(t, bits, rb, n, tile, s, signbit, inf, maxfin):
+    """spec.lossy_round on one tile; returns its NaN count."""
+    a = t * tile
+    end = min(a + tile, n)
+    half = (np.int64(1) << (s - 1)) - 1
+    keepmask = ~((np.int64(1) << s) - 1)
+    nn = 0
+    for i in range(a, end):
+        b = np.int64(bits[i])
+        sign = b & signbit
+        mag = b ^ sign
+        if mag > inf:
+            r = inf
+            nn += 1
+        elif mag == inf:
+            r = mag
+        else:
+            r = (mag + half + ((mag >> s) & 1)) & keepmask
+            if r > maxfin:
+                r = maxfin
+        rb[i] = r | sign
+    return nn
+
+
+@njit(**_OPTS)
+def _nan_fill_tile(t, bits, n, tile, inf, signbit, start, pidx, pval):
+    a = t * tile
+    end = min(a + tile, n)
+    c = start
+    for i in range(a, end):
+        b = np.int64(bits[i])
+        if (b & ~signbit) > inf:
+            pidx[c] = i
+            pval[c] = bits[i]
+            c += 1
+
+
+@njit(parallel=True, **_OPTS)
+def _round_hist_par(bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc):
+    tiles = th.shape[0]
+    for t in prange(tiles):
+        if lossy:
+            nanc[t] = _round_tile(t, bits, rb, n, tile, s, signbit, inf, maxfin)
+            _hist_tile(t, rb, n, tile, mb, emask, th)
+        else:
+            _hist_tile(t, bits, n, tile, mb, emask, th)
+
+
+@njit(**_OPTS)
+def _round_hist_ser(bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc):
+    tiles = th.shape[0]
+    for t in range(tiles):
+        if lossy:
+            nanc[t] = _round_tile(t, bits, rb, n, tile, s, signbit, inf, maxfin)
+            _hist_tile(t, rb, n, tile, mb, emask, th)
+        else:
+            _hist_tile(t, bits, n, tile, mb, emask, th)
+
+
+@njit(parallel=True, **_OPTS)
+def _nan_fill_par(bits, n, tile, inf, signbit, nanc, nstart, pidx, pval):
+    for t in prange(len(nanc)):
+        if nanc[t]:
+            _nan_fill_tile(t, bits, n, tile, inf, signbit, nstart[t], pidx, pval)
+
+
+@njit(cache=True, nogil=True)
+def _plan_offsets(th, LV, L, tile, n):
+    """Per-tile entry counts of every level -> offsets (groups of 8) and each level's total groups."""
+    tiles = th.shape[0]
+    nsym = th.shape[1]
+    off = np.zeros((tiles + 1, max(L - 1, 0)), np.uint32)
+    totals = np.zeros(L, np.int64)
+    cnt = np.zeros(L + 1, np.int64)
+    run = np.zeros(L, np.int64)
+    for t in range(tiles):
+        for l in range(L + 1):
+            cnt[l] = 0
+        for e in range(nsym):
+            c = th[t, e]
+            if c:
+                cnt[LV[e]] += c
+        acc = 0
+        for l in range(L - 1, -1, -1):  # entries reaching level l = resolved at l or deeper
+            acc += cnt[l]
+            if l > 0:
+                run[l] += (acc + 7) // 8
+                off[t + 1, l - 1] = run[l]
+    for l in range(1, L):
+        totals[l] = run[l]
+    totals[0] = (n + 7) // 8
+    return off, totals
+
+
+@njit(**_OPTS)
+def _flush_bits(st, pos, acc, nb):
+    while nb > 0:
+        _stel(st, pos, acc & 0xFF)
+        pos += 1
+        acc >>= 8
+        nb -= 8
+
+
+@njit(**_OPTS)
+def _enc_tile(t, src, n, tile, L, W, CT, C4, mb, emask, keep, drop, tbm1, smw, sm,
+              L0, L1, L2, L3, L4, off):
+    """Write tile t of every stream. CT[l * 256 + e] = code of exponent e at level l, plus
+    1 << 16 when e escapes past level l."""
+    a = t * tile
+    end = min(a + tile, n)
+    cnt = end - a
+    streams = (L0, L1, L2, L3, L4)
+    manmask = (np.int64(1) << mb) - 1
+    # sign + kept mantissa
+    if smw == 8 and tbm1 == 15 and keep == 7:  # lossless bf16: one byte per value
+        for i in range(a, end):
+            b = _ldel(src, i)
+            _stel(sm, i, ((b >> 8) & 0x80) | (b & 0x7F))
+    else:
+        pos = (a * smw) >> 3
+        acc = np.int64(0)
+        nb = 0
+        for i in range(a, end):
+            b = _ldel(src, i)
+            acc |= (((b >> tbm1) << keep) | ((b & manmask) >> drop)) << nb
+            nb += smw
+            if nb >= 32:
+                _st32(sm, pos, acc)
+                pos += 4
+                acc >>= 32
+                nb -= 32
+        _flush_bits(sm, pos, acc, nb)
+    if L == 0:
+        return
+    # level 0: every value; escaping exponents are compacted into `esc` for the next level
+    esc = np.empty(cnt + 4, np.int32)
+    c = 0
+    w0 = W[0]
+    st = streams[0]
+    i = a
+    if w0 == 2 and tbm1 == 15:
+        # four 16-bit values per load; C4[4 * e + j] = code of e shifted to lane j | escape << 16
+        while i + 4 <= end:
+            x = _ld64(src, i)
+            e0 = (x >> mb) & emask
+            e1 = (x >> (mb + 16)) & emask
+            e2 = (x >> (mb + 32)) & emask
+            e3 = (x >> (mb + 48)) & emask
+            t0 = _ldel(C4, 4 * e0)
+            t1 = _ldel(C4, 4 * e1 + 1)
+            t2 = _ldel(C4, 4 * e2 + 2)
+            t3 = _ldel(C4, 4 * e3 + 3)
+            _stel(st, i >> 2, (t0 | t1 | t2 | t3) & 0xFF)
+            _stel(esc, c, e0)
+            c += t0 >> 16
+            _stel(esc, c, e1)
+            c += t1 >> 16
+            _stel(esc, c, e2)
+            c += t2 >> 16
+            _stel(esc, c, e3)
+            c += t3 >> 16
+            i += 4
+    elif w0 == 2:
+        while i + 4 <= end:
+            e0 = (_ldel(src, i) >> mb) & emask
+            e1 = (_ldel(src, i + 1) >> mb) & emask
+            e2 = (_ldel(src, i + 2) >> mb) & emask
+            e3 = (_ldel(src, i + 3) >> mb) & emask
+            t0 = _ldel(C4, 4 * e0)
+            t1 = _ldel(C4, 4 * e1 + 1)
+            t2 = _ldel(C4, 4 * e2 + 2)
+            t3 = _ldel(C4, 4 * e3 + 3)
+            _stel(st, i >> 2, (t0 | t1 | t2 | t3) & 0xFF)
+            _stel(esc, c, e0)
+            c += t0 >> 16
+            _stel(esc, c, e1)
+            c += t1 >> 16
+            _stel(esc, c, e2)
+            c += t2 >> 16
+            _stel(esc, c, e3)
+            c += t3 >> 16
+            i += 4
+    pos = (i * w0) >> 3
+    acc = np.int64(0)
+    nb = 0
+    while i < end:
+        e = (_ldel(src, i) >> mb) & emask
+        tt = _ldel(CT, e)
+        acc |= (tt & 0xFFFF) << nb
+        nb += w0
+        if nb >= 32:
+            _st32(st, pos, acc)
+            pos += 4
+            acc >>= 32
+            nb -= 32
+        _stel(esc, c, e)
+        c += tt >> 16
+        i += 1
+    _flush_bits(st, pos, acc, nb)
+    # deeper levels, each over the compacted exponents that reach it (ping-pong buffers)
+    nxt = np.empty(c + 4, np.int32)
+    for l in range(1, L):
+        k = c
+        c = 0
+        w = W[l]
+        st = streams[l]
+        row = l * 256
+        pos = np.int64(off[t, l - 1]) * w
+        acc = np.int64(0)
+        nb = 0
+        for j in range(k):
+            e = _ldel(esc, j)
+            tt = _ldel(CT, row + e)
+            acc |= (tt & 0xFFFF) << nb
+            nb += w
+            if nb >= 32:
+                _st32(st, pos, acc)
+                pos += 4
+                acc >>= 32
+                nb -= 32
+            _stel(nxt, c, e)
+            c += tt >> 16
+        _flush_bits(st, pos, acc, nb)
+        esc, nxt = nxt, esc
+
+
+@njit(parallel=True, **_OPTS)
+def _enc_par(src, n, tile, L, W, CT, C4, mb, emask, keep, drop, tbm1, smw, sm, L0, L1, L2, L3, L4, off):
+    tiles = (n + tile - 1) // tile
+    for t in prange(tiles):
+        _enc_tile(t, src, n, tile, L, W, CT, C4, mb, emask, keep, drop, tbm1, smw, sm,
+                  L0, L1, L2, L3, L4, off)
+
+
+@njit(**_OPTS)
+def _enc_ser(src, n, tile, L, W, CT, C4, mb, emask, keep, drop, tbm1, smw, sm, L0, L1, L2, L3, L4, off):
+    tiles = (n + tile - 1) // tile
+    for t in range(tiles):
+        _enc_tile(t, src, n, tile, L, W, CT, C4, mb, emask, keep, drop, tbm1, smw, sm,
+                  L0, L1, L2, L3, L4, off)
+
+
+_EMPTY_U8 = np.zeros(16, np.uint8)
+
+
+def _parallel(tiles: int) -> bool:
+    return tiles > 1 and numba.get_num_threads() > 1
+
+
+def encode(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE):
+    """Encode 1-D integer bit patterns. Returns (widths, has_raw, symbols, sections), byte for
+    byte what ``reference.encode`` returns."""
+    bits = np.ascontiguousarray(bits, dtype=layout.uint).reshape(-1)
+    n = len(bits)
+    tiles = spec.n_tiles(n, tile)
+    nsym = 1 << layout.exp_bits
+    mb = layout.man_bits
+    s = mb - keep
+    lossy = s > 0
+    signbit = 1 << (layout.total_bits - 1)
+    inf = layout.inf_bits
+    maxfin = inf - (1 << s)
+    par = _parallel(tiles)
+
+    th = np.zeros((tiles, nsym), np.int32)
+    nanc = np.zeros(tiles, np.int64)
+    rb = np.empty_like(bits) if lossy else bits
+    if n:
+        (_round_hist_par if par else _round_hist_ser)(bits, rb, n, tile, lossy, s, signbit, inf,
+                                                      maxfin, mb, layout.exp_mask, th, nanc)
+    if lossy:
+        nstart = np.zeros(tiles + 1, np.int64)
+        np.cumsum(nanc, out=nstart[1:])
+        total = int(nstart[-1])
+        patch_idx = np.empty(total, np.int64)
+        patch_val = np.empty(total, layout.uint)
+        if total:
+            _nan_fill_par(bits, n, tile, inf, signbit, nanc, nstart, patch_idx, patch_val)
+    else:
+        patch_idx = np.zeros(0, np.int64)
+        patch_val = bits[:0]
+
+    hist = th.sum(axis=0, dtype=np.int64)
+    widths, has_raw = choose_cascade(hist, layout.exp_bits, tile)
+    symbols = spec.symbol_order(hist)[: sum((1 << w) - 1 for w in widths)]
+    level_of, code_of = code_tables(symbols, widths, has_raw, layout.exp_bits)
+    all_widths = spec.level_widths(widths, has_raw, layout.exp_bits)
+    L = len(all_widths)
+
+    sections = {"sm": np.zeros(spec.packed_nbytes(n, spec.sm_width(keep)), np.uint8)}
+    if L == 0:
+        sections["offsets"] = np.zeros((tiles + 1, 0), np.uint32)
+        sections["patch_idx"] = patch_idx
+        sections["patch_val"] = patch_val
+        return tuple(widths), bool(has_raw), symbols.astype(np.uint8), sections
+
+    LV = level_of.astype(np.int64)
+    CT = np.zeros((_NLEV, 256), np.int64)
+    for level, w in enumerate(all_widths):
+        CT[level, :nsym] = np.where(LV == level, code_of, (1 << w) - 1) | ((LV > level) << 16)
+    C4 = np.zeros((256, 4), np.int64)  # level 0, code pre-shifted to its 2-bit lane
+    for j in range(4):
+        C4[:, j] = ((CT[0] & 0xFFFF) << (2 * j)) | (CT[0] & (1 << 16))
+    CT = CT.reshape(-1)
+    C4 = C4.reshape(-1)
+    W = np.zeros(_NLEV, np.int64)
+    W[:L] = all_widths
+    off, totals = _plan_offsets(th, LV, L, tile, n)
+    streams = []
+    for level, w in enumerate(all_widths):
+        streams.append(np.zeros(int(totals[level]) * w + spec.STREAM_PAD, np.uint8))
+        sections[f"level{level}"] = streams[-1]
+    lv = streams + [_EMPTY_U8] * (_NLEV - L)
+    (_enc_par if par else _enc_ser)(rb, n, tile, L, W, CT, C4, mb, layout.exp_mask, keep, s,
+                                    layout.total_bits - 1, spec.sm_width(keep), sections["sm"],
+                                    lv[0], lv[1], lv[2], lv[3], lv[4], off)
+    sections["offsets"] = off
+    sections["patch_idx"] = patch_idx
+    sections["patch_val"] = patch_val
+    return tuple(widths), bool(has_raw), symbols.astype(np.uint8), sections
+
+
+# --- decode kernels --------------------------------------------------------------------------
+
+ERR_ESCAPES = 1  # a tile holds more escapes than its offsets allow
+ERR_CODE = 2  # a code names no symbol
+ERR_OFFSETS = 4  # offsets decrease or point past a stream
+ERR_PATCH = 8  # a patch index out of range
+ERR_SHORT = 16  # a stream shorter than the header implies
+
+
+@njit(**_OPTS)
+def _count_esc(st, start, k, w):
+    """Escapes (all-ones codes) among entries [start, start + k) of a w-bit stream; start % 8 == 0."""
+    if k <= 0:
+        return np.int64(0)
+    tot = np.int64(0)
+    if w == 1 or w == 2:
+        per = 64 // w
+        byte0 = (start * w) >> 3
+        nfull = k // per
+        for q in range(nfull):
+            x = _ld64(st, byte0 + 8 * q)
+            if w == 2:
+                x = x & (x >> 1) & 0x5555555555555555
+            tot += _popc(x)
+        r = k - nfull * per
+        if r:
+            x = _ld64(st, byte0 + 8 * nfull) & ((np.int64(1) << (r * w)) - 1)
+            if w == 2:
+                x = x & (x >> 1) & 0x5555555555555555
+            tot += _popc(x)
+        return tot
+    mask = (np.int64(1) << w) - 1
+    for j in range(start, start + k):
+        b = j * w
+        tot += ((_ld64(st, b >> 3) >> (b & 7)) & mask) == mask
+    return tot
+
+
+@njit(**_OPTS)
+def _ldwin(out, q, lim, G):
+    """The G output slots from q as one little-endian 64-bit word (zeros past the array)."""
+    if q + G <= lim:
+        return _ld64(out, q)
+    X = np.int64(0)
+    sh = 64 // G
+    for j in range(G):
+        if q + j < lim:
+            X |= _ldel(out, q + j) << (sh * j)
+    return X
+
+
+@njit(**_OPTS)
+def _merge_chunks(st, start, k, w, G, TT, row, out, P, Pn, lim):
+    """The table path of ``_merge``: G entries (one chunk of G * w <= 8 bits) per step. A chunk
+    selects from TT the symbols of its non-escape lanes (B), its escape lanes (M) and their count
+    (N, negative if a code names no symbol); PDEP drops the next list entries into the escape
+    lanes. Returns (entries done, list entries taken, bad)."""
+    c = np.int64(0)
+    bad = np.int64(0)
+    j = 0
+    if G == 4 and w == 2:
+        base = (start * 2) >> 3
+        while j + 4 <= k:
+            r = (row + _ldel(st, base + (j >> 2))) * 4
+            q = Pn + c
+            if q + 4 <= lim:
+                X = _ld64(out, q)
+            else:
+                X = _ldwin(out, q, lim, 4)
+            nn = _ldel(TT, r + 2)
+            _st64(out, P + j, _ldel(TT, r) | _pdep(X, _ldel(TT, r + 1)))
+            c += nn & 7
+            bad |= nn
+            j += 4
+    elif G == 4 and w == 1:
+        base = start >> 3
+        while j + 4 <= k:
+            r = (row + ((_ldel(st, base + (j >> 3)) >> (j & 4)) & 15)) * 4
+            q = Pn + c
+            if q + 4 <= lim:
+                X = _ld64(out, q)
+            else:
+                X = _ldwin(out, q, lim, 4)
+            nn = _ldel(TT, r + 2)
+            _st64(out, P + j, _ldel(TT, r) | _pdep(X, _ldel(TT, r + 1)))
+            c += nn & 7
+            bad |= nn
+            j += 4
+    else:
+        cmask = (np.int64(1) << (G * w)) - 1
+        while j + G <= k:
+            b = (start + j) * w
+            r = (row + ((_ld64(st, b >> 3) >> (b & 7)) & cmask)) * 4
+            q = Pn + c
+            if q + G <= lim:
+                X = _ld64(out, q)
+            else:
+                X = _ldwin(out, q, lim, G)
+            nn = _ldel(TT, r + 2)
+            _st64(out, P + j, _ldel(TT, r) | _pdep(X, _ldel(TT, r + 1)))
+            c += nn & 7
+            bad |= nn
+            j += G
+    return j, c, bad
+
+
+@njit(**_OPTS)
+def _merge(st, start, k, w, escv, tab, TT, G, lv, out, P, Pn, lim):
+    """Decode k entries of a level (from entry ``start``) into out[P:P+k], escapes taking the
+    next entries of the list at out[Pn:]. Returns a negative number if a code names no symbol."""
+    j = 0
+    c = np.int64(0)
+    bad = np.int64(0)
+    if G * w <= 8:
+        j, c, bad = _merge_chunks(st, start, k, w, G, TT, lv * 256, out, P, Pn, lim)
+    mask = (np.int64(1) << w) - 1
+    last = lim - 1
+    row = lv * _NCODE
+    while j < k:
+        b = (start + j) * w
+        code = (_ld64(st, b >> 3) >> (b & 7)) & mask
+        v = _ldel(tab, row + code)
+        bad |= v
+        x = _ldel(out, min(Pn + c, last))
+        e = np.int64(code == escv)
+        _stel(out, P + j, _cmov(e, x, v))
+        c += e
+        j += 1
+    return bad
+
+
+@njit(**_OPTS)
+def _level0_chunks(L0, sm, out, a, end, w0, smw, G, TT, lanemask, P1, lim):
+    """Level 0 and the sign/mantissa stream, G values per step (see ``_merge_chunks``).
+    Returns (next value, list entries taken, bad)."""
+    c = np.int64(0)
+    bad = np.int64(0)
+    i = a
+    if G == 4 and w0 == 2 and smw == 8:  # lossless bf16
+        while i + 4 <= end:
+            r = _ldel(L0, i >> 2) * 4
+            q = P1 + c
+            if q + 4 <= lim:
+                X = _ld64(out, q)
+            else:
+                X = _ldwin(out, q, lim, 4)
+            nn = _ldel(TT, r + 2)
+            word = _pdep(_ld32(sm, i), lanemask) | _ldel(TT, r) | _pdep(X, _ldel(TT, r + 1))
+            _st64(out, i, word)
+            c += nn & 7
+            bad |= nn
+            i += 4
+    else:
+        cmask = (np.int64(1) << (G * w0)) - 1
+        smaskg = (np.int64(1) << (G * smw)) - 1
+        while i + G <= end:
+            b = i * w0
+            r = ((_ld64(L0, b >> 3) >> (b & 7)) & cmask) * 4
+            bpos = i * smw
+            sg = (_ld64(sm, bpos >> 3) >> (bpos & 7)) & smaskg
+            q = P1 + c
+            if q + G <= lim:
+                X = _ld64(out, q)
+            else:
+                X = _ldwin(out, q, lim, G)
+            nn = _ldel(TT, r + 2)
+            word = _pdep(sg, lanemask) | _ldel(TT, r) | _pdep(X, _ldel(TT, r + 1))
+            _st64(out, i, word)
+            c += nn & 7
+            bad |= nn
+            i += G
+    return i, c, bad
+
+
+@njit(**_OPTS)
+def _decode_tile(t, n, tile, L, W, ESC, tab, TT, G, sm, smw, keep, drop, tbm1, lanemask,
+                 L0, L1, L2, L3, L4, off, out):
+    a = t * tile
+    end = min(a + tile, n)
+    cnt = end - a
+    lim = len(out)
+    streams = (L0, L1, L2, L3, L4)
+    # 1. top-down: entries of each deeper level in this tile
+    k1 = np.int64(0)
+    k2 = np.int64(0)
+    k3 = np.int64(0)
+    k4 = np.int64(0)
+    k = cnt
+    s = a
+    for l in range(L - 1):
+        e = _count_esc(streams[l], s, k, W[l])
+        o0 = np.int64(off[t, l])
+        o1 = np.int64(off[t + 1, l])
+        if o1 < o0 or o1 * W[l + 1] + 8 > len(streams[l + 1]):
+            return ERR_OFFSETS
+        if (o1 - o0) * 8 < e:
+            return ERR_ESCAPES
+        if l == 0:
+            k1 = e
+        elif l == 1:
+            k2 = e
+        elif l == 2:
+            k3 = e
+        else:
+            k4 = e
+        k = e
+        s = o0 * 8
+    # 2. bottom-up: deeper levels into the tile's tail
+    bad = np.int64(0)
+    kn = np.int64(0)
+    for l in range(L - 1, 0, -1):
+        kl = k1 if l == 1 else (k2 if l == 2 else (k3 if l == 3 else k4))
+        if kl:
+            bad |= _merge(streams[l], np.int64(off[t, l - 1]) * 8, kl, W[l], ESC[l], tab, TT, G, l,
+                          out, end - kl, end - kn, lim)
+        kn = kl
+    # 3. level 0 + sign/mantissa
+    w0 = W[0]
+    P1 = end - k1
+    i = a
+    c = np.int64(0)
+    if G * w0 <= 8:
+        i, c, bad0 = _level0_chunks(L0, sm, out, a, end, w0, smw, G, TT, lanemask, P1, lim)
+        bad |= bad0
+    esc0 = ESC[0]
+    last = lim - 1
+    kmask = (np.int64(1) << keep) - 1
+    mask0 = (np.int64(1) << w0) - 1
+    smmask = (np.int64(1) << smw) - 1
+    while i < end:
+        b = i * w0
+        code = (_ld64(L0, b >> 3) >> (b & 7)) & mask0
+        v = _ldel(tab, code)
+        bad |= v
+        x = _ldel(out, min(P1 + c, last))
+        e = np.int64(code == esc0)
+        c += e
+        bs = i * smw
+        smv = (_ld64(sm, bs >> 3) >> (bs & 7)) & smmask
+        _stel(out, i, ((smv >> keep) << tbm1) | ((smv & kmask) << drop) | _cmov(e, x, v))
+        i += 1
+    return ERR_CODE if bad < 0 else 0
+
+
+@njit(parallel=True, **_OPTS)
+def _decode_par(n, tile, L, W, ESC, tab, TT, G, sm, smw, keep, drop, tbm1, lanemask,
+                L0, L1, L2, L3, L4, off, out, pidx, pval):
+    tiles = (n + tile - 1) // tile
+    e_esc = 0
+    e_code = 0
+    e_off = 0
+    for t in prange(tiles):
+        f = _decode_tile(t, n, tile, L, W, ESC, tab, TT, G, sm, smw, keep, drop, tbm1,
+                         lanemask, L0, L1, L2, L3, L4, off, out)
+        e_esc += f == ERR_ESCAPES
+        e_code += f == ERR_CODE
+        e_off += f == ERR_OFFSETS
+    return _finish(n, out, pidx, pval, e_esc, e_code, e_off)
+
+
+@njit(**_OPTS)
+def _decode_ser(n, tile, L, W, ESC, tab, TT, G, sm, smw, keep, drop, tbm1, lanemask,
+                L0, L1, L2, L3, L4, off, out, pidx, pval):
+    tiles = (n + tile - 1) // tile
+    e_esc = 0
+    e_code = 0
+    e_off = 0
+    for t in range(tiles):
+        f = _decode_tile(t, n, tile, L, W, ESC, tab, TT, G, sm, smw, keep, drop, tbm1,
+                         lanemask, L0, L1, L2, L3, L4, off, out)
+        e_esc += f == ERR_ESCAPES
+        e_code += f == ERR_CODE
+        e_off += f == ERR_OFFSETS
+    return _finish(n, out, pidx, pval, e_esc, e_code, e_off)
+
+
+@njit(**_OPTS)
+def _finish(n, out, pidx, pval, e_esc, e_code, e_off):
+    err = 0
+    if e_esc:
+        err |= ERR_ESCAPES
+    if e_code:
+        err |= ERR_CODE
+    if e_off:
+        err |= ERR_OFFSETS
+    for p in range(len(pidx)):
+        j = pidx[p]
+        if j < 0 or j >= n:
+            err |= ERR_PATCH
+        else:
+            out[j] = pval[p]
+    return err
+
+
+def _signed64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_tables(dtype: str, keep: int, widths: tuple, has_raw: bool, symbols: tuple):
+    """Per-codebook decode tables (built once per distinct codebook, then reused)."""
+    layout = spec.LAYOUTS[dtype]
+    mb = layout.man_bits
+    all_widths = spec.level_widths(widths, has_raw, layout.exp_bits)
+    L = len(all_widths)
+    # tab[level, code]: the exponent (shifted into place) a code names; -1: names nothing;
+    # 0 for the escape code of a level that has a next one
+    tab = np.full((_NLEV, _NCODE), -1, np.int64)
+    W = np.zeros(_NLEV, np.int64)
+    ESC = np.full(_NLEV, -1, np.int64)
+    first = 0
+    for level, w in enumerate(all_widths):
+        W[level] = w
+        if has_raw and level == L - 1:
+            tab[level, : 1 << w] = np.arange(1 << w) << mb
+            continue
+        cap = (1 << w) - 1
+        for c in range(cap):
+            if first + c < len(symbols):
+                tab[level, c] = symbols[first + c] << mb
+        if level < L - 1:
+            ESC[level] = cap
+            tab[level, cap] = 0
+        first += cap
+    # G = values per 64-bit word of output. A level with G * w <= 8 decodes G entries per step:
+    # TT[level, chunk] = (symbols of the non-escape lanes, escape lanes (all ones), escape
+    # count or a negative number when a code names no symbol, 0)
+    G = 8 // layout.itemsize
+    lanebits = 8 * layout.itemsize
+    TT = [0] * (_NLEV * 256 * 4)
+    for level, w in enumerate(all_widths):
+        if G * w > 8:
+            continue
+        for chunk in range(1 << (G * w)):
+            r = (level * 256 + chunk) * 4
+            for j in range(G):
+                code = (chunk >> (w * j)) & ((1 << w) - 1)
+                if code == ESC[level]:
+                    TT[r + 1] |= ((1 << lanebits) - 1) << (lanebits * j)
+                    TT[r + 2] += 1
+                elif tab[level, code] < 0:
+                    TT[r + 2] = -(1 << 40)
+                else:
+                    TT[r] |= int(tab[level, code]) << (lanebits * j)
+            if TT[r + 2] < 0:
+                TT[r + 2] = -(1 << 40)
+    TT = np.array([_signed64(v) for v in TT], np.int64)
+    drop = mb - keep
+    lane = (1 << (lanebits - 1)) | (((1 << keep) - 1) << drop)
+    lanemask = 0
+    for j in range(G):
+        lanemask |= lane << (lanebits * j)
+    lanemask = _signed64(lanemask)
+    tab = tab.reshape(-1)
+    for arr in (tab, W, ESC, TT):
+        arr.setflags(write=False)
+    return L, W, ESC, tab, TT, G, drop, lanemask
+
+
+_ERRORS = [
+    (ERR_OFFSETS, "tile offsets are inconsistent or point past a level's stream"),
+    (ERR_ESCAPES, "a tile holds more escapes than its offsets allow"),
+    (ERR_CODE, "a code names no symbol"),
+    (ERR_PATCH, "a patch index is out of range"),
+    (ERR_SHORT, "a stream is shorter than the header implies"),
+]
+
+
+def decode_into(ct, out_bits: np.ndarray) -> None:
+    """Write the bit patterns of ``ct`` into ``out_bits`` (1-D, the dtype's uint, >= numel)."""
+    h = ct.header
+    layout = spec.LAYOUTS[h.dtype]
+    n = h.numel
+    if out_bits.dtype != layout.uint or out_bits.ndim != 1 or len(out_bits) < n:
+        raise ValueError(f"out_bits must be a 1-D {np.dtype(layout.uint).name} array of >= {n} values")
+    if n == 0:
+        return
+    sec = ct.np_sections()
+    L, W, ESC, tab, TT, G, drop, lanemask = _decode_tables(
+        h.dtype, h.mantissa_bits, h.widths, h.has_raw, h.symbols)
+    smw = spec.sm_width(h.mantissa_bits)
+    lv = [sec[f"level{i}"] for i in range(L)] + [_EMPTY_U8] * (_NLEV - L)
+    # the reads of a stream stay within ((count - 1) * width >> 3) + 8 bytes
+    if (len(sec["sm"]) < (((n - 1) * smw) >> 3) + 8
+            or L == 0 or len(lv[0]) < (((n - 1) * int(W[0])) >> 3) + 8):
+        raise FormatError("a stream is shorter than the header implies")
+    off = sec["offsets"]
+    if off.shape[0] != spec.n_tiles(n, h.tile) + 1 or off.shape[1] != max(L - 1, 0):
+        raise FormatError(f"offsets table has shape {off.shape}")
+    tiles = spec.n_tiles(n, h.tile)
+    kern = _decode_par if _parallel(tiles) else _decode_ser
+    err = kern(n, h.tile, L, W, ESC, tab, TT, G, sec["sm"], smw, h.mantissa_bits, drop,
+               layout.total_bits - 1, lanemask, lv[0], lv[1], lv[2], lv[3], lv[4], off, out_bits,
+               sec["patch_idx"], sec["patch_val"])
+    if err:
+        msgs = [m for bit, m in _ERRORS if err & bit]
+        raise FormatError("corrupted compressed tensor: " + "; ".join(msgs))
