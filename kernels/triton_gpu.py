@@ -317,7 +317,8 @@ def _decode_many_kernel(meta_ptr, blob_ptr, out_ptr, n_tensors,
                         W4: tl.constexpr, F1: tl.constexpr, F2: tl.constexpr, F3: tl.constexpr,
                         N_LEVELS: tl.constexpr, N_CODED: tl.constexpr,
                         KEEP: tl.constexpr, MAN: tl.constexpr, TOTAL: tl.constexpr,
-                        BLOCK: tl.constexpr, MAX_T: tl.constexpr, META_COLS: tl.constexpr):
+                        BLOCK: tl.constexpr, MAX_T: tl.constexpr, META_COLS: tl.constexpr,
+                        OUT_ALIGN: tl.constexpr):
     """One tile of one of several tensors per program. Row ``j`` of ``meta_ptr`` (int64):
     [first global tile, numel, tile, blob delta (bytes), out delta (elements), sm, offsets,
      level0..level4 byte offsets, symbol-table index into meta]."""
@@ -326,7 +327,11 @@ def _decode_many_kernel(meta_ptr, blob_ptr, out_ptr, n_tensors,
     first = tl.load(meta_ptr + r * META_COLS, mask=r < n_tensors, other=1 << 62)
     j = tl.sum((first <= pid).to(tl.int32), axis=0) - 1
     m = meta_ptr + j.to(tl.int64) * META_COLS
-    _decode_tile(blob_ptr + tl.load(m + 3), out_ptr + tl.load(m + 4), meta_ptr + tl.load(m + 12),
+    blob_delta = tl.multiple_of(tl.load(m + 3), 16)  # blobs are 16-byte aligned (checked)
+    out_delta = tl.load(m + 4)
+    if OUT_ALIGN > 1:  # every output is 16-byte aligned: keep the stores vectorised
+        out_delta = tl.multiple_of(out_delta, OUT_ALIGN)
+    _decode_tile(blob_ptr + blob_delta, out_ptr + out_delta, meta_ptr + tl.load(m + 12),
                  tl.load(m + 1), tl.load(m + 2), pid - tl.load(m),
                  tl.load(m + 5), tl.load(m + 6), tl.load(m + 7), tl.load(m + 8), tl.load(m + 9),
                  tl.load(m + 10), tl.load(m + 11),
@@ -550,6 +555,10 @@ def _check_out(ct, out_bits: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"out must be contiguous with >= {ct.header.numel} elements")
     if out_bits.device != ct.data.device:
         raise ValueError(f"out is on {out_bits.device} but the blob is on {ct.data.device}")
+    if ct.data.data_ptr() % spec.SECTION_ALIGN:
+        raise ValueError("the compressed blob must start at a 16-byte aligned address (its sections "
+                         "are aligned relative to it and are read as 16/32/64-bit words); "
+                         "copy it (ct.data.clone()) or align the buffer it lives in")
     return out_bits.reshape(-1)
 
 
@@ -637,6 +646,7 @@ def decode_many(cts, outs, *, block: int | None = None, num_warps: int | None = 
         _decode_many_kernel[(n_prog,)](
             meta, g_cts[0].data, g_outs[0], len(g_cts), **dict(key), BLOCK=blk,
             MAX_T=max(2, triton.next_power_of_2(len(g_cts))), META_COLS=META_COLS,
+            OUT_ALIGN=16 // g_outs[0].element_size() if all(o.data_ptr() % 16 == 0 for o in g_outs) else 1,
             num_warps=num_warps or DECODE_WARPS)
         for c, o in members:
             _launch_patches(c, o)
@@ -675,8 +685,9 @@ def encode(bits, layout: spec.FloatLayout, keep: int, tile: int = spec.DEFAULT_T
 
     # NaN patches (lossy mode only): exact original bits
     if keep < M and n:
-        mag = (bits.to(torch.int64) & ((1 << (TOTAL - 1)) - 1))
+        mag = (bits.to(torch.int32) if TOTAL == 16 else bits) & ((1 << (TOTAL - 1)) - 1)
         patch_idx_t = torch.nonzero(mag > INF).reshape(-1)
+        del mag
         patch_idx = patch_idx_t.cpu().numpy().astype(np.int64)
         patch_val = bits[patch_idx_t].cpu().numpy().view(layout.uint).copy()
     else:

@@ -251,3 +251,12 @@ def test_sm_widths(layout, keep):
                 seed=keep)
     bits = x.view(INT[layout.itemsize]).numpy().view(layout.uint)
     roundtrip(bits, layout, keep, 1024)
+
+
+def test_unaligned_blob_is_refused():
+    ct = nzrt.compress(_normal(100, torch.bfloat16), backend="reference", tile=1024)
+    buf = torch.zeros(ct.data.numel() + 16, dtype=torch.uint8)
+    buf[1:1 + ct.data.numel()] = ct.data
+    moved = CompressedTensor(ct.header, buf[1:1 + ct.data.numel()])
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        tg.decode_into(moved, torch.zeros(100, dtype=torch.int16))
