@@ -100,7 +100,7 @@ def static_report(configs=CONFIGS):
 def _env():
     import torch
     import triton
-    dev = torch.cuda.get_device_name()
+    dev = "CPU (smoke test, TRITON_INTERPRET=1)" if SMOKE else torch.cuda.get_device_name()
     driver = "?"
     try:
         import pynvml
@@ -132,18 +132,36 @@ def _copy_kernel_factory():
     return _copy_kernel
 
 
+SMOKE = False  # --smoke: run every step on the CPU under TRITON_INTERPRET=1 with tiny shapes
+
+
 def _bench(fn, rep_ms=200):
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     import triton.testing
     return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
 
 
+def _sync():
+    import torch
+    if not SMOKE:
+        torch.cuda.synchronize()
+
+
 def run(args):
     import torch
-    if not torch.cuda.is_available():
+    if SMOKE:
+        global LAYER_SHAPES, BLOCK_SHAPES, CONFIGS
+        LAYER_SHAPES = [(64, 96), (128, 200)]
+        BLOCK_SHAPES = {k: (v[0] // 256, v[1] // 256) for k, v in BLOCK_SHAPES.items()}
+        CONFIGS = [(65536, 4)]
+    elif not torch.cuda.is_available():
         _die("no CUDA device: this benchmark needs an NVIDIA GPU (torch.cuda.is_available() is "
              "False). Use --static for an offline compile report, or run the interpreter tests "
              "(tests/test_triton_interpret.py).")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if not SMOKE and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         _die("TRITON_INTERPRET is set; unset it to benchmark the compiled kernels")
     import triton
 
@@ -153,7 +171,7 @@ def run(args):
     from nzrt.kernels import spec
     from nzrt.kernels import triton_gpu as tg
 
-    dev = torch.device("cuda")
+    dev = torch.device("cpu" if SMOKE else "cuda")
     env = _env()
     lines = []
 
@@ -223,7 +241,7 @@ def run(args):
         out(f"| N(0,0.02) bf16 {shape[0]}x{shape[1]} roundtrip ({ct.bits_per_weight:.2f} bits/weight, "
             f"widths {ct.header.widths}{'+raw' if ct.header.has_raw else ''}) | {enc_ok} (first 1Mi) | {ok} |")
         del x, y, ct
-        torch.cuda.empty_cache()
+        _sync()
 
     # -- 2. decode throughput vs copy ---------------------------------------------------------
     copy_kernel = _copy_kernel_factory()
@@ -259,7 +277,7 @@ def run(args):
         sweep = ", ".join(f"{b}/{w}: {t:.3f}" for (b, w), t in sorted(results.items()))
         print(f"    sweep (BLOCK/warps: ms) {sweep}")
         del x, y, ct
-        torch.cuda.empty_cache()
+        _sync()
     out(f"(torch dense copy for scale: see copy ms; decode configs swept: {CONFIGS})")
 
     # -- 3. one launch per block vs per tensor; encode time of one block -----------------------
@@ -267,12 +285,12 @@ def run(args):
     xs, cts, enc_s = {}, {}, 0.0
     for name, shape in BLOCK_SHAPES.items():
         xs[name] = torch.randn(shape, device=dev, dtype=torch.float32).mul_(0.02).to(torch.bfloat16)
-    torch.cuda.synchronize()
+    _sync()
     for rep in range(2):  # first pass compiles the kernels
         t0 = time.perf_counter()
         for name in BLOCK_SHAPES:
             cts[name] = nzrt.compress(xs[name], backend="triton")
-        torch.cuda.synchronize()
+        _sync()
         enc_s = time.perf_counter() - t0
     outs = {k: torch.empty_like(v) for k, v in xs.items()}
     flats = [outs[k].view(-1).view(torch.int16) for k in BLOCK_SHAPES]
@@ -282,7 +300,7 @@ def run(args):
     t_each = _bench(lambda: [tg.decode_into(c, f, block=blk, num_warps=warps) for c, f in zip(clist, flats)])
     ok = all(torch.equal(outs[k].view(torch.int16), xs[k].view(torch.int16)) for k in BLOCK_SHAPES)
     tg.decode_many(clist, flats, block=blk, num_warps=warps)
-    torch.cuda.synchronize()
+    _sync()
     ok = ok and all(torch.equal(outs[k].view(torch.int16), xs[k].view(torch.int16)) for k in BLOCK_SHAPES)
     failures += not ok
     sigs = {tuple(sorted(tg._signature(c.header).items())) for c in clist}
@@ -314,9 +332,18 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--record", action="store_true", help="append the results to BENCHMARKS.md")
+    p.add_argument("--smoke", action="store_true",
+                   help="exercise every step on the CPU under TRITON_INTERPRET=1 with tiny shapes "
+                        "(checks the script, not the GPU; numbers are meaningless)")
     p.add_argument("--static", action="store_true",
                    help="no GPU: compile the decode kernel for sm_90 and report SASS per value")
     a = p.parse_args(argv)
+    if a.smoke:
+        global SMOKE
+        SMOKE = True
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported
+        if a.record:
+            _die("--smoke numbers are not benchmarks; refusing to --record them")
     if a.static:
         static_report()
         return 0
