@@ -571,6 +571,22 @@ def _launch_patches(ct, out_bits: torch.Tensor) -> None:
                                                      s["patch_val"][0], n_patch, BLOCK=block)
 
 
+_LAUNCH_CACHE = _LRU(4096)  # id(header) -> (header, launch arguments derived from it)
+
+
+def _launch_args(h):
+    """(n, tiles, positional scalars, constexpr kwargs, patch count) of a header, memoised per
+    header object (the header is kept alive in the cache, so its id cannot be reused)."""
+    def make():
+        return h, (h.numel, spec.n_tiles(h.numel, h.tile), (h.numel, h.tile, *_section_offsets(h)),
+                   _signature(h), h.sections["patch_idx"][1] // 8)
+    hit = _LAUNCH_CACHE.get_or(id(h), make)
+    if hit[0] is not h:  # pragma: no cover - a stale id (cannot happen while h is cached)
+        del _LAUNCH_CACHE[id(h)]
+        hit = _LAUNCH_CACHE.get_or(id(h), make)
+    return hit[1]
+
+
 def decode_into(ct, out_bits: torch.Tensor, *, block: int | None = None,
                 num_warps: int | None = None) -> None:
     """Decode ``ct`` into ``out_bits`` (int16/int32 1-D view of the output, on ct's device).
@@ -579,16 +595,15 @@ def decode_into(ct, out_bits: torch.Tensor, *, block: int | None = None,
     call for a given symbol table; no host synchronisation; on the current stream."""
     h = ct.header
     out_bits = _check_out(ct, out_bits)
-    n = h.numel
+    n, tiles, scalars, sig, n_patch = _launch_args(h)
     if n == 0:
         return
-    sig = _signature(h)
     sym = _sym_table(h.symbols, ct.data.device)
-    blk = block or _block_for(h.tile)
-    _decode_kernel[(spec.n_tiles(n, h.tile),)](
-        ct.data, out_bits, sym, n, h.tile, *_section_offsets(h), **sig, BLOCK=blk,
-        num_warps=num_warps or DECODE_WARPS)
-    _launch_patches(ct, out_bits)
+    _decode_kernel[(tiles,)](ct.data, out_bits, sym, *scalars, **sig,
+                             BLOCK=block or _block_for(h.tile),
+                             num_warps=num_warps or DECODE_WARPS)
+    if n_patch:
+        _launch_patches(ct, out_bits)
 
 
 def _group_meta(cts, outs, device):
@@ -622,34 +637,36 @@ def decode_many(cts, outs, *, block: int | None = None, num_warps: int | None = 
     ``outs[i]`` is an int16/int32 view of (or a dense tensor of ct's dtype for) ``cts[i]``'s
     output; all on one device. No host synchronisation; the per-group descriptor table is cached
     (keyed by the headers and the blob/output addresses), so repeated calls allocate nothing."""
-    cts, outs = list(cts), [_check_out(ct, o) for ct, o in zip(cts, outs)]
+    cts, outs = list(cts), list(outs)
     if len(cts) != len(outs):
         raise ValueError("decode_many needs one output per compressed tensor")
     if not cts:
         return
+    outs = [_check_out(ct, o) for ct, o in zip(cts, outs)]
     device = outs[0].device
     groups: dict = {}
     for ct, out in zip(cts, outs):
-        if ct.header.numel == 0:
-            continue
         if ct.data.device != device:
             raise ValueError("decode_many: all tensors must be on one device")
-        sig = _signature(ct.header)
-        groups.setdefault(tuple(sorted(sig.items())), []).append((ct, out))
+        n, _, _, sig, _ = _launch_args(ct.header)
+        if n:
+            groups.setdefault(tuple(sorted(sig.items())), []).append((ct, out))
     for key, members in groups.items():
         g_cts = [c for c, _ in members]
         g_outs = [o for _, o in members]
         ckey = (str(device), tuple((id(c.header), c.data.data_ptr(), o.data_ptr()) for c, o in members))
         meta, _src, n_prog = _META_CACHE.get_or(
             ckey, lambda: (*_group_meta(g_cts, g_outs, device), [c.header for c in g_cts]))[:3]
-        blk = block or _block_for(min(c.header.tile for c in g_cts))
+        aligned = all(o.data_ptr() % 16 == 0 for o in g_outs)
         _decode_many_kernel[(n_prog,)](
-            meta, g_cts[0].data, g_outs[0], len(g_cts), **dict(key), BLOCK=blk,
+            meta, g_cts[0].data, g_outs[0], len(g_cts), **dict(key),
+            BLOCK=block or _block_for(min(c.header.tile for c in g_cts)),
             MAX_T=max(2, triton.next_power_of_2(len(g_cts))), META_COLS=META_COLS,
-            OUT_ALIGN=16 // g_outs[0].element_size() if all(o.data_ptr() % 16 == 0 for o in g_outs) else 1,
+            OUT_ALIGN=16 // g_outs[0].element_size() if aligned else 1,
             num_warps=num_warps or DECODE_WARPS)
         for c, o in members:
-            _launch_patches(c, o)
+            if _launch_args(c.header)[4]:
+                _launch_patches(c, o)
 
 
 # ---- encode ---------------------------------------------------------------------------------
