@@ -39,7 +39,7 @@ def _one_line(e: BaseException) -> str:
         return f"{msg}; the file is not a valid .nzrt: re-create it with `nzrt compress`"
     if name == "BudgetError":
         needed = getattr(e, "needed", None)
-        hint = f"; pass --budget {_human(needed)} or more" if needed and "budget" not in msg.split(";")[-1] else ""
+        hint = f"; pass --budget {_human(needed, up=True)} or more" if needed else ""
         return f"{msg}{hint}"
     if isinstance(e, FileNotFoundError):
         return f"{msg}; check the path"
@@ -52,11 +52,16 @@ def _one_line(e: BaseException) -> str:
     return f"{name}: {msg} (run with --debug for the traceback)"
 
 
-def _human(n) -> str:
+def _human(n, up: bool = False) -> str:
+    """Bytes as "12.34MiB" (``up``: rounded up, so the text is never less than ``n``)."""
+    import math
+
     n = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.2f}{unit}"
+            if unit == "B":
+                return f"{math.ceil(n):.0f}B"
+            return f"{(math.ceil(n * 100) / 100 if up else n):.2f}{unit}"
         n /= 1024
     return str(n)
 

@@ -58,6 +58,7 @@ class LoadedModel:
     compressed: dict | None = None  # name -> CompressedTensor when loaded from a .nzrt (meta model)
     inputs: Any = None  # example inputs of a factory model (tuple, dict or tensor)
     metadata: dict = field(default_factory=dict)
+    _dematerialize: dict | None = field(default=None, repr=False)
 
     @property
     def on_meta(self) -> bool:
@@ -102,7 +103,23 @@ class LoadedModel:
                 dense = dense.to(device)
             replace[id(p)] = torch.nn.Parameter(dense, requires_grad=False)
         _swap_parameters(self.model, replace)
+        self._dematerialize = self.compressed
         self.compressed = None
+        return self
+
+    def dematerialize(self) -> "LoadedModel":
+        """Undo ``materialize()``: parameters back on the meta device, the compressed (memory-mapped)
+        weights handed to the runtime again. No-op for a model that was never compressed."""
+        import torch
+
+        comp = getattr(self, "_dematerialize", None)
+        if comp is None:
+            return self
+        replace = {id(p): torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                             requires_grad=False)
+                   for n, p in self.model.named_parameters() if n in comp}
+        _swap_parameters(self.model, replace)
+        self.compressed, self._dematerialize = comp, None
         return self
 
 

@@ -248,7 +248,6 @@ def profile(lm, *, policies=None, budget=None, device=None, mantissa_bits: int |
     # plain: the dense model (a .nzrt is decoded whole for this baseline only)
     tick("plain")
     had_compressed = lm.compressed is not None
-    saved_compressed = lm.compressed
     if had_compressed:
         lm.materialize()
     orig_device = next(iter(lm.model.parameters())).device
@@ -272,8 +271,11 @@ def profile(lm, *, policies=None, budget=None, device=None, mantissa_bits: int |
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     if had_compressed:
-        # back to the compressed form so the runtime gets the memory-mapped weights
-        lm.compressed = saved_compressed
+        # back to the meta model, so the runtime gets the memory-mapped compressed weights
+        lm.dematerialize()
+        import gc
+
+        gc.collect()
     done += 1
 
     budget_errors = []

@@ -133,6 +133,19 @@ def test_errors_are_one_line(tmp_path):
     assert res.exit_code != 0 and isinstance(res.exception, models.ModelError)
 
 
+def test_budget_too_small_and_corrupted_checkpoint(tiny, tmp_path):
+    line = _err(runner.invoke(app, ["profile", tiny, "--budget", "1KiB", "--policy", "resident"]))
+    assert "smallest budget" in line and "--budget" in line
+    out = tmp_path / "t.nzrt"
+    _ok(runner.invoke(app, ["compress", tiny, str(out)]))
+    data = bytearray(out.read_bytes())
+    data[-3000] ^= 0xFF  # inside a weight's blob
+    bad = tmp_path / "bad.nzrt"
+    bad.write_bytes(bytes(data))
+    for cmd in (["inspect", str(bad)], ["profile", str(bad)], ["generate", str(bad), "--prompt", "x"]):
+        assert "corrupted" in _err(runner.invoke(app, cmd))
+
+
 def test_factory_compress_inspect_profile(tiny, tmp_path):
     out = tmp_path / "tiny.nzrt"
     text = _ok(runner.invoke(app, ["compress", tiny, str(out)]))
@@ -213,3 +226,43 @@ def test_lossy_quality(smol):
     assert evaluate.perplexity(lossy, smol.tokenizer) == base
     evaluate.lossy_copy_(lossy, 0)
     assert evaluate.perplexity(lossy, smol.tokenizer) > base
+
+
+PEAK_SCRIPT = r"""
+import json, os, sys, threading, time
+os.environ["HF_HUB_OFFLINE"] = "1"
+import psutil, torch, nzrt
+from nzrt import models
+from transformers.models.llama import modeling_llama  # noqa: F401  (imports are not loading)
+nzrt.decompress(nzrt.compress(torch.randn(4096).to(torch.bfloat16)))  # JIT-compile the decoder first
+proc = psutil.Process()
+base = proc.memory_info().rss
+peak = [base]
+done = threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.002)
+t = threading.Thread(target=sample)
+t.start()
+lm = models.resolve(sys.argv[1])
+ids = lm.tokenizer("It was the best of times, it was the worst of times", return_tensors="pt").input_ids
+with models.managed(lm, policy="offload") as run:
+    with torch.no_grad():
+        lm.model(ids)
+done.set()
+t.join()
+largest = max(p.numel() * p.element_size() for p in lm.model.parameters())
+print(json.dumps({"base": base, "peak": peak[0], "largest": largest}))
+"""
+
+
+def test_nzrt_load_peak_host_memory(smol_nzrt):
+    """Loading a .nzrt and running it: peak host memory <= compressed size + one layer dense + 300 MB."""
+    p = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(smol_nzrt)], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads(p.stdout.strip().splitlines()[-1])
+    grew = m["peak"] - m["base"]
+    allowed = smol_nzrt.stat().st_size + m["largest"] + 300 * 2**20
+    assert grew <= allowed, (grew / 2**20, allowed / 2**20)
