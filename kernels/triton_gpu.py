@@ -51,6 +51,10 @@ buffer is kept alive in the cache), so even the first call does not synchronise;
 reuse it. A second, tiny kernel applies patches and is only launched when a tensor has any
 (the header says how many, so this costs nothing normally).
 
+Per-call host work is a few attribute checks and one memoised lookup per header (the launch
+arguments derived from it); blobs must start 16-byte aligned (sections are read as 16/32/64-bit
+words), which every torch allocation is — a misaligned view is refused with a clear error.
+
 ``decode_many(cts, outs)`` decodes the tensors of one transformer block with one launch per
 *header signature* (dtype, kept mantissa bits, level widths, raw flag): in practice one launch per
 block, because every weight of a block gets the same cascade. Its grid enumerates the tiles of all
@@ -60,7 +64,20 @@ output from the first tensor's (so the kernel needs no pointer arrays: ``base_pt
 its section offsets. A program finds its tensor by comparing its id with the first-tile column
 (``tl.sum(first <= pid) - 1``). The table is cached keyed by (header objects, blob and output
 addresses) — a scheduler that decodes a block into the same slot buffers hits it every time; a
-miss builds it on the host and copies it asynchronously from pinned memory (no sync).
+miss builds it on the host and copies it asynchronously from pinned memory (no sync). Because
+the output pointer is ``base + delta``, the compiler cannot prove alignment; when every output
+is 16-byte aligned (checked on the host) the kernel is told so (``OUT_ALIGN``) and the stores
+stay vectorised. Why group instead of passing widths at run time: constexpr widths let every
+shift and mask fold to constants (the kernel is ALU-bound, see below), and the weights of one
+block normally share one cascade, so grouping costs nothing in practice.
+
+Cost model (static, ``tools/bench_gpu.py --static``: sm_90 SASS of the decode loop, no GPU
+needed): ~12 instructions per value for level 0 + sm + store, ~20 more per coded level that a
+sub-block reaches. An H100 issues ~3e13 lane-instructions/s while a copy of the same bytes
+(~3.35 B per bf16 value) runs at ~0.9e12 values/s, i.e. ~33 instructions per value break even:
+2-level cascades (e.g. (4,)+raw, (3, 5)) should decode near copy speed, the 5-level
+(2,2,2,3)+raw that ``spec.choose_cascade`` picks for N(0, 0.02) weights needs ~95-110 and is
+expected to be ALU-bound at roughly a third of copy bandwidth. Measure with tools/bench_gpu.py.
 
 Encode (``encode``)
 -------------------
@@ -543,6 +560,13 @@ def _block_for(tile: int) -> int:
     return max(16, min(triton.next_power_of_2(tile), DECODE_BLOCK))
 
 
+def _check_device(device: torch.device) -> None:
+    if device.type == "cpu" and not INTERPRET:
+        raise ValueError("the triton backend runs on CUDA tensors, or on CPU tensors when "
+                         "TRITON_INTERPRET=1 was set before nzrt.kernels.triton_gpu was imported; "
+                         "use backend='numba' or 'reference' for CPU tensors")
+
+
 def _check_out(ct, out_bits: torch.Tensor) -> torch.Tensor:
     lay = ct.header.layout
     want = _INT_DTYPES[lay.itemsize]
@@ -555,6 +579,7 @@ def _check_out(ct, out_bits: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"out must be contiguous with >= {ct.header.numel} elements")
     if out_bits.device != ct.data.device:
         raise ValueError(f"out is on {out_bits.device} but the blob is on {ct.data.device}")
+    _check_device(out_bits.device)
     if ct.data.data_ptr() % spec.SECTION_ALIGN:
         raise ValueError("the compressed blob must start at a 16-byte aligned address (its sections "
                          "are aligned relative to it and are read as 16/32/64-bit words); "
@@ -692,6 +717,7 @@ def encode(bits, layout: spec.FloatLayout, keep: int, tile: int = spec.DEFAULT_T
         bits = bits.view(want) if bits.element_size() == layout.itemsize else bits.to(want)
     bits = bits.contiguous().reshape(-1)
     device = bits.device
+    _check_device(device)
     n = bits.numel()
     E, M, TOTAL = layout.exp_bits, layout.man_bits, layout.total_bits
     INF = layout.inf_bits
