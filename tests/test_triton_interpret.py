@@ -5,6 +5,7 @@ Outputs are poisoned with 0x5A5A before decoding so untouched elements show up.
 """
 import os
 
+_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module (and its @triton.jit) is imported
 
 import importlib  # noqa: E402
@@ -24,6 +25,20 @@ from nzrt.kernels import spec  # noqa: E402
 if "nzrt.kernels.triton_gpu" in sys.modules and not sys.modules["nzrt.kernels.triton_gpu"].INTERPRET:
     importlib.reload(sys.modules["nzrt.kernels.triton_gpu"])  # imported earlier without the flag
 from nzrt.kernels import triton_gpu as tg  # noqa: E402
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_only_in_this_module():
+    """Leave no interpreted kernel module (or flag) behind for tests that run on a real GPU."""
+    yield
+    if _PREV_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
+    if sys.modules.get("nzrt.kernels.triton_gpu") is tg:
+        del sys.modules["nzrt.kernels.triton_gpu"]
+
 
 BF16, FP16, FP32 = (spec.LAYOUTS[k] for k in ("bfloat16", "float16", "float32"))
 POISON = 0x5A5A
