@@ -31,7 +31,6 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import spec
-from .reference import code_tables
 from .spec import FloatLayout, FormatError
 
 _OPTS = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False)
@@ -133,6 +132,7 @@ _ld64 = _make_load(64)
 _ld32 = _make_load(32)
 _st64 = _make_store(64)
 _st32 = _make_store(32)
+_st16 = _make_store(16)
 
 
 @intrinsic
@@ -177,6 +177,32 @@ def _init_asm_parser() -> None:
 
 
 _init_asm_parser()
+
+
+def _pext_soft(x, m):
+    r = np.int64(0)
+    bit = np.int64(1)
+    while m != 0:
+        low = m & -m
+        if x & low:
+            r |= bit
+        m &= m - 1
+        bit <<= 1
+    return r
+
+
+@intrinsic
+def _pext(typingctx, x, m):
+    """Parallel bit extract (BMI2 PEXT; a loop where the CPU lacks it)."""
+    sig = types.int64(types.int64, types.int64)
+
+    def codegen(context, builder, sig, args):
+        if _HAS_BMI2:
+            fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64), ir.IntType(64)])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.bmi.pext.64")
+            return builder.call(fn, args)
+        return context.compile_internal(builder, _pext_soft, sig, args)
+    return sig, codegen
 
 
 @intrinsic
@@ -367,6 +393,75 @@ def _nan_fill_par(bits, n, tile, inf, signbit, nanc, nstart, pidx, pval):
 
 
 @njit(cache=True, nogil=True)
+def _plan(th, n, tile, exp_bits, max_levels, max_width):
+    """Everything between the histogram and the stream writes, in one compiled call:
+    spec.choose_cascade, spec.symbol_order, reference.code_tables, the per-level code tables
+    and the tile offsets. Returns (widths, has_raw, symbols, L, W, CT, SW, offsets, sizes)."""
+    tiles = th.shape[0]
+    nsym = th.shape[1]
+    hist = np.zeros(nsym, np.int64)
+    for t in range(tiles):
+        for e in range(nsym):
+            hist[e] += th[t, e]
+    npres = 0
+    for e in range(nsym):
+        npres += hist[e] > 0
+    # present exponents, most frequent first, ties by smaller exponent (spec.symbol_order)
+    keys = np.empty(npres, np.int64)
+    j = 0
+    for e in range(nsym):
+        if hist[e] > 0:
+            keys[j] = (n - hist[e]) * 1024 + e
+            j += 1
+    keys.sort()
+    order = keys & 1023
+    counts = np.empty(npres, np.int64)
+    for j in range(npres):
+        counts[j] = hist[order[j]]
+    if npres:
+        widths, has_raw = _choose_cascade_nb(counts, exp_bits, tile, max_levels, max_width)
+    else:
+        widths, has_raw = np.zeros(0, np.int64), False
+    m = len(widths)
+    cap = 0
+    for w in widths:
+        cap += (1 << w) - 1
+    symbols = order[:min(cap, npres)].copy()
+    L = m + (1 if has_raw else 0)
+    W = np.zeros(_NLEV, np.int64)
+    for l in range(m):
+        W[l] = widths[l]
+    if has_raw:
+        W[m] = exp_bits
+    # reference.code_tables: level and code of every exponent (raw: the exponent itself)
+    LV = np.full(nsym, m, np.int64)
+    CO = np.arange(nsym)
+    first = 0
+    for l in range(m):
+        c = (1 << widths[l]) - 1
+        for k in range(c):
+            if first + k < len(symbols):
+                LV[symbols[first + k]] = l
+                CO[symbols[first + k]] = k
+        first += c
+    CT = np.zeros(_NLEV * 256, np.int64)
+    for l in range(L):
+        esc = (1 << W[l]) - 1
+        for e in range(nsym):
+            code = CO[e] if LV[e] == l else esc
+            CT[l * 256 + e] = code | ((1 << 16) if LV[e] > l else 0)
+    SW = np.zeros(3, np.int64)
+    for k in range(3):
+        sym = symbols[k] if (k < len(symbols) and m > 0 and LV[symbols[k]] == 0) else 0x100
+        SW[k] = sym * 0x0001000100010001
+    off, totals = _plan_offsets(th, LV, L, tile, n)
+    sizes = np.zeros(L, np.int64)
+    for l in range(L):
+        sizes[l] = totals[l] * W[l] + 8  # STREAM_PAD
+    return widths, has_raw, symbols, L, W, CT, SW, off, sizes
+
+
+@njit(cache=True, nogil=True)
 def _plan_offsets(th, LV, L, tile, n):
     """Per-tile entry counts of every level -> offsets (groups of 8) and each level's total groups."""
     tiles = th.shape[0]
@@ -404,7 +499,7 @@ def _flush_bits(st, pos, acc, nb):
 
 
 @njit(**_OPTS)
-def _enc_tile(t, src, n, tile, L, W, CT, C4, mb, emask, keep, drop, tbm1, smw, sm,
+def _enc_tile(t, src, n, tile, L, W, CT, SW, mb, emask, keep, drop, tbm1, smw, sm,
               L0, L1, L2, L3, L4, off):
     """Write tile t of every stream. CT[l * 256 + e] = code of exponent e at level l, plus
     1 << 16 when e escapes past level l."""
@@ -435,53 +530,36 @@ def _enc_tile(t, src, n, tile, L, W, CT, C4, mb, emask, keep, drop, tbm1, smw, s
     if L == 0:
         return
     # level 0: every value; escaping exponents are compacted into `esc` for the next level
-    esc = np.empty(cnt + 4, np.int32)
+    esc = np.empty(cnt + 16, np.uint8)
     c = 0
     w0 = W[0]
     st = streams[0]
     i = a
-    if w0 == 2 and tbm1 == 15:
-        # four 16-bit values per load; C4[4 * e + j] = code of e shifted to lane j | escape << 16
-        while i + 4 <= end:
-            x = _ld64(src, i)
-            e0 = (x >> mb) & emask
-            e1 = (x >> (mb + 16)) & emask
-            e2 = (x >> (mb + 32)) & emask
-            e3 = (x >> (mb + 48)) & emask
-            t0 = _ldel(C4, 4 * e0)
-            t1 = _ldel(C4, 4 * e1 + 1)
-            t2 = _ldel(C4, 4 * e2 + 2)
-            t3 = _ldel(C4, 4 * e3 + 3)
-            _stel(st, i >> 2, (t0 | t1 | t2 | t3) & 0xFF)
-            _stel(esc, c, e0)
-            c += t0 >> 16
-            _stel(esc, c, e1)
-            c += t1 >> 16
-            _stel(esc, c, e2)
-            c += t2 >> 16
-            _stel(esc, c, e3)
-            c += t3 >> 16
-            i += 4
-    elif w0 == 2:
-        while i + 4 <= end:
-            e0 = (_ldel(src, i) >> mb) & emask
-            e1 = (_ldel(src, i + 1) >> mb) & emask
-            e2 = (_ldel(src, i + 2) >> mb) & emask
-            e3 = (_ldel(src, i + 3) >> mb) & emask
-            t0 = _ldel(C4, 4 * e0)
-            t1 = _ldel(C4, 4 * e1 + 1)
-            t2 = _ldel(C4, 4 * e2 + 2)
-            t3 = _ldel(C4, 4 * e3 + 3)
-            _stel(st, i >> 2, (t0 | t1 | t2 | t3) & 0xFF)
-            _stel(esc, c, e0)
-            c += t0 >> 16
-            _stel(esc, c, e1)
-            c += t1 >> 16
-            _stel(esc, c, e2)
-            c += t2 >> 16
-            _stel(esc, c, e3)
-            c += t3 >> 16
-            i += 4
+    if w0 == 2:
+        # (a) per value, vectorisable: the 2-bit code (three compares) and the exponent as a byte;
+        # (b) per 8 values: PEXT packs the codes into 2 bytes and the escaping exponents into
+        #     consecutive bytes of `esc`
+        cnt8 = (cnt + 7) & ~7
+        codes = np.empty(cnt8, np.uint8)
+        e8 = np.empty(cnt8, np.uint8)
+        s0 = SW[0] & 0xFFFF
+        s1 = SW[1] & 0xFFFF
+        s2 = SW[2] & 0xFFFF
+        for j in range(cnt):
+            e = (_ldel(src, a + j) >> mb) & emask
+            _stel(codes, j, 3 ^ (np.int64(e == s0) * 3) ^ (np.int64(e == s1) * 2) ^ np.int64(e == s2))
+            _stel(e8, j, e)
+        for j in range(cnt, cnt8):
+            _stel(codes, j, 0)  # the tile's padding entries are zero codes
+            _stel(e8, j, 0)
+        base = a >> 2
+        for g in range(cnt8 >> 3):
+            x = _ld64(codes, 8 * g)
+            _st16(st, base + 2 * g, _pext(x, 0x0303030303030303))
+            m = x & (x >> 1) & 0x0101010101010101
+            _st64(esc, c, _pext(_ld64(e8, 8 * g), m * 0xFF))
+            c += _popc(m)
+        i = end
     pos = (i * w0) >> 3
     acc = np.int64(0)
     nb = 0
@@ -500,7 +578,7 @@ def _enc_tile(t, src, n, tile, L, W, CT, C4, mb, emask, keep, drop, tbm1, smw, s
         i += 1
     _flush_bits(st, pos, acc, nb)
     # deeper levels, each over the compacted exponents that reach it (ping-pong buffers)
-    nxt = np.empty(c + 4, np.int32)
+    nxt = np.empty(c + 8, np.uint8)
     for l in range(1, L):
         k = c
         c = 0
@@ -527,18 +605,18 @@ def _enc_tile(t, src, n, tile, L, W, CT, C4, mb, emask, keep, drop, tbm1, smw, s
 
 
 @njit(parallel=True, **_OPTS)
-def _enc_par(src, n, tile, L, W, CT, C4, mb, emask, keep, drop, tbm1, smw, sm, L0, L1, L2, L3, L4, off):
+def _enc_par(src, n, tile, L, W, CT, SW, mb, emask, keep, drop, tbm1, smw, sm, L0, L1, L2, L3, L4, off):
     tiles = (n + tile - 1) // tile
     for t in prange(tiles):
-        _enc_tile(t, src, n, tile, L, W, CT, C4, mb, emask, keep, drop, tbm1, smw, sm,
+        _enc_tile(t, src, n, tile, L, W, CT, SW, mb, emask, keep, drop, tbm1, smw, sm,
                   L0, L1, L2, L3, L4, off)
 
 
 @njit(**_OPTS)
-def _enc_ser(src, n, tile, L, W, CT, C4, mb, emask, keep, drop, tbm1, smw, sm, L0, L1, L2, L3, L4, off):
+def _enc_ser(src, n, tile, L, W, CT, SW, mb, emask, keep, drop, tbm1, smw, sm, L0, L1, L2, L3, L4, off):
     tiles = (n + tile - 1) // tile
     for t in range(tiles):
-        _enc_tile(t, src, n, tile, L, W, CT, C4, mb, emask, keep, drop, tbm1, smw, sm,
+        _enc_tile(t, src, n, tile, L, W, CT, SW, mb, emask, keep, drop, tbm1, smw, sm,
                   L0, L1, L2, L3, L4, off)
 
 
@@ -582,44 +660,30 @@ def encode(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DE
         patch_idx = np.zeros(0, np.int64)
         patch_val = bits[:0]
 
-    hist = th.sum(axis=0, dtype=np.int64)
-    widths, has_raw = choose_cascade(hist, layout.exp_bits, tile)
-    symbols = spec.symbol_order(hist)[: sum((1 << w) - 1 for w in widths)]
-    level_of, code_of = code_tables(symbols, widths, has_raw, layout.exp_bits)
-    all_widths = spec.level_widths(widths, has_raw, layout.exp_bits)
-    L = len(all_widths)
-
+    widths, has_raw, symbols, L, W, CT, SW, off, sizes = _plan(
+        th, n, tile, layout.exp_bits, spec.MAX_LEVELS, spec.MAX_WIDTH)
+    widths = tuple(int(w) for w in widths)
     sections = {"sm": np.zeros(spec.packed_nbytes(n, spec.sm_width(keep)), np.uint8)}
     if L == 0:
         sections["offsets"] = np.zeros((tiles + 1, 0), np.uint32)
         sections["patch_idx"] = patch_idx
         sections["patch_val"] = patch_val
-        return tuple(widths), bool(has_raw), symbols.astype(np.uint8), sections
-
-    LV = level_of.astype(np.int64)
-    CT = np.zeros((_NLEV, 256), np.int64)
-    for level, w in enumerate(all_widths):
-        CT[level, :nsym] = np.where(LV == level, code_of, (1 << w) - 1) | ((LV > level) << 16)
-    C4 = np.zeros((256, 4), np.int64)  # level 0, code pre-shifted to its 2-bit lane
-    for j in range(4):
-        C4[:, j] = ((CT[0] & 0xFFFF) << (2 * j)) | (CT[0] & (1 << 16))
-    CT = CT.reshape(-1)
-    C4 = C4.reshape(-1)
-    W = np.zeros(_NLEV, np.int64)
-    W[:L] = all_widths
-    off, totals = _plan_offsets(th, LV, L, tile, n)
-    streams = []
-    for level, w in enumerate(all_widths):
-        streams.append(np.zeros(int(totals[level]) * w + spec.STREAM_PAD, np.uint8))
-        sections[f"level{level}"] = streams[-1]
-    lv = streams + [_EMPTY_U8] * (_NLEV - L)
-    (_enc_par if par else _enc_ser)(rb, n, tile, L, W, CT, C4, mb, layout.exp_mask, keep, s,
+        return widths, bool(has_raw), symbols.astype(np.uint8), sections
+    buf = np.zeros(int(sizes.sum()), np.uint8)  # all level streams, each zero-padded
+    lv = []
+    pos = 0
+    for level in range(L):
+        lv.append(buf[pos:pos + sizes[level]])
+        sections[f"level{level}"] = lv[-1]
+        pos += int(sizes[level])
+    lv += [_EMPTY_U8] * (_NLEV - L)
+    (_enc_par if par else _enc_ser)(rb, n, tile, L, W, CT, SW, mb, layout.exp_mask, keep, s,
                                     layout.total_bits - 1, spec.sm_width(keep), sections["sm"],
                                     lv[0], lv[1], lv[2], lv[3], lv[4], off)
     sections["offsets"] = off
     sections["patch_idx"] = patch_idx
     sections["patch_val"] = patch_val
-    return tuple(widths), bool(has_raw), symbols.astype(np.uint8), sections
+    return widths, bool(has_raw), symbols.astype(np.uint8), sections
 
 
 # --- decode kernels --------------------------------------------------------------------------
