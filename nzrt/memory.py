@@ -169,10 +169,11 @@ def storage_bytes(tensors) -> int:
             continue
         try:
             st = t.untyped_storage()
-        except RuntimeError:  # a tensor without storage
+            ptr, nbytes = st.data_ptr(), st.nbytes()
+        except RuntimeError:  # a tensor without storage (a compressed parameter's placeholder)
             continue
-        key = (st.device.type, st.device.index, st.data_ptr())
-        if st.data_ptr() == 0:
+        if ptr == 0 or nbytes == 0:
             continue
-        seen[key] = max(seen.get(key, 0), st.nbytes())
+        key = (st.device.type, st.device.index, ptr)
+        seen[key] = max(seen.get(key, 0), nbytes)
     return sum(seen.values())

@@ -249,9 +249,19 @@ class Managed:
                     raise ManagedError(f"weights[{src_name!r}] is {src.dtype} {tuple(src.shape)}, the "
                                        f"parameter is {p.dtype} {tuple(p.shape)}")
                 compressible = True
+            if is_meta:
+                # a meta parameter cannot take data of another device in place: a new Parameter
+                # stands in for it in every module that owns it, the meta one comes back on exit
+                stand_in = nn.Parameter(torch.empty(0, dtype=p.dtype, device=dev), requires_grad=p.requires_grad)
+                stand_in.data = _placeholder(p.shape, p.dtype, dev)
+                self._moved.append(("swap", owners, None, p))
+                for module, pname in owners:
+                    module._parameters[pname] = stand_in
+                p = stand_in
             if not compressible:
                 if is_meta:
-                    new = _dense_from(src, p, dev, src_name)
+                    p.data = _dense_from(src, p, dev, src_name)
+                    continue
                 elif p.device != dev:
                     new = p.data.to(dev)
                 else:
@@ -259,7 +269,7 @@ class Managed:
                 self._moved.append(("param", p, None, p.data))
                 p.data = new
                 continue
-            self._compress_param(p, names, owners, src)
+            self._compress_param(p, names, owners, src, was_meta=is_meta)
 
         unused = set(weights) - used_weights
         if unused and self.weights is not None:
@@ -317,8 +327,9 @@ class Managed:
                 return False
         return True
 
-    def _compress_param(self, p, names, owners, src) -> None:
+    def _compress_param(self, p, names, owners, src, was_meta=False) -> None:
         mp = _Param(p, names, owners)
+        mp.was_meta = was_meta
         self.params.append(mp)
         dev = self.device
         lossy = self.mantissa_bits is not None
@@ -616,6 +627,9 @@ class Managed:
         for kind, obj, name, orig in reversed(self._moved):
             if kind == "buffer":
                 obj._buffers[name] = orig
+            elif kind == "swap":
+                for module, pname in obj:
+                    module._parameters[pname] = orig
             else:
                 obj.data = orig
         self._moved.clear()
@@ -637,15 +651,15 @@ class Managed:
 
     def _restore_param(self, mp: _Param) -> None:
         p = mp.param
-        if mp.was_meta:
-            p.data = torch.empty(mp.shape, dtype=mp.dtype, device="meta")
+        if mp.was_meta:  # the original meta parameter is put back with the other swaps
+            p.data = torch.empty(0, dtype=mp.dtype, device=p.device)
             return
         if not mp.keys:  # failed before compressing anything
             return
         out = torch.empty(mp.shape, dtype=mp.dtype, device="cpu")
         flat_rows = out.view(mp.shape[0], -1) if out.dim() else out.view(1)
         for key, (a, b) in zip(mp.keys, mp.rows):
-            src = self.restore.get(key) or self.tensors[key].home
+            src = self.restore[key] if key in self.restore else self.tensors[key].home
             if src.device.type != "cpu":
                 src = src.to("cpu")
             target = flat_rows[a:b].reshape(-1) if mp.chunked else out.view(-1)

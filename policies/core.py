@@ -6,7 +6,9 @@
 * ``Belady(lookahead=1, cache_bytes=None)``: resident, plus a dense cache that fills the rest of
   the budget; the trace repeats, so the future is known and the cache evicts the unit whose next
   use is furthest away (MIN). MIN is optimal only for equal sizes, so the plan also evaluates LRU
-  on the same cache and keeps whichever decodes less: it never decodes more than LRU.
+  on the same cache, and a fixed cache of the units with the most runs per byte (MIN's steady
+  state can have a long period on long traces), and keeps whichever decodes least: it never
+  decodes more than LRU.
 * ``Lru(lookahead=1, cache_bytes=None)``: the same cache with least-recently-used eviction (a baseline).
 * ``Auto(max_lookahead=3)``: a cost model (measured decode and transfer bandwidths, layer times)
   over tier placements, lookaheads and caches; the fastest plan that fits the budget. Without a
@@ -26,6 +28,20 @@ _MAX_CYCLES = 16
 def _window(trace, g, k, pinned):
     n = len(trace)
     return {trace[(g + j) % n] for j in range(k + 1)} - pinned
+
+
+def _static_set(trace, layers, pinned, extra) -> frozenset:
+    """Units a fixed cache of ``extra`` bytes should keep: most runs per byte first."""
+    uses: dict = {}
+    for u in trace:
+        if u not in pinned:
+            uses[u] = uses.get(u, 0) + 1
+    keep, room = [], extra
+    for u in sorted(uses, key=lambda u: (-uses[u] / max(layers[u].dense_bytes, 1), u)):
+        if layers[u].dense_bytes <= room:
+            keep.append(u)
+            room -= layers[u].dense_bytes
+    return frozenset(keep)
 
 
 def _timeline(trace: tuple, layers: Mapping[str, LayerInfo], pinned: set, k: int, extra: int,
@@ -52,6 +68,7 @@ def _timeline(trace: tuple, layers: Mapping[str, LayerInfo], pinned: set, k: int
                 best = d
         return best
 
+    static = _static_set(trace, layers, pinned, extra) if rule == "static" else frozenset()
     dense: set = set()
     last_run: dict = {}
     prefetch_log, release_log, max_bytes = [], [], 0
@@ -64,7 +81,12 @@ def _timeline(trace: tuple, layers: Mapping[str, LayerInfo], pinned: set, k: int
             cached = [u for u in dense if u not in w]
             cbytes = sum(size[u] for u in cached)
             evicted = []
-            if cbytes > extra:
+            if rule == "static":  # keep the fixed set, drop everything else
+                for u in sorted(cached):
+                    if u not in static:
+                        dense.discard(u)
+                        evicted.append(u)
+            elif cbytes > extra:
                 if rule == "min":
                     cached.sort(key=lambda u: (-next_use(u, g), u))
                 else:
@@ -77,7 +99,7 @@ def _timeline(trace: tuple, layers: Mapping[str, LayerInfo], pinned: set, k: int
                     evicted.append(u)
             release_log.append(tuple(sorted(evicted)))
             if i == 0:
-                if rule == "min":
+                if rule in ("min", "static"):
                     key = frozenset(dense)
                 else:
                     key = tuple(sorted(dense, key=lambda u: (last_run.get(u, -1), u)))
@@ -185,7 +207,10 @@ def _cache_plan(name, rules, lookahead, cache_bytes, trace, layers, budget, cost
         extra = max(budget - base.peak_bytes, 0)
     best = None
     for rule in rules:
-        p = _build(name, trace, layers, tiers, costs, lookahead, extra, rule)
+        try:
+            p = _build(name, trace, layers, tiers, costs, lookahead, extra, rule)
+        except RuntimeError:  # MIN can cycle with a long period on long traces: skip it
+            continue
         key = (p.decodes_per_cycle, p.peak_bytes)
         if best is None or key < best[0]:
             best = (key, p)
@@ -204,7 +229,7 @@ class Belady:
         return f"belady(lookahead={self.lookahead})"
 
     def plan(self, trace, layers, budget=None, costs=None) -> Plan:
-        return _cache_plan(self.name, ("min", "lru"), self.lookahead, self.cache_bytes, trace, layers,
+        return _cache_plan(self.name, ("min", "static", "lru"), self.lookahead, self.cache_bytes, trace, layers,
                            budget, costs)
 
 
@@ -273,8 +298,12 @@ class Auto:
                 if promoted is not None:
                     cands.append(promoted)
                 if k == 1 and budget > p.peak_bytes:
-                    cands.append(_build(f"auto:belady(lookahead={k})", trace, layers, dict(tiers0),
-                                        costs, k, budget - p.peak_bytes, "min"))
+                    for rule in ("min", "static"):
+                        try:
+                            cands.append(_build(f"auto:belady(lookahead={k})", trace, layers, dict(tiers0),
+                                                costs, k, budget - p.peak_bytes, rule))
+                        except RuntimeError:
+                            pass
         cands = [c for c in cands if c.peak_bytes <= budget]
         if not cands:
             need = min(needed) if needed else 0
