@@ -623,8 +623,11 @@ def _enc_ser(src, n, tile, L, W, CT, SW, mb, emask, keep, drop, tbm1, smw, sm, L
 _EMPTY_U8 = np.zeros(16, np.uint8)
 
 
+PARALLEL_MIN_TILES = 8  # below this a parallel region costs more than it saves
+
+
 def _parallel(tiles: int) -> bool:
-    return tiles > 1 and numba.get_num_threads() > 1
+    return tiles >= PARALLEL_MIN_TILES and numba.get_num_threads() > 1
 
 
 def encode(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE):
@@ -738,7 +741,7 @@ def _ldwin(out, q, lim, G):
 
 
 @njit(**_OPTS)
-def _merge_chunks(st, start, k, w, G, TT, row, out, P, Pn, lim):
+def _merge_chunks(st, start, k, w, G, TT, row, out, P, Pn, lim, valid):
     """The table path of ``_merge``: G entries (one chunk of G * w <= 8 bits) per step. A chunk
     selects from TT the symbols of its non-escape lanes (B), its escape lanes (M) and their count
     (N, negative if a code names no symbol); PDEP drops the next list entries into the escape
@@ -746,6 +749,14 @@ def _merge_chunks(st, start, k, w, G, TT, row, out, P, Pn, lim):
     c = np.int64(0)
     bad = np.int64(0)
     j = 0
+    if G == 4 and w <= 2 and valid and P + k + 8 <= lim:
+        # every code valid, no read can pass the array: no checks
+        while j + 4 <= k:
+            b = (start + j) * w
+            r = (row + ((_ldel(st, b >> 3) >> (b & 7)) & ((1 << (4 * w)) - 1))) * 4
+            _st64(out, P + j, _ldel(TT, r) | _pdep(_ld64(out, Pn + c), _ldel(TT, r + 1)))
+            c += _ldel(TT, r + 2)
+            j += 4
     if G == 4 and w == 2:
         base = (start * 2) >> 3
         while j + 4 <= k:
@@ -793,14 +804,14 @@ def _merge_chunks(st, start, k, w, G, TT, row, out, P, Pn, lim):
 
 
 @njit(**_OPTS)
-def _merge(st, start, k, w, escv, tab, TT, G, lv, out, P, Pn, lim):
+def _merge(st, start, k, w, escv, tab, TT, G, lv, out, P, Pn, lim, valid):
     """Decode k entries of a level (from entry ``start``) into out[P:P+k], escapes taking the
     next entries of the list at out[Pn:]. Returns a negative number if a code names no symbol."""
     j = 0
     c = np.int64(0)
     bad = np.int64(0)
     if G * w <= 8:
-        j, c, bad = _merge_chunks(st, start, k, w, G, TT, lv * 256, out, P, Pn, lim)
+        j, c, bad = _merge_chunks(st, start, k, w, G, TT, lv * 256, out, P, Pn, lim, valid)
     mask = (np.int64(1) << w) - 1
     last = lim - 1
     row = lv * _NCODE
@@ -818,12 +829,26 @@ def _merge(st, start, k, w, escv, tab, TT, G, lv, out, P, Pn, lim):
 
 
 @njit(**_OPTS)
-def _level0_chunks(L0, sm, out, a, end, w0, smw, G, TT, lanemask, P1, lim):
+def _level0_chunks(L0, sm, out, a, end, w0, smw, G, TT, lanemask, P1, lim, valid):
     """Level 0 and the sign/mantissa stream, G values per step (see ``_merge_chunks``).
     Returns (next value, list entries taken, bad)."""
     c = np.int64(0)
     bad = np.int64(0)
     i = a
+    if G == 4 and w0 == 2 and smw == 8 and valid and end + 8 <= lim:
+        # lossless bf16, every code valid, reads of the list cannot pass the array: no checks
+        while i + 8 <= end:
+            r = _ldel(L0, i >> 2) * 4
+            r2 = _ldel(L0, (i >> 2) + 1) * 4
+            s8 = _ld64(sm, i)
+            word = _pdep(s8, lanemask) | _ldel(TT, r) | _pdep(_ld64(out, P1 + c), _ldel(TT, r + 1))
+            c += _ldel(TT, r + 2)
+            word2 = (_pdep(s8 >> 32, lanemask) | _ldel(TT, r2)
+                     | _pdep(_ld64(out, P1 + c), _ldel(TT, r2 + 1)))
+            c += _ldel(TT, r2 + 2)
+            _st64(out, i, word)
+            _st64(out, i + 4, word2)
+            i += 8
     if G == 4 and w0 == 2 and smw == 8:  # lossless bf16
         while i + 4 <= end:
             r = _ldel(L0, i >> 2) * 4
@@ -861,7 +886,7 @@ def _level0_chunks(L0, sm, out, a, end, w0, smw, G, TT, lanemask, P1, lim):
 
 
 @njit(**_OPTS)
-def _decode_tile(t, n, tile, L, W, ESC, tab, TT, G, sm, smw, keep, drop, tbm1, lanemask,
+def _decode_tile(t, n, tile, L, W, ESC, VALID, tab, TT, G, sm, smw, keep, drop, tbm1, lanemask,
                  L0, L1, L2, L3, L4, off, out):
     a = t * tile
     end = min(a + tile, n)
@@ -900,7 +925,7 @@ def _decode_tile(t, n, tile, L, W, ESC, tab, TT, G, sm, smw, keep, drop, tbm1, l
         kl = k1 if l == 1 else (k2 if l == 2 else (k3 if l == 3 else k4))
         if kl:
             bad |= _merge(streams[l], np.int64(off[t, l - 1]) * 8, kl, W[l], ESC[l], tab, TT, G, l,
-                          out, end - kl, end - kn, lim)
+                          out, end - kl, end - kn, lim, VALID[l])
         kn = kl
     # 3. level 0 + sign/mantissa
     w0 = W[0]
@@ -908,7 +933,7 @@ def _decode_tile(t, n, tile, L, W, ESC, tab, TT, G, sm, smw, keep, drop, tbm1, l
     i = a
     c = np.int64(0)
     if G * w0 <= 8:
-        i, c, bad0 = _level0_chunks(L0, sm, out, a, end, w0, smw, G, TT, lanemask, P1, lim)
+        i, c, bad0 = _level0_chunks(L0, sm, out, a, end, w0, smw, G, TT, lanemask, P1, lim, VALID[0])
         bad |= bad0
     esc0 = ESC[0]
     last = lim - 1
@@ -931,14 +956,14 @@ def _decode_tile(t, n, tile, L, W, ESC, tab, TT, G, sm, smw, keep, drop, tbm1, l
 
 
 @njit(parallel=True, **_OPTS)
-def _decode_par(n, tile, L, W, ESC, tab, TT, G, sm, smw, keep, drop, tbm1, lanemask,
+def _decode_par(n, tile, L, W, ESC, VALID, tab, TT, G, sm, smw, keep, drop, tbm1, lanemask,
                 L0, L1, L2, L3, L4, off, out, pidx, pval):
     tiles = (n + tile - 1) // tile
     e_esc = 0
     e_code = 0
     e_off = 0
     for t in prange(tiles):
-        f = _decode_tile(t, n, tile, L, W, ESC, tab, TT, G, sm, smw, keep, drop, tbm1,
+        f = _decode_tile(t, n, tile, L, W, ESC, VALID, tab, TT, G, sm, smw, keep, drop, tbm1,
                          lanemask, L0, L1, L2, L3, L4, off, out)
         e_esc += f == ERR_ESCAPES
         e_code += f == ERR_CODE
@@ -947,14 +972,14 @@ def _decode_par(n, tile, L, W, ESC, tab, TT, G, sm, smw, keep, drop, tbm1, lanem
 
 
 @njit(**_OPTS)
-def _decode_ser(n, tile, L, W, ESC, tab, TT, G, sm, smw, keep, drop, tbm1, lanemask,
+def _decode_ser(n, tile, L, W, ESC, VALID, tab, TT, G, sm, smw, keep, drop, tbm1, lanemask,
                 L0, L1, L2, L3, L4, off, out, pidx, pval):
     tiles = (n + tile - 1) // tile
     e_esc = 0
     e_code = 0
     e_off = 0
     for t in range(tiles):
-        f = _decode_tile(t, n, tile, L, W, ESC, tab, TT, G, sm, smw, keep, drop, tbm1,
+        f = _decode_tile(t, n, tile, L, W, ESC, VALID, tab, TT, G, sm, smw, keep, drop, tbm1,
                          lanemask, L0, L1, L2, L3, L4, off, out)
         e_esc += f == ERR_ESCAPES
         e_code += f == ERR_CODE
@@ -1039,10 +1064,13 @@ def _decode_tables(dtype: str, keep: int, widths: tuple, has_raw: bool, symbols:
     for j in range(G):
         lanemask |= lane << (lanebits * j)
     lanemask = _signed64(lanemask)
+    # VALID[level]: no code of the level can name nothing (its fast loops skip the check)
+    VALID = np.array([int((tab[level, : 1 << int(W[level])] >= 0).all()) if level < L else 0
+                      for level in range(_NLEV)], np.int64)
     tab = tab.reshape(-1)
-    for arr in (tab, W, ESC, TT):
+    for arr in (tab, W, ESC, VALID, TT):
         arr.setflags(write=False)
-    return L, W, ESC, tab, TT, G, drop, lanemask
+    return L, W, ESC, VALID, tab, TT, G, drop, lanemask
 
 
 _ERRORS = [
@@ -1064,7 +1092,7 @@ def decode_into(ct, out_bits: np.ndarray) -> None:
     if n == 0:
         return
     sec = ct.np_sections()
-    L, W, ESC, tab, TT, G, drop, lanemask = _decode_tables(
+    L, W, ESC, VALID, tab, TT, G, drop, lanemask = _decode_tables(
         h.dtype, h.mantissa_bits, h.widths, h.has_raw, h.symbols)
     smw = spec.sm_width(h.mantissa_bits)
     lv = [sec[f"level{i}"] for i in range(L)] + [_EMPTY_U8] * (_NLEV - L)
@@ -1077,7 +1105,7 @@ def decode_into(ct, out_bits: np.ndarray) -> None:
         raise FormatError(f"offsets table has shape {off.shape}")
     tiles = spec.n_tiles(n, h.tile)
     kern = _decode_par if _parallel(tiles) else _decode_ser
-    err = kern(n, h.tile, L, W, ESC, tab, TT, G, sec["sm"], smw, h.mantissa_bits, drop,
+    err = kern(n, h.tile, L, W, ESC, VALID, tab, TT, G, sec["sm"], smw, h.mantissa_bits, drop,
                layout.total_bits - 1, lanemask, lv[0], lv[1], lv[2], lv[3], lv[4], off, out_bits,
                sec["patch_idx"], sec["patch_val"])
     if err:

@@ -66,6 +66,8 @@ def int_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def bench_dtype(tensors, dtype, reps: int, threads: int) -> list[dict]:
+    """All measurements of one dtype, interleaved: every repetition runs every case once, so a
+    change in machine load hits all of them alike; the best repetition of each case is kept."""
     import numba
     import nzrt
     from nzrt.codec import layout_of
@@ -75,50 +77,62 @@ def bench_dtype(tensors, dtype, reps: int, threads: int) -> list[dict]:
     layout = layout_of(dtype)
     dense = sum(t.numel() * t.element_size() for t in ts)
     numel = sum(t.numel() for t in ts)
-    rows = []
+    zname = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}[dtype]
 
-    # --- nzrt, numba backend ----------------------------------------------------------------
+    # nzrt, numba backend: decode_into preallocated tensors
     cts = [nzrt.compress(t, backend="numba") for t in ts]
     outs = [torch.empty_like(t) for t in ts]
     for ct, o in zip(cts, outs):
         nzrt.decode_into(ct, o, backend="numba")  # also verifies the checksum once
     for t, o in zip(ts, outs):
         assert torch.equal(int_view(t), int_view(o)), "nzrt round trip is not bit-exact"
-    nz = {"codec": "nzrt numba", "bits": 8 * sum(ct.nbytes for ct in cts) / numel}
-    for label, k in (("1", 1), ("all", threads)):
-        numba.set_num_threads(k)
-        enc = best_of(lambda: [nzrt.compress(t, backend="numba") for t in ts], reps)
-        dec = best_of(lambda: [nzrt.decode_into(ct, o, backend="numba") for ct, o in zip(cts, outs)], reps)
-        nz[f"enc_{label}"] = dense / enc / 1e9
-        nz[f"dec_{label}"] = dense / dec / 1e9
-    numba.set_num_threads(threads)
-
-    # --- ZipNN (its compress scrambles the input tensor in place: it gets fresh copies,
-    # made outside the clock) ---------------------------------------------------------------
-    zname = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}[dtype]
-    zp = {"codec": "ZipNN"}
+    # ZipNN: its compress scrambles the input tensor in place, so every pass gets fresh copies
+    # (made outside the clock); decompress allocates its output
     fresh = lambda: [t.clone() for t in ts]  # noqa: E731
+    zips = {label: ZipNN(input_format="torch", bytearray_dtype=zname, threads=k)
+            for label, k in (("1", 1), ("all", threads))}
+    blobs = [zips["1"].compress(t) for t in fresh()]
+    for t, b in zip(ts, blobs):
+        assert torch.equal(int_view(t), int_view(zips["1"].decompress(b).view(dtype))), "ZipNN round trip"
+    # copy into preallocated tensors
+    flat = lambda t: int_view(t).view(-1).numpy()  # noqa: E731
+    src_np, dst_np = [flat(t) for t in ts], [flat(o) for o in outs]
+
+    def nz_threads(k):
+        numba.set_num_threads(k)
+
+    cases = {}  # (codec, metric, label) -> (set threads, fn(arg), setup or None)
     for label, k in (("1", 1), ("all", threads)):
-        z = ZipNN(input_format="torch", bytearray_dtype=zname, threads=k)
-        blobs = [z.compress(t) for t in fresh()]
-        if label == "1":
-            zp["bits"] = 8 * sum(len(b) for b in blobs) / numel
-            for t, b in zip(ts, blobs):
-                assert torch.equal(int_view(t), int_view(z.decompress(b).view(dtype))), "ZipNN round trip"
-        zp[f"enc_{label}"] = dense / best_of(lambda c: [z.compress(t) for t in c], reps, fresh) / 1e9
-        zp[f"dec_{label}"] = dense / best_of(lambda: [z.decompress(b) for b in blobs], reps) / 1e9
+        cases[("nzrt", "enc", label)] = (k, lambda _: [nzrt.compress(t, backend="numba") for t in ts], None)
+        cases[("nzrt", "dec", label)] = (
+            k, lambda _: [nzrt.decode_into(ct, o, backend="numba") for ct, o in zip(cts, outs)], None)
+        z = zips[label]
+        cases[("zipnn", "enc", label)] = (k, lambda c, z=z: [z.compress(t) for t in c], fresh)
+        cases[("zipnn", "dec", label)] = (k, lambda _, z=z: [z.decompress(b) for b in blobs], None)
+    cases[("copy", "copy", "1")] = (1, lambda _: [np.copyto(d, s_) for d, s_ in zip(dst_np, src_np)], None)
+    cases[("copy", "copy", "all")] = (threads, lambda _: [o.copy_(t) for o, t in zip(outs, ts)], None)
+    best = {key: float("inf") for key in cases}
+    torch_threads = torch.get_num_threads()
+    for _ in range(reps):
+        for key, (k, fn, setup) in cases.items():
+            nz_threads(k)
+            torch.set_num_threads(k)
+            arg = setup() if setup else None
+            t0 = time.perf_counter()
+            fn(arg)
+            best[key] = min(best[key], time.perf_counter() - t0)
+    torch.set_num_threads(torch_threads)
+    numba.set_num_threads(threads)
+    gbs = {key: dense / v / 1e9 for key, v in best.items()}
 
-    # --- plain copy into preallocated tensors (the roofline) -------------------------------
+    nz = {"codec": "nzrt numba", "bits": 8 * sum(ct.nbytes for ct in cts) / numel}
+    zp = {"codec": "ZipNN", "bits": 8 * sum(len(b) for b in blobs) / numel}
     cp = {"codec": "copy (roofline)", "bits": 8.0 * layout.itemsize}
-    nps = [t.view(-1).numpy() if dtype != torch.bfloat16 else int_view(t).view(-1).numpy() for t in ts]
-    npo = [o.view(-1).numpy() if dtype != torch.bfloat16 else int_view(o).view(-1).numpy() for o in outs]
-    one = dense / best_of(lambda: [np.copyto(o, s) for o, s in zip(npo, nps)], reps) / 1e9
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    allt = dense / best_of(lambda: [o.copy_(t) for o, t in zip(outs, ts)], reps) / 1e9
-    torch.set_num_threads(prev)
-    cp.update(enc_1=one, enc_all=allt, dec_1=one, dec_all=allt)
-
+    for label in ("1", "all"):
+        for metric in ("enc", "dec"):
+            nz[f"{metric}_{label}"] = gbs[("nzrt", metric, label)]
+            zp[f"{metric}_{label}"] = gbs[("zipnn", metric, label)]
+            cp[f"{metric}_{label}"] = gbs[("copy", "copy", label)]
     bound = {"codec": "entropy bound (per tensor)", "bits": exponent_entropy_bound(ts, layout)}
     for r in (bound, nz, zp, cp):
         r["dtype"] = zname
