@@ -396,7 +396,7 @@ def _nan_fill_par(bits, n, tile, inf, signbit, nanc, nstart, pidx, pval):
 def _plan(th, n, tile, exp_bits, max_levels, max_width):
     """Everything between the histogram and the stream writes, in one compiled call:
     spec.choose_cascade, spec.symbol_order, reference.code_tables, the per-level code tables
-    and the tile offsets. Returns (widths, has_raw, symbols, L, W, CT, SW, offsets, sizes)."""
+    and the tile offsets. Returns (widths, has_raw, symbols, L, W, CT, SYM, offsets, sizes)."""
     tiles = th.shape[0]
     nsym = th.shape[1]
     hist = np.zeros(nsym, np.int64)
@@ -450,15 +450,21 @@ def _plan(th, n, tile, exp_bits, max_levels, max_width):
         for e in range(nsym):
             code = CO[e] if LV[e] == l else esc
             CT[l * 256 + e] = code | ((1 << 16) if LV[e] > l else 0)
-    SW = np.zeros(3, np.int64)
-    for k in range(3):
-        sym = symbols[k] if (k < len(symbols) and m > 0 and LV[symbols[k]] == 0) else 0x100
-        SW[k] = sym * 0x0001000100010001
+    # SYM[3 * l + j]: symbol j of a level of width <= 2 (0x100, no exponent, where unused)
+    SYM = np.full(_NLEV * 3, 0x100, np.int64)
+    first = 0
+    for l in range(m):
+        c = (1 << widths[l]) - 1
+        if widths[l] <= 2:
+            for k in range(c):
+                if first + k < len(symbols):
+                    SYM[3 * l + k] = symbols[first + k]
+        first += c
     off, totals = _plan_offsets(th, LV, L, tile, n)
     sizes = np.zeros(L, np.int64)
     for l in range(L):
         sizes[l] = totals[l] * W[l] + 8  # STREAM_PAD
-    return widths, has_raw, symbols, L, W, CT, SW, off, sizes
+    return widths, has_raw, symbols, L, W, CT, SYM, off, sizes
 
 
 @njit(cache=True, nogil=True)
@@ -499,7 +505,7 @@ def _flush_bits(st, pos, acc, nb):
 
 
 @njit(**_OPTS)
-def _enc_tile(t, src, n, tile, L, W, CT, SW, mb, emask, keep, drop, tbm1, smw, sm,
+def _enc_tile(t, src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, sm,
               L0, L1, L2, L3, L4, off):
     """Write tile t of every stream. CT[l * 256 + e] = code of exponent e at level l, plus
     1 << 16 when e escapes past level l."""
@@ -529,94 +535,84 @@ def _enc_tile(t, src, n, tile, L, W, CT, SW, mb, emask, keep, drop, tbm1, smw, s
         _flush_bits(sm, pos, acc, nb)
     if L == 0:
         return
-    # level 0: every value; escaping exponents are compacted into `esc` for the next level
-    esc = np.empty(cnt + 16, np.uint8)
-    c = 0
-    w0 = W[0]
-    st = streams[0]
-    i = a
-    if w0 == 2:
-        # (a) per value, vectorisable: the 2-bit code (three compares) and the exponent as a byte;
-        # (b) per 8 values: PEXT packs the codes into 2 bytes and the escaping exponents into
-        #     consecutive bytes of `esc`
-        cnt8 = (cnt + 7) & ~7
-        codes = np.empty(cnt8, np.uint8)
-        e8 = np.empty(cnt8, np.uint8)
-        s0 = SW[0] & 0xFFFF
-        s1 = SW[1] & 0xFFFF
-        s2 = SW[2] & 0xFFFF
-        for j in range(cnt):
-            e = (_ldel(src, a + j) >> mb) & emask
-            _stel(codes, j, 3 ^ (np.int64(e == s0) * 3) ^ (np.int64(e == s1) * 2) ^ np.int64(e == s2))
-            _stel(e8, j, e)
-        for j in range(cnt, cnt8):
-            _stel(codes, j, 0)  # the tile's padding entries are zero codes
-            _stel(e8, j, 0)
-        base = a >> 2
-        for g in range(cnt8 >> 3):
-            x = _ld64(codes, 8 * g)
-            _st16(st, base + 2 * g, _pext(x, 0x0303030303030303))
-            m = x & (x >> 1) & 0x0101010101010101
-            _st64(esc, c, _pext(_ld64(e8, 8 * g), m * 0xFF))
-            c += _popc(m)
-        i = end
-    pos = (i * w0) >> 3
-    acc = np.int64(0)
-    nb = 0
-    while i < end:
-        e = (_ldel(src, i) >> mb) & emask
-        tt = _ldel(CT, e)
-        acc |= (tt & 0xFFFF) << nb
-        nb += w0
-        if nb >= 32:
-            _st32(st, pos, acc)
-            pos += 4
-            acc >>= 32
-            nb -= 32
-        _stel(esc, c, e)
-        c += tt >> 16
-        i += 1
-    _flush_bits(st, pos, acc, nb)
-    # deeper levels, each over the compacted exponents that reach it (ping-pong buffers)
-    nxt = np.empty(c + 8, np.uint8)
-    for l in range(1, L):
-        k = c
-        c = 0
+    # every level works on the exponents (as bytes) of the values that reach it, in order;
+    # it writes its codes and compacts the escaping exponents for the next level
+    cnt8 = (cnt + 7) & ~7
+    cur = np.empty(cnt8 + 8, np.uint8)
+    nxt = np.empty(cnt8 + 16, np.uint8)
+    codes = np.empty(cnt8 + 8, np.uint8)
+    for j in range(cnt):  # vectorisable
+        _stel(cur, j, (_ldel(src, a + j) >> mb) & emask)
+    k = cnt
+    for l in range(L):
         w = W[l]
         st = streams[l]
-        row = l * 256
-        pos = np.int64(off[t, l - 1]) * w
-        acc = np.int64(0)
-        nb = 0
-        for j in range(k):
-            e = _ldel(esc, j)
-            tt = _ldel(CT, row + e)
-            acc |= (tt & 0xFFFF) << nb
-            nb += w
-            if nb >= 32:
-                _st32(st, pos, acc)
-                pos += 4
-                acc >>= 32
-                nb -= 32
-            _stel(nxt, c, e)
-            c += tt >> 16
-        _flush_bits(st, pos, acc, nb)
-        esc, nxt = nxt, esc
+        pos = (a * w) >> 3 if l == 0 else np.int64(off[t, l - 1]) * w
+        if w <= 2:
+            c = _code_cmp(cur, k, SYM[3 * l], SYM[3 * l + 1], SYM[3 * l + 2], w, st, pos, codes, nxt)
+        else:
+            c = 0
+            row = l * 256
+            acc = np.int64(0)
+            nb = 0
+            for j in range(k):
+                e = _ldel(cur, j)
+                tt = _ldel(CT, row + e)
+                acc |= (tt & 0xFFFF) << nb
+                nb += w
+                if nb >= 32:
+                    _st32(st, pos, acc)
+                    pos += 4
+                    acc >>= 32
+                    nb -= 32
+                _stel(nxt, c, e)
+                c += tt >> 16
+            _flush_bits(st, pos, acc, nb)
+        cur, nxt = nxt, cur
+        k = c
+
+
+@njit(**_OPTS)
+def _code_cmp(ex, k, s0, s1, s2, w, st, pos, codes, nxt):
+    """A level of width 1 or 2 (at most three symbols): (a) per entry, vectorisable: its code
+    from three compares; (b) per 8 entries: PEXT packs the codes into w bytes at ``pos`` and the
+    escaping exponents into consecutive bytes of ``nxt``. Returns the number of escapes."""
+    for j in range(k):
+        e = _ldel(ex, j)
+        _stel(codes, j, 3 ^ (np.int64(e == s0) * 3) ^ (np.int64(e == s1) * 2) ^ np.int64(e == s2))
+    k8 = (k + 7) & ~7
+    for j in range(k, k8):
+        _stel(codes, j, 0)  # the tile's padding entries are zero codes
+    c = np.int64(0)
+    if w == 2:
+        for g in range(k8 >> 3):
+            x = _ld64(codes, 8 * g)
+            _st16(st, pos + 2 * g, _pext(x, 0x0303030303030303))
+            m = x & (x >> 1) & 0x0101010101010101
+            _st64(nxt, c, _pext(_ld64(ex, 8 * g), m * 0xFF))
+            c += _popc(m)
+    else:
+        for g in range(k8 >> 3):
+            m = _ld64(codes, 8 * g) & 0x0101010101010101
+            _stel(st, pos + g, _pext(m, 0x0101010101010101))
+            _st64(nxt, c, _pext(_ld64(ex, 8 * g), m * 0xFF))
+            c += _popc(m)
+    return c
 
 
 @njit(parallel=True, **_OPTS)
-def _enc_par(src, n, tile, L, W, CT, SW, mb, emask, keep, drop, tbm1, smw, sm, L0, L1, L2, L3, L4, off):
+def _enc_par(src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, sm, L0, L1, L2, L3, L4, off):
     tiles = (n + tile - 1) // tile
     for t in prange(tiles):
-        _enc_tile(t, src, n, tile, L, W, CT, SW, mb, emask, keep, drop, tbm1, smw, sm,
+        _enc_tile(t, src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, sm,
                   L0, L1, L2, L3, L4, off)
 
 
 @njit(**_OPTS)
-def _enc_ser(src, n, tile, L, W, CT, SW, mb, emask, keep, drop, tbm1, smw, sm, L0, L1, L2, L3, L4, off):
+def _enc_ser(src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, sm, L0, L1, L2, L3, L4, off):
     tiles = (n + tile - 1) // tile
     for t in range(tiles):
-        _enc_tile(t, src, n, tile, L, W, CT, SW, mb, emask, keep, drop, tbm1, smw, sm,
+        _enc_tile(t, src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, sm,
                   L0, L1, L2, L3, L4, off)
 
 
@@ -663,7 +659,7 @@ def encode(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DE
         patch_idx = np.zeros(0, np.int64)
         patch_val = bits[:0]
 
-    widths, has_raw, symbols, L, W, CT, SW, off, sizes = _plan(
+    widths, has_raw, symbols, L, W, CT, SYM, off, sizes = _plan(
         th, n, tile, layout.exp_bits, spec.MAX_LEVELS, spec.MAX_WIDTH)
     widths = tuple(int(w) for w in widths)
     sections = {"sm": np.zeros(spec.packed_nbytes(n, spec.sm_width(keep)), np.uint8)}
@@ -680,7 +676,7 @@ def encode(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DE
         sections[f"level{level}"] = lv[-1]
         pos += int(sizes[level])
     lv += [_EMPTY_U8] * (_NLEV - L)
-    (_enc_par if par else _enc_ser)(rb, n, tile, L, W, CT, SW, mb, layout.exp_mask, keep, s,
+    (_enc_par if par else _enc_ser)(rb, n, tile, L, W, CT, SYM, mb, layout.exp_mask, keep, s,
                                     layout.total_bits - 1, spec.sm_width(keep), sections["sm"],
                                     lv[0], lv[1], lv[2], lv[3], lv[4], off)
     sections["offsets"] = off
