@@ -300,6 +300,13 @@ def profile(lm, *, policies=None, budget=None, device=None, mantissa_bits: int |
             row.speed_vs_plain = plain.forward_ms / w["forward_ms"] if w["forward_ms"] else None
             row.bits_per_weight = _bits_per_weight(lm, repd) or s.get("bits_per_weight")
             row.weights_bytes = s.get("weights_bytes")
+            if lm.compressed is not None:
+                # weights from a memory-mapped .nzrt: count the blobs themselves (a slice of a mapped
+                # file would otherwise be counted as the whole file's storage)
+                held = repd.get("held") or {}
+                row.weights_bytes = (sum(v.nbytes if hasattr(v, "header") else v.numel() * v.element_size()
+                                         for v in lm.compressed.values())
+                                     + max(held.get("dense_slots", 0), repd.get("runtime_peak_dense") or 0))
             row.peak_device_bytes = s.get("peak_device_bytes") or mem.peak_device
             row.peak_host_bytes = max(filter(None, [s.get("peak_host_bytes"), mem.peak_host]))
             row.decode_ms, row.transfer_ms, row.stall_ms = s.get("decode_ms"), s.get("transfer_ms"), s.get("stall_ms")
@@ -421,9 +428,16 @@ def plot(res: ProfileResult, path) -> None:
         ax.bar(xs, dec, label="decode", color="tab:blue")
         ax.bar(xs, xfer, bottom=dec, label="transfer", color="tab:orange")
         ax.bar(xs, stall, bottom=[a + b for a, b in zip(dec, xfer)], label="stall", color="tab:red")
+        tops = sorted(a + b + c for a, b, c in zip(dec, xfer, stall))
+        if tops and tops[-1] > 10 * max(tops[int(0.98 * (len(tops) - 1))], 1e-9):
+            lim = 1.5 * tops[int(0.98 * (len(tops) - 1))]  # one outlier (a JIT compile, say): clip it
+            ax.set_ylim(0, lim)
+            i_max = max(range(len(tops)), key=lambda i: dec[i] + xfer[i] + stall[i])
+            ax.annotate(f"{tops[-1]:.0f} ms", (i_max, lim), xytext=(5, -12), textcoords="offset points",
+                        fontsize=7)
         ax.set_ylabel("ms (whole run)")
         ax.set_title(f"{run}: time per layer by phase")
-        ax.set_xlabel("layer (execution order)")
+        ax.set_xlabel("layer (in the runtime's report order)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

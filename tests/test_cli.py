@@ -106,6 +106,9 @@ def test_installed_entry_point_runs():
     assert "torch" in p.stdout and "decode backend" in p.stdout and "CPU:" in p.stdout
     p = subprocess.run([str(exe), "inspect", "/no/such/model"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("error: ")
+    p = subprocess.run([str(exe), "inspect", "/no/such/model", "--debug"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode != 0 and "Traceback" in p.stderr and "ModelError" in p.stderr
 
 
 def test_env():
@@ -160,6 +163,12 @@ def test_factory_compress_inspect_profile(tiny, tmp_path):
     assert res["totals"]["numel"] > 0
     # from the factory directly
     assert "emb.weight" in _ok(runner.invoke(app, ["inspect", tiny]))
+    # lossy checkpoint: big weights rounded to K bits, small ones (the norm) exact
+    lossy = tmp_path / "tiny-k3.nzrt"
+    _ok(runner.invoke(app, ["compress", tiny, str(lossy), "--mantissa-bits", "3"]))
+    rows_k = {r["name"]: r for r in json.loads(_ok(runner.invoke(app, ["inspect", str(lossy), "--json"])))["tensors"]}
+    assert rows_k["l1.weight"]["mantissa_bits"] == 3 and rows_k["norm.weight"]["lossless"]
+    assert rows_k["l1.weight"]["bits_per_weight"] < rows["l1.weight"]["bits_per_weight"] - 3
     # the checkpoint runs bit-identical to the factory's model
     plain = models.resolve(tiny)
     ref = plain.model(*plain.inputs)
