@@ -188,26 +188,38 @@ def _read_bits(ptr, entry, valid, W: tl.constexpr, FIXED: tl.constexpr = False):
 
 @triton.jit
 def _level_step(stream_ptr, count, esc, val, W: tl.constexpr, FIRST: tl.constexpr,
-                LAST: tl.constexpr):
+                LAST: tl.constexpr, SKIP: tl.constexpr = True):
     """Resolve one deeper level for the values in ``esc`` (those that escaped the level above).
 
     ``stream_ptr`` points at this tile's first entry of the level; ``count`` is how many of the
     tile's values reached the level in earlier sub-blocks. ``val`` becomes the table index
     ``FIRST + code`` (the raw level's FIRST is ``RAW_BASE``: its codes are exponents).
     Deep levels are sparse (for weights ~N(0, 0.02): 27%, 4%, 0.7%, <0.01% of values reach
-    levels 1..4), so a sub-block none of whose values reached the level skips it (a uniform
-    branch)."""
+    levels 1..4), so past level 1 (``SKIP``) a sub-block none of whose values reached the level
+    skips it (a uniform branch)."""
     r = esc
-    k = tl.sum(r, axis=0)
-    if k > 0:
-        # exclusive prefix count in value order = inclusive count - 1 for the escaped values;
-        # other lanes read some in-range entry (>= 0, < count + k) and ignore it: no mask
-        slot = tl.maximum(tl.cumsum(r, axis=0) + (count - 1), 0)
-        code = _read_bits(stream_ptr, slot, None, W)
-        val = tl.where(r != 0, code + FIRST, val)
-        if not LAST:
-            esc = tl.where(code == (1 << W) - 1, r, 0)
+    if SKIP:
+        k = tl.sum(r, axis=0)
+        if k > 0:
+            val, esc = _level_codes(stream_ptr, count, r, val, W, FIRST, LAST)
+    else:  # level 1: reached by ~a quarter of the values, never worth a branch
+        k = tl.sum(r, axis=0)
+        val, esc = _level_codes(stream_ptr, count, r, val, W, FIRST, LAST)
     return count + k, esc, val
+
+
+@triton.jit
+def _level_codes(stream_ptr, count, r, val, W: tl.constexpr, FIRST: tl.constexpr,
+                 LAST: tl.constexpr):
+    # exclusive prefix count in value order = inclusive count - 1 for the escaped values;
+    # other lanes read some in-range entry (>= 0, < count + k) and ignore it: no mask
+    slot = tl.maximum(tl.cumsum(r, axis=0) + (count - 1), 0)
+    code = _read_bits(stream_ptr, slot, None, W)
+    val = tl.where(r != 0, code + FIRST, val)
+    esc = r
+    if not LAST:
+        esc = tl.where(code == (1 << W) - 1, r, 0)
+    return val, esc
 
 
 @triton.jit
@@ -237,7 +249,7 @@ def _decode_block(l0_ptr, l1_ptr, l2_ptr, l3_ptr, l4_ptr, sm_ptr, out_t, sym_ptr
             esc = tl.where(mask, esc, 0)
         if N_LEVELS > 1:
             c1, esc, val = _level_step(l1_ptr, c1, esc, val, W1,
-                                       F1 if N_CODED > 1 else RAW_BASE, N_LEVELS == 2)
+                                       F1 if N_CODED > 1 else RAW_BASE, N_LEVELS == 2, False)
         if N_LEVELS > 2:
             c2, esc, val = _level_step(l2_ptr, c2, esc, val, W2,
                                        F2 if N_CODED > 2 else RAW_BASE, N_LEVELS == 3)
