@@ -745,14 +745,15 @@ def _merge_chunks(st, start, k, w, G, TT, row, out, P, Pn, lim, valid):
     c = np.int64(0)
     bad = np.int64(0)
     j = 0
-    if G == 4 and w <= 2 and valid and P + k + 8 <= lim:
+    if valid and P + k + 8 <= lim:
         # every code valid, no read can pass the array: no checks
-        while j + 4 <= k:
+        cm = (np.int64(1) << (G * w)) - 1
+        while j + G <= k:
             b = (start + j) * w
-            r = (row + ((_ldel(st, b >> 3) >> (b & 7)) & ((1 << (4 * w)) - 1))) * 4
+            r = (row + ((_ld64(st, b >> 3) >> (b & 7)) & cm)) * 4
             _st64(out, P + j, _ldel(TT, r) | _pdep(_ld64(out, Pn + c), _ldel(TT, r + 1)))
             c += _ldel(TT, r + 2)
-            j += 4
+            j += G
     if G == 4 and w == 2:
         base = (start * 2) >> 3
         while j + 4 <= k:
@@ -845,6 +846,17 @@ def _level0_chunks(L0, sm, out, a, end, w0, smw, G, TT, lanemask, P1, lim, valid
             _st64(out, i, word)
             _st64(out, i + 4, word2)
             i += 8
+    if valid and end + 8 <= lim:  # any layout, every code valid: no checks
+        cmask = (np.int64(1) << (G * w0)) - 1
+        smaskg = (np.int64(1) << (G * smw)) - 1
+        while i + G <= end:
+            b = i * w0
+            r = ((_ld64(L0, b >> 3) >> (b & 7)) & cmask) * 4
+            bpos = i * smw
+            sg = (_ld64(sm, bpos >> 3) >> (bpos & 7)) & smaskg
+            _st64(out, i, _pdep(sg, lanemask) | _ldel(TT, r) | _pdep(_ld64(out, P1 + c), _ldel(TT, r + 1)))
+            c += _ldel(TT, r + 2)
+            i += G
     if G == 4 and w0 == 2 and smw == 8:  # lossless bf16
         while i + 4 <= end:
             r = _ldel(L0, i >> 2) * 4
