@@ -41,6 +41,10 @@ def _one_line(e: BaseException) -> str:
         needed = getattr(e, "needed", None)
         hint = f"; pass --budget {_human(needed, up=True)} or more" if needed else ""
         return f"{msg}{hint}"
+    if isinstance(e, ImportError) and getattr(e, "name", None):
+        pkg = {"gguf": "gguf", "matplotlib": "matplotlib", "transformers": "transformers",
+               "safetensors": "safetensors", "psutil": "psutil"}.get(e.name.split(".")[0], e.name.split(".")[0])
+        return f"this needs the Python package {pkg!r}, which is not installed: pip install {pkg}"
     if isinstance(e, FileNotFoundError):
         return f"{msg}; check the path"
     if isinstance(e, PermissionError):
@@ -148,6 +152,8 @@ def profile(
     repeats: int = typer.Option(2, "--repeats", help="Timed forward passes after the first."),
     gen_tokens: int = typer.Option(6, "--gen-tokens", help="Greedy tokens generated for tok/s (causal LMs)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16, float32 (default: as stored; bf16 for GGUF)."),
+    plain: bool = typer.Option(True, "--plain/--no-plain",
+                               help="Also run the plain dense model (for a .nzrt this decodes it whole)."),
 ):
     """Run MODEL plainly and under each policy; print one table (JSON and PNG on request)."""
     with _errors():
@@ -158,7 +164,7 @@ def profile(
         with prog:
             res = prof.profile(lm, policies=policy or None, budget=_parse_budget(budget), device=device,
                                mantissa_bits=mantissa_bits, tokens=tokens, repeats=repeats, gen_tokens=gen_tokens,
-                               progress=make("profile"))
+                               plain=plain, progress=make("profile"))
         typer.echo(prof.format_table(res))
         if json_out:
             json_out.write_text(res.to_json())

@@ -217,9 +217,49 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _plain_run(lm, inputs, res, *, device, repeats, gen_tokens, mantissa_bits):
+    """The plain dense model: one row, and the reference quality when asked."""
+    import torch
+
+    from .evaluate import quality
+
+    had_compressed = lm.compressed is not None
+    if had_compressed:
+        lm.materialize()
+    orig_device = next(iter(lm.model.parameters())).device
+    if device != "cpu":
+        lm.model.to(device)
+    ref_quality = None
+    try:
+        with MemorySampler(device) as mem:
+            w = run_workload(lm, inputs, repeats=repeats, gen_tokens=gen_tokens, device=device)
+            if mantissa_bits is not None:
+                ref_quality = quality(lm, device=device)
+    finally:
+        if device != "cpu":
+            lm.model.to(orig_device)
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        if had_compressed:
+            # back to the meta model, so the runtime gets the memory-mapped compressed weights
+            lm.dematerialize()
+            import gc
+
+            gc.collect()
+    row = Row("plain", bits_per_weight=8.0 * (lm.dense_nbytes() / max(lm.num_params(), 1)),
+              weights_bytes=lm.dense_nbytes(), peak_device_bytes=mem.peak_device,
+              peak_host_bytes=mem.peak_host, first_forward_ms=w["first_ms"], forward_ms=w["forward_ms"],
+              tokens_per_s=w["tokens_per_s"], speed_vs_plain=1.0)
+    if ref_quality is not None:
+        row.quality = {k: v for k, v in ref_quality.items() if k != "embeddings"}
+    res.rows.append(row)
+    res.memory["plain"] = mem.samples
+    return row, ref_quality
+
+
 # -- the profile -------------------------------------------------------------------------------
 def profile(lm, *, policies=None, budget=None, device=None, mantissa_bits: int | None = None,
-            tokens: int = 128, repeats: int = 3, gen_tokens: int = 8,
+            tokens: int = 128, repeats: int = 2, gen_tokens: int = 6, plain: bool = True,
             progress: Progress | None = None) -> ProfileResult:
     """Run ``lm`` (a models.LoadedModel) plainly, then under each policy."""
     import torch
@@ -229,7 +269,7 @@ def profile(lm, *, policies=None, budget=None, device=None, mantissa_bits: int |
 
     device = str(device or default_device())
     policies = list(policies or available_policies())
-    steps = 1 + len(policies)
+    steps = int(plain) + len(policies)
     done = 0
 
     def tick(what):
@@ -246,37 +286,15 @@ def profile(lm, *, policies=None, budget=None, device=None, mantissa_bits: int |
     res.tokens = int(inputs["input_ids"].shape[1]) if isinstance(inputs, dict) and "input_ids" in inputs else 0
 
     # plain: the dense model (a .nzrt is decoded whole for this baseline only)
-    tick("plain")
-    had_compressed = lm.compressed is not None
-    if had_compressed:
-        lm.materialize()
-    orig_device = next(iter(lm.model.parameters())).device
-    if device != "cpu":
-        lm.model.to(device)
     ref_quality = None
-    with MemorySampler(device) as mem:
-        w = run_workload(lm, inputs, repeats=repeats, gen_tokens=gen_tokens, device=device)
-        if mantissa_bits is not None:
-            ref_quality = quality(lm, device=device)
-    plain = Row("plain", bits_per_weight=8.0 * (lm.dense_nbytes() / max(lm.num_params(), 1)),
-                weights_bytes=lm.dense_nbytes(), peak_device_bytes=mem.peak_device,
-                peak_host_bytes=mem.peak_host, first_forward_ms=w["first_ms"], forward_ms=w["forward_ms"],
-                tokens_per_s=w["tokens_per_s"], speed_vs_plain=1.0)
-    if ref_quality is not None:
-        plain.quality = {k: v for k, v in ref_quality.items() if k != "embeddings"}
-    res.rows.append(plain)
-    res.memory["plain"] = mem.samples
-    if device != "cpu":
-        lm.model.to(orig_device)
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    if had_compressed:
-        # back to the meta model, so the runtime gets the memory-mapped compressed weights
-        lm.dematerialize()
-        import gc
-
-        gc.collect()
-    done += 1
+    plain_row = None
+    if plain:
+        tick("plain")
+        plain_row, ref_quality = _plain_run(lm, inputs, res, device=device, repeats=repeats,
+                                            gen_tokens=gen_tokens, mantissa_bits=mantissa_bits)
+    elif mantissa_bits is not None:
+        raise ValueError("--mantissa-bits measures quality against the plain model; drop --no-plain")
+    done += int(plain)
 
     budget_errors = []
     for policy in policies:
@@ -297,7 +315,7 @@ def profile(lm, *, policies=None, budget=None, device=None, mantissa_bits: int |
             res.reports[row.run] = repd
             s = summarize_report(repd, itemsize=lm.dtype.itemsize if lm.dtype is not None else 2)
             row.first_forward_ms, row.forward_ms, row.tokens_per_s = w["first_ms"], w["forward_ms"], w["tokens_per_s"]
-            row.speed_vs_plain = plain.forward_ms / w["forward_ms"] if w["forward_ms"] else None
+            row.speed_vs_plain = plain_row.forward_ms / w["forward_ms"] if plain_row and w["forward_ms"] else None
             row.bits_per_weight = _bits_per_weight(lm, repd) or s.get("bits_per_weight")
             row.weights_bytes = s.get("weights_bytes")
             if lm.compressed is not None:
