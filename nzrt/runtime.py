@@ -473,13 +473,18 @@ class Managed:
             if flat.numel() and (bool((flat < 0).any()) or bool((flat >= num).any())):
                 raise IndexError("index out of range in self")
             out = torch.empty((flat.numel(), dim), dtype=mp.dtype, device=flat.device)
-            for unit, key, (a, b) in chunk_units:
-                bufs = s.enter(unit)
+            # only the chunks the ids hit are decoded (one token: one chunk); which ones depends
+            # on the data, so these units stay out of the trace and are decoded on demand
+            # (a tied output head prefetches the same chunks and shares them)
+            chunk_of = torch.div(flat, chunk_units[0][2][1], rounding_mode="floor")
+            hit = torch.unique(chunk_of).tolist() if flat.numel() else []
+            for c in hit:
+                unit, key, (a, b) = chunk_units[c]
+                bufs = s.enter(unit, traced=False)
                 try:
-                    sel = ((flat >= a) & (flat < b)).nonzero().squeeze(1)
-                    if sel.numel():
-                        w = bufs[key].view(b - a, dim)
-                        out.index_copy_(0, sel, w.index_select(0, flat.index_select(0, sel) - a))
+                    sel = (chunk_of == c).nonzero().squeeze(1)
+                    w = bufs[key].view(b - a, dim)
+                    out.index_copy_(0, sel, w.index_select(0, flat.index_select(0, sel) - a))
                 finally:
                     s.exit(unit)
             return out.view(*input.shape, dim)

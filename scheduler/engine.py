@@ -243,10 +243,12 @@ class Scheduler:
         self.pool.reserve(best)
 
     # -- per unit -------------------------------------------------------------------------------
-    def enter(self, unit: str) -> dict:
-        """Called right before ``unit`` runs. Returns key -> dense buffer (flat) for its tensors."""
+    def enter(self, unit: str, traced: bool = True) -> dict:
+        """Called right before ``unit`` runs. Returns key -> dense buffer (flat) for its tensors.
+        ``traced=False``: a unit whose use depends on the data (an embedding row chunk that only
+        some token ids hit): decoded on demand, never part of the trace or the plan."""
         step = None
-        if self.depth > 0:
+        if self.depth > 0 and traced:
             if self.mode == FOLLOW:
                 s = self.plan.steps[self.pos % len(self.plan.steps)]
                 if s.unit != unit:
@@ -265,7 +267,7 @@ class Scheduler:
             st.misses += 1
             self._issue(unit, inline=True)
         bufs = self._wait(unit)
-        if self.depth > 0 and self.mode == RECORD:
+        if self.depth > 0 and self.mode == RECORD and traced:
             self.recorder.enter(unit)  # after the decode: the recorded time is compute only
         self.stack.append((unit, step))
         return bufs
