@@ -112,7 +112,10 @@ import triton.language as tl
 from . import spec
 from .reference import code_tables
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
+try:  # what @triton.jit below decides on (read when this module is imported)
+    INTERPRET = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # older Triton without knobs
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 # Sub-block sizes. Under the interpreter every program costs ~1 ms of Python, so one sub-block
 # covers a whole tile (up to 64Ki values). On a GPU, BLOCK / (32 * warps) = 8 consecutive values
