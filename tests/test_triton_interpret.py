@@ -275,3 +275,18 @@ def test_unaligned_blob_is_refused():
     moved = CompressedTensor(ct.header, buf[1:1 + ct.data.numel()])
     with pytest.raises(ValueError, match="16-byte aligned"):
         tg.decode_into(moved, torch.zeros(100, dtype=torch.int16))
+
+
+@pytest.mark.parametrize("tile,block", [(1000, None), (1288, 512), (24, 16)])
+def test_tiles_not_a_power_of_two(tile, block):
+    """Tiles that are multiples of 8 but not of the sub-block: full sub-blocks + a masked tail."""
+    x = _normal(5 * tile + 13, torch.bfloat16, seed=tile)
+    bits = x.view(torch.int16).numpy().view(np.uint16)
+    old = tg.DECODE_BLOCK
+    try:
+        if block:
+            tg.DECODE_BLOCK = block
+        roundtrip(bits, BF16, 7, tile)
+        roundtrip(bits, BF16, 2, tile)
+    finally:
+        tg.DECODE_BLOCK = old
