@@ -13,9 +13,17 @@ Decoding a tile, in three steps and without any scratch memory:
   3. level 0 merges with the level-1 list and the sign/mantissa stream into the final bits.
 A list of ``k`` entries lives in the last ``k`` slots of the tile; the merge reads slot
 ``end - (escapes left)`` and writes slot ``end - (entries left)``, so it never overwrites an
-entry it still has to read. The bf16/fp16 path does level 0 four values at a time: one level-0
-byte selects the four symbols, the escape lanes and their count from 256-entry tables, and two
-PDEPs place the sign/mantissa bits and the escaped exponents into a 64-bit word of output.
+entry it still has to read. Levels whose codes for one 64-bit word of output (4 values of
+bf16/fp16, 2 of fp32) fit in a byte are decoded a word at a time: the chunk of codes selects
+the symbols of its non-escape lanes, its escape lanes and their count from a small table, and
+PDEP drops the next list entries into the escape lanes (and, on level 0, the sign/mantissa bits
+into place); the rest go one entry at a time with a branchless cursor (a real CMOV).
+
+Encoding a tile: a vectorisable pass turns the values into exponent bytes; every level of width
+1 or 2 finds its codes with three compares (vectorisable) and then, eight entries at a time,
+PEXT packs the codes and compacts the escaping exponents for the next level; wider levels use a
+bit writer. The histogram, ``spec.choose_cascade`` / ``spec.symbol_order`` (exact compiled
+replicas) and the tile offsets come before, in two compiled calls.
 Errors (more escapes than the offsets allow, a code that names no symbol, offsets past a stream,
 a patch index out of range) come back as flags and raise ``FormatError`` in Python.
 """
@@ -1095,8 +1103,10 @@ def decode_into(ct, out_bits: np.ndarray) -> None:
     h = ct.header
     layout = spec.LAYOUTS[h.dtype]
     n = h.numel
-    if out_bits.dtype != layout.uint or out_bits.ndim != 1 or len(out_bits) < n:
-        raise ValueError(f"out_bits must be a 1-D {np.dtype(layout.uint).name} array of >= {n} values")
+    if (out_bits.dtype != layout.uint or out_bits.ndim != 1 or len(out_bits) < n
+            or not out_bits.flags.c_contiguous or not out_bits.flags.writeable):
+        raise ValueError(f"out_bits must be a writeable contiguous 1-D {np.dtype(layout.uint).name} "
+                         f"array of >= {n} values")
     if n == 0:
         return
     sec = ct.np_sections()
