@@ -618,6 +618,11 @@ def _launch_args(h):
     """(n, tiles, positional scalars, constexpr kwargs, patch count) of a header, memoised per
     header object (the header is kept alive in the cache, so its id cannot be reused)."""
     def make():
+        if sum((1 << w) - 1 for w in h.widths) > _RAW_BASE:
+            # the planner never goes past 4 levels of 5 bits (124 codes); a header that does
+            # would index past the symbol part of the table
+            raise ValueError(f"level widths {h.widths} name more than {_RAW_BASE} codes; "
+                             f"the triton backend supports the planner's range (<= 5 bits per level)")
         return h, (h.numel, spec.n_tiles(h.numel, h.tile), (h.numel, h.tile, *_section_offsets(h)),
                    _signature(h), h.sections["patch_idx"][1] // 8)
     hit = _LAUNCH_CACHE.get_or(id(h), make)
@@ -720,10 +725,15 @@ def _pack(entries: torch.Tensor, n_ent: int, width: int) -> torch.Tensor:
     return out
 
 
-def encode(bits, layout: spec.FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE):
+def encode(bits, layout: spec.FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE, *,
+           widths: tuple | None = None):
     """Encode 1-D integer bit patterns (torch int16/int32 on any device the kernels run on, or a
     numpy array of the layout's uint). Returns (widths, has_raw, symbols, sections) equal to
-    ``reference.encode``'s; sections are numpy arrays on the CPU."""
+    ``reference.encode``'s; sections are numpy arrays on the CPU.
+
+    ``widths`` overrides the planner's cascade (for measuring the bits / decode-speed trade-off;
+    a raw level is added when the coded levels cannot name every exponent present). The result
+    is a valid stream that every decoder reads, but no longer the reference's bytes."""
     if isinstance(bits, np.ndarray):
         bits = torch.from_numpy(np.ascontiguousarray(bits, dtype=layout.uint).view(
             np.int16 if layout.itemsize == 2 else np.int32))
@@ -765,7 +775,13 @@ def encode(bits, layout: spec.FloatLayout, keep: int, tile: int = spec.DEFAULT_T
     hist = tile_hist.sum(0).cpu().numpy().astype(np.int64)  # sync 1
 
     # 2. plan on the host; per-tile level counts and offsets on the device
-    widths, has_raw = spec.choose_cascade(hist, E, tile)
+    if widths is None:
+        widths, has_raw = spec.choose_cascade(hist, E, tile)
+    else:
+        widths = tuple(int(w) for w in widths)
+        if len(widths) > spec.MAX_LEVELS or not all(1 <= w <= min(spec.MAX_WIDTH, E) for w in widths):
+            raise ValueError(f"widths {widths}: at most {spec.MAX_LEVELS} levels of 1..{min(spec.MAX_WIDTH, E)} bits")
+        has_raw = int((hist > 0).sum()) > sum((1 << w) - 1 for w in widths)
     symbols = spec.symbol_order(hist)[: sum((1 << w) - 1 for w in widths)]
     level_of, code_of = code_tables(symbols, widths, has_raw, E)
     all_w = spec.level_widths(widths, has_raw, E)

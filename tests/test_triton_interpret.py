@@ -290,3 +290,18 @@ def test_tiles_not_a_power_of_two(tile, block):
         roundtrip(bits, BF16, 2, tile)
     finally:
         tg.DECODE_BLOCK = old
+
+
+@pytest.mark.parametrize("widths", [(), (3,), (4,), (2, 2, 5), (1, 1, 1, 1)])
+def test_forced_cascades_decode_exactly(widths):
+    """encode(widths=...) (the bench's bits/speed trade-off): a valid stream, lossless."""
+    x = _normal(6000, torch.bfloat16, seed=len(widths))
+    bits = x.view(torch.int16).numpy().view(np.uint16)
+    w, has_raw, symbols, sections = tg.encode(torch.from_numpy(bits.view(np.int16)), BF16, 7, 2048,
+                                              widths=widths)
+    assert w == widths
+    ct = _ct(BF16, 7, 2048, (w, has_raw, symbols, sections), len(bits))
+    assert np.array_equal(_ref_decode(ct, BF16), bits)
+    out = _poisoned(len(bits), BF16)
+    tg.decode_into(ct, out)
+    assert np.array_equal(out.numpy().view(np.uint16), bits)

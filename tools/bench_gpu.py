@@ -9,6 +9,10 @@ encode time of one transformer block. Made to run in ONE call on an H100-class G
 
 The figure of merit is decode time vs copy time for the same bytes (read the compressed blob +
 write the dense tensor): ``ratio = copy_ms / decode_ms`` (1.0 = decoding at copy bandwidth).
+Also measured: the planner's cascade against forced shallower ones on the same tensor (bits per
+weight vs decode speed: the decode kernel is expected to be ALU-bound, ~20 instructions per value
+per level reached), one launch per block vs one per tensor, and the encode time of one block.
+Exit status: 0 all exact, 1 a mismatch, 2 no CUDA device.
 Weights are drawn N(0, 0.02) in bf16, shaped like Llama-3-8B's layers.
 """
 from __future__ import annotations
@@ -279,6 +283,37 @@ def run(args):
         del x, y, ct
         _sync()
     out(f"(torch dense copy for scale: see copy ms; decode configs swept: {CONFIGS})")
+
+    # -- 2b. the planner's cascade vs cheaper-to-decode ones, same tensor ----------------------
+    out("\n### Bits vs decode speed: the planner's cascade and forced alternatives (4096x14336, N(0,0.02) bf16)")
+    out("| cascade | bits/weight | decode ms (best of BLOCK/warps) | copy ms | ratio copy/decode | exact |")
+    out("|---|---|---|---|---|---|")
+    shape = (4096, 14336) if not SMOKE else LAYER_SHAPES[-1]
+    x = torch.randn(shape, device=dev, dtype=torch.float32).mul_(0.02).to(torch.bfloat16)
+    xb = x.view(-1).view(torch.int16)
+    lay = spec.LAYOUTS["bfloat16"]
+    y = torch.empty_like(x)
+    flat = y.view(-1).view(torch.int16)
+    for forced in (None, (2, 2, 2, 5), (2, 2, 5), (3,), (4,)):
+        w, has_raw, symbols, sections = tg.encode(xb, lay, 7, spec.DEFAULT_TILE, widths=forced)
+        ct = CompressedTensor.from_sections(
+            dict(dtype="bfloat16", shape=tuple(shape), mantissa_bits=7, tile=spec.DEFAULT_TILE,
+                 widths=w, has_raw=has_raw, symbols=tuple(int(v) for v in symbols)), sections).to(dev)
+        flat.fill_(0x5A5A)
+        tg.decode_into(ct, flat)
+        exact = torch.equal(flat, xb)
+        failures += not exact
+        ms = min(_bench(lambda: tg.decode_into(ct, flat, block=b, num_warps=nw))
+                 for b, nw in ([(256, 1), (1024, 4), (2048, 8)] if not SMOKE else CONFIGS))
+        nin, nout = ct.data.numel(), x.numel() * 2
+        src = ct.data[: nin // 4 * 4].view(torch.int32)
+        grid = (triton.cdiv(max(src.numel(), nout // 4), 4096),)
+        copy_ms = _bench(lambda: copy_kernel[grid](src, flat.view(torch.int32), src.numel(), nout // 4, BLOCK=4096))
+        name = f"{w}{'+raw' if has_raw else ''}" + (" (planner)" if forced is None else "")
+        out(f"| {name} | {ct.bits_per_weight:.2f} | {ms:.3f} | {copy_ms:.3f} | {copy_ms / ms:.2f} | {exact} |")
+        del ct
+    del x, y
+    _sync()
 
     # -- 3. one launch per block vs per tensor; encode time of one block -----------------------
     out("\n### One Llama-3-8B block (q, k, v, o, gate, up, down; 218M weights)")
