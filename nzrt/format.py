@@ -89,7 +89,7 @@ class Header:
             raise FormatError(f"mantissa_bits {self.mantissa_bits} out of range 0..{lay.man_bits}")
         if self.tile <= 0 or self.tile % 8:
             raise FormatError(f"tile {self.tile} is not a positive multiple of 8")
-        if len(self.widths) > spec.MAX_LEVELS or any(not 1 <= w <= lay.exp_bits for w in self.widths):
+        if len(self.widths) > spec.MAX_LEVELS or any(not 1 <= w <= min(spec.MAX_WIDTH, lay.exp_bits) for w in self.widths):
             raise FormatError(f"bad level widths {self.widths}")
         cap = sum((1 << w) - 1 for w in self.widths)
         if len(self.symbols) > cap or any(not 0 <= s <= lay.exp_mask for s in self.symbols):
