@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     print(table)
     print(notes)
     if args.record:
-        cmd = " ".join([Path(sys.executable).name if False else ".venv/bin/python", "tools/bench_codec.py"]
+        cmd = " ".join([".venv/bin/python", "tools/bench_codec.py"]
                        + (argv if argv is not None else sys.argv[1:]))
         section = (f"\n## Codec: nzrt numba vs ZipNN vs copy — {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}\n\n"
                    f"- machine: {cpu_model()}, {os.cpu_count()} cores, load average {load:.2f} at the end "
