@@ -1025,7 +1025,7 @@ def _signed64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=512)  # ~50 KB of tables each
 def _decode_tables(dtype: str, keep: int, widths: tuple, has_raw: bool, symbols: tuple):
     """Per-codebook decode tables (built once per distinct codebook, then reused)."""
     layout = spec.LAYOUTS[dtype]
