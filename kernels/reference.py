@@ -127,6 +127,8 @@ def decode(header, sections: dict, out_bits: np.ndarray) -> None:
             if (rank >= room).any():
                 raise FormatError(f"level {level}: a tile holds more escapes than its offsets allow")
             slot = col[tile_of[idx]] * 8 + rank
+            if len(slot) and spec.packed_nbytes(int(slot.max()) + 1, w) > len(sections[f"level{level}"]):
+                raise FormatError(f"level {level}: offsets point past the stream")
         codes = unpack(sections[f"level{level}"], slot, w)
         is_raw = header.has_raw and level == len(all_widths) - 1
         if is_raw:
@@ -139,6 +141,8 @@ def decode(header, sections: dict, out_bits: np.ndarray) -> None:
         exp[idx[hit]] = symbols[first_symbol + codes[hit]]
         open_[idx[hit]] = False
         first_symbol += (1 << w) - 1
+    if open_.any():
+        raise FormatError("an escape at the last level, which has no next level")
     sm = unpack(sections["sm"], np.arange(n), spec.sm_width(keep))
     drop = layout.man_bits - keep
     sign = sm >> keep
