@@ -33,6 +33,7 @@ counted when the device is a GPU; on the CPU the host is the device and everythi
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -305,7 +306,11 @@ class Managed:
         self.tracker.sample()
 
     def _decode(self, ct, buf):
-        codec.decode_into(ct, buf, backend=self.backend)
+        if _serial_decode():
+            with _DECODE_LOCK:
+                codec.decode_into(ct, buf, backend=self.backend)
+        else:
+            codec.decode_into(ct, buf, backend=self.backend)
 
     def _chunkable(self, p, owners) -> bool:
         if not self.chunk_bytes or p.dim() != 2:
@@ -602,6 +607,8 @@ class Managed:
                     new = ct if not _is_mapped(ct) or t == Tier.DISK else \
                         CompressedTensor(ct.header, ct.data.clone(), verified=True)
             s.ct = new
+            if not s.on_disk:
+                s.home = new  # one copy: the old placement is freed (a file-backed home stays)
             self._tier_now[k] = t
 
     # -- detach -----------------------------------------------------------------------------
@@ -730,6 +737,25 @@ class Managed:
             warnings=list(self._warnings), fixed_bytes=self.fixed_bytes,
             weights_dense_bytes=sum(s_.dense_bytes for s_ in self.tensors.values()),
             weights_compressed_bytes=sum(s_.ct.nbytes for s_ in self.tensors.values()))
+
+
+_DECODE_LOCK = threading.Lock()
+_SERIAL = None
+
+
+def _serial_decode() -> bool:
+    """numba's "workqueue" threading layer must not run parallel kernels from two threads at
+    once (the decode worker and an on-demand decode); "omp" and "tbb" may. Serialise only there."""
+    global _SERIAL
+    if _SERIAL is None:
+        numba = sys.modules.get("numba")
+        if numba is None:
+            return False
+        try:
+            _SERIAL = numba.threading_layer() == "workqueue"
+        except ValueError:  # no parallel kernel has run yet: be safe until one has
+            return True
+    return _SERIAL
 
 
 def _no_grad_check(bindings) -> None:

@@ -98,12 +98,19 @@ class CpuWorker:
     """One daemon thread running decode jobs in order. The numba decoder releases the GIL, so
     decoding overlaps the model's compute."""
 
-    def __init__(self):
+    def __init__(self, threads: int | None = None):
         self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = threads
         self._thread = threading.Thread(target=self._loop, name="nzrt-decode", daemon=True)
         self._thread.start()
 
     def _loop(self):
+        if self._threads:
+            try:  # numba's thread count is per calling thread: this one only
+                import numba
+                numba.set_num_threads(min(self._threads, numba.config.NUMBA_NUM_THREADS))
+            except Exception:
+                pass
         while True:
             job = self._q.get()
             if job is None:
@@ -124,7 +131,8 @@ class Scheduler:
     policy, layer sizes, budget and costs into it); ``place(plan)`` moves tensors to the plan's
     tiers (the runtime's job too)."""
 
-    def __init__(self, units: dict, tensors: dict, device, *, planner, place, decode, prefetch: bool = True):
+    def __init__(self, units: dict, tensors: dict, device, *, planner, place, decode, prefetch: bool = True,
+                 decode_threads: int | None = None):
         import torch
         self.units = units
         self.tensors = tensors
@@ -155,7 +163,7 @@ class Scheduler:
         if self.cuda:
             self.side = torch.cuda.Stream(self.device)
         elif prefetch:
-            self._worker = CpuWorker()
+            self._worker = CpuWorker(decode_threads)
 
     # -- pass boundaries ----------------------------------------------------------------------
     def begin_pass(self) -> None:
