@@ -30,6 +30,7 @@ a patch index out of range) come back as flags and raise ``FormatError`` in Pyth
 from __future__ import annotations
 
 import functools
+import zlib
 
 import numpy as np
 import numba
@@ -164,15 +165,16 @@ def _pdep_soft(x, m):
     return r
 
 
-def _host_has_bmi2() -> bool:
+def _host_has(feature: str) -> bool:
     try:
         import llvmlite.binding as llvm
-        return bool(llvm.get_host_cpu_features().get("bmi2", False))
+        return bool(llvm.get_host_cpu_features().get(feature, False))
     except Exception:  # pragma: no cover - exotic llvmlite builds
         return False
 
 
-_HAS_BMI2 = _host_has_bmi2()
+_HAS_BMI2 = _host_has("bmi2")
+_HAS_PCLMUL = _host_has("pclmul")
 
 
 def _init_asm_parser() -> None:
@@ -225,6 +227,102 @@ def _pdep(typingctx, x, m):
             return builder.call(fn, args)
         return context.compile_internal(builder, _pdep_soft, sig, args)
     return sig, codegen
+
+
+# --- CRC-32 (zlib's) by carry-less multiplication ---------------------------------------------
+
+@intrinsic
+def _clmul(typingctx, a, b):
+    """The 128-bit carry-less product of two 64-bit words (PCLMULQDQ), as (low, high) int64."""
+    sig = types.UniTuple(types.int64, 2)(types.int64, types.int64)
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        v2 = ir.VectorType(i64, 2)
+        fnty = ir.FunctionType(v2, [v2, v2, ir.IntType(8)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.pclmulqdq")
+        zero = ir.Constant(v2, None)
+        va = builder.insert_element(zero, args[0], ir.Constant(ir.IntType(32), 0))
+        vb = builder.insert_element(zero, args[1], ir.Constant(ir.IntType(32), 0))
+        p = builder.call(fn, [va, vb, ir.Constant(ir.IntType(8), 0)])
+        lo = builder.extract_element(p, ir.Constant(ir.IntType(32), 0))
+        hi = builder.extract_element(p, ir.Constant(ir.IntType(32), 1))
+        return context.make_tuple(builder, sig.return_type, (lo, hi))
+    return sig, codegen
+
+
+def _crc_table() -> np.ndarray:
+    tab = np.zeros(256, np.int64)
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ (0xEDB88320 if c & 1 else 0)
+        tab[i] = c
+    return tab
+
+
+_CRC_TAB = _crc_table()
+# Folding constants of the bit-reflected CRC-32 polynomial (as in Linux's crc32-pclmul and
+# zlib-ng): x^(512+32), x^(512-32) mod P (fold 64 bytes ahead) and x^(128+32), x^(128-32)
+# mod P (16 bytes ahead), bit-reflected and shifted for PCLMULQDQ.
+_K512_LO, _K512_HI = 0x154442BD4, 0x1C6E41596
+_K128_LO, _K128_HI = 0x1751997D0, 0xCCAA009E
+
+
+@njit(**_OPTS)
+def _fold(lo, hi, klo, khi):
+    """A 128-bit lane moved 512 or 128 bits ahead: lo * klo ^ hi * khi, carry-less."""
+    a0, a1 = _clmul(lo, klo)
+    b0, b1 = _clmul(hi, khi)
+    return a0 ^ b0, a1 ^ b1
+
+
+@njit(**_OPTS)
+def _crc32_nb(buf, crc, tab):
+    """zlib.crc32(buf, crc) for len(buf) >= 64: four 128-bit lanes folded 64 bytes at a time,
+    then into one lane, then 16 bytes at a time; the last lane and the tail go bytewise through
+    the table (the fold keeps the raw CRC of "lane + rest" equal to that of the message)."""
+    n = len(buf)
+    c = (crc ^ 0xFFFFFFFF) & 0xFFFFFFFF
+    x0, x1 = _ld64(buf, 0) ^ c, _ld64(buf, 8)
+    x2, x3 = _ld64(buf, 16), _ld64(buf, 24)
+    x4, x5 = _ld64(buf, 32), _ld64(buf, 40)
+    x6, x7 = _ld64(buf, 48), _ld64(buf, 56)
+    p = 64
+    while p + 64 <= n:
+        y0, y1 = _fold(x0, x1, _K512_LO, _K512_HI)
+        y2, y3 = _fold(x2, x3, _K512_LO, _K512_HI)
+        y4, y5 = _fold(x4, x5, _K512_LO, _K512_HI)
+        y6, y7 = _fold(x6, x7, _K512_LO, _K512_HI)
+        x0, x1 = y0 ^ _ld64(buf, p), y1 ^ _ld64(buf, p + 8)
+        x2, x3 = y2 ^ _ld64(buf, p + 16), y3 ^ _ld64(buf, p + 24)
+        x4, x5 = y4 ^ _ld64(buf, p + 32), y5 ^ _ld64(buf, p + 40)
+        x6, x7 = y6 ^ _ld64(buf, p + 48), y7 ^ _ld64(buf, p + 56)
+        p += 64
+    y0, y1 = _fold(x0, x1, _K128_LO, _K128_HI)
+    x0, x1 = y0 ^ x2, y1 ^ x3
+    y0, y1 = _fold(x0, x1, _K128_LO, _K128_HI)
+    x0, x1 = y0 ^ x4, y1 ^ x5
+    y0, y1 = _fold(x0, x1, _K128_LO, _K128_HI)
+    x0, x1 = y0 ^ x6, y1 ^ x7
+    while p + 16 <= n:
+        y0, y1 = _fold(x0, x1, _K128_LO, _K128_HI)
+        x0, x1 = y0 ^ _ld64(buf, p), y1 ^ _ld64(buf, p + 8)
+        p += 16
+    r = np.int64(0)
+    for j in range(16):
+        byte = (x0 >> (8 * j)) if j < 8 else (x1 >> (8 * (j - 8)))
+        r = _ldel(tab, (r ^ byte) & 0xFF) ^ (r >> 8)
+    for j in range(p, n):
+        r = _ldel(tab, (r ^ _ldel(buf, j)) & 0xFF) ^ (r >> 8)
+    return (r ^ 0xFFFFFFFF) & 0xFFFFFFFF
+
+
+def crc32(buf: np.ndarray, crc: int = 0) -> int:
+    """``zlib.crc32(buf, crc)`` of a contiguous uint8 array, several times faster (PCLMULQDQ)."""
+    if not _HAS_PCLMUL or len(buf) < 64 or buf.dtype != np.uint8 or not buf.flags.c_contiguous:
+        return zlib.crc32(buf, crc)
+    return int(_crc32_nb(buf, crc, _CRC_TAB))
 
 
 # --- the plan: an exact, fast replica of spec.choose_cascade --------------------------------
@@ -559,6 +657,9 @@ def _enc_tile(t, src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, 
         if w <= 2:
             c = _code_cmp(cur, k, SYM[3 * l], SYM[3 * l + 1], SYM[3 * l + 2], w, st, pos, codes, nxt)
         else:
+            # the bit writer leaves the unused tail of the tile's last group unwritten
+            for b in range(pos, pos + ((k + 7) >> 3) * w):
+                _stel(st, b, 0)
             c = 0
             row = l * 256
             acc = np.int64(0)
@@ -634,9 +735,28 @@ def _parallel(tiles: int) -> bool:
     return tiles >= PARALLEL_MIN_TILES and numba.get_num_threads() > 1
 
 
+def _align(x: int) -> int:
+    a = spec.SECTION_ALIGN
+    return (x + a - 1) // a * a
+
+
 def encode(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE):
     """Encode 1-D integer bit patterns. Returns (widths, has_raw, symbols, sections), byte for
-    byte what ``reference.encode`` returns."""
+    byte what ``reference.encode`` returns (the sections are views into one blob)."""
+    widths, has_raw, symbols, blob, table = encode_blob(bits, layout, keep, tile)
+    sections = {}
+    for name, (off, nb, rows, cols) in table.items():
+        dt = (np.uint32 if name == "offsets" else np.int64 if name == "patch_idx"
+              else layout.uint if name == "patch_val" else np.uint8)
+        arr = blob[off:off + nb].view(dt)
+        sections[name] = arr.reshape(rows, cols) if name == "offsets" else arr
+    return widths, has_raw, symbols, sections
+
+
+def encode_blob(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE):
+    """``encode``, written straight into the blob that ``CompressedTensor.from_sections`` would
+    build from its sections: (widths, has_raw, symbols, blob, table), table[name] = (byte
+    offset, nbytes, rows, cols). Every byte of the blob is written once; padding is zero."""
     bits = np.ascontiguousarray(bits, dtype=layout.uint).reshape(-1)
     n = len(bits)
     tiles = spec.n_tiles(n, tile)
@@ -649,48 +769,45 @@ def encode(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DE
     maxfin = inf - (1 << s)
     par = _parallel(tiles)
 
-    th = np.zeros((tiles, nsym), np.int32)
+    th = np.empty((tiles, nsym), np.int32)  # every row written by the histogram pass
     nanc = np.zeros(tiles, np.int64)
     rb = np.empty_like(bits) if lossy else bits
     if n:
         (_round_hist_par if par else _round_hist_ser)(bits, rb, n, tile, lossy, s, signbit, inf,
                                                       maxfin, mb, layout.exp_mask, th, nanc)
-    if lossy:
-        nstart = np.zeros(tiles + 1, np.int64)
-        np.cumsum(nanc, out=nstart[1:])
-        total = int(nstart[-1])
-        patch_idx = np.empty(total, np.int64)
-        patch_val = np.empty(total, layout.uint)
-        if total:
-            _nan_fill_par(bits, n, tile, inf, signbit, nanc, nstart, patch_idx, patch_val)
-    else:
-        patch_idx = np.zeros(0, np.int64)
-        patch_val = bits[:0]
-
     widths, has_raw, symbols, L, W, CT, SYM, off, sizes = _plan(
         th, n, tile, layout.exp_bits, spec.MAX_LEVELS, spec.MAX_WIDTH)
     widths = tuple(int(w) for w in widths)
-    sections = {"sm": np.zeros(spec.packed_nbytes(n, spec.sm_width(keep)), np.uint8)}
-    if L == 0:
-        sections["offsets"] = np.zeros((tiles + 1, 0), np.uint32)
-        sections["patch_idx"] = patch_idx
-        sections["patch_val"] = patch_val
-        return widths, bool(has_raw), symbols.astype(np.uint8), sections
-    buf = np.zeros(int(sizes.sum()), np.uint8)  # all level streams, each zero-padded
-    lv = []
-    pos = 0
-    for level in range(L):
-        lv.append(buf[pos:pos + sizes[level]])
-        sections[f"level{level}"] = lv[-1]
-        pos += int(sizes[level])
-    lv += [_EMPTY_U8] * (_NLEV - L)
-    (_enc_par if par else _enc_ser)(rb, n, tile, L, W, CT, SYM, mb, layout.exp_mask, keep, s,
-                                    layout.total_bits - 1, spec.sm_width(keep), sections["sm"],
-                                    lv[0], lv[1], lv[2], lv[3], lv[4], off)
-    sections["offsets"] = off
-    sections["patch_idx"] = patch_idx
-    sections["patch_val"] = patch_val
-    return widths, bool(has_raw), symbols.astype(np.uint8), sections
+    nan_total = int(nanc.sum()) if lossy else 0
+
+    # section table, in reference.encode's order, each section 16-byte aligned
+    smw = spec.sm_width(keep)
+    names = ["sm"] + [f"level{level}" for level in range(L)] + ["offsets", "patch_idx", "patch_val"]
+    nbytes = ([spec.packed_nbytes(n, smw)] + [int(x) for x in sizes[:L]]
+              + [off.nbytes, 8 * nan_total, layout.itemsize * nan_total])
+    table, pos = {}, 0
+    for name, nb in zip(names, nbytes):
+        rows, cols = off.shape if name == "offsets" else (0, 0)
+        table[name] = (pos, nb, rows, cols)
+        pos = _align(pos + nb)
+    blob = np.empty(pos, np.uint8)
+    # zero what the kernels do not write: each stream's STREAM_PAD tail and the alignment gaps
+    for name, (o, nb, _, _) in table.items():
+        data_end = o + nb - (spec.STREAM_PAD if name == "sm" or name.startswith("level") else 0)
+        blob[data_end:_align(o + nb)] = 0
+    view = lambda name: blob[table[name][0]:table[name][0] + table[name][1]]  # noqa: E731
+    view("offsets").view(np.uint32).reshape(off.shape)[:] = off
+    if nan_total:
+        nstart = np.zeros(tiles + 1, np.int64)
+        np.cumsum(nanc, out=nstart[1:])
+        _nan_fill_par(bits, n, tile, inf, signbit, nanc, nstart,
+                      view("patch_idx").view(np.int64), view("patch_val").view(layout.uint))
+    if L:
+        lv = [view(f"level{level}") for level in range(L)] + [_EMPTY_U8] * (_NLEV - L)
+        (_enc_par if par else _enc_ser)(rb, n, tile, L, W, CT, SYM, mb, layout.exp_mask, keep, s,
+                                        layout.total_bits - 1, smw, view("sm"),
+                                        lv[0], lv[1], lv[2], lv[3], lv[4], off)
+    return widths, bool(has_raw), symbols.astype(np.uint8), blob, table
 
 
 # --- decode kernels --------------------------------------------------------------------------

@@ -71,17 +71,26 @@ def compress(tensor: torch.Tensor, *, mantissa_bits: int | None = None,
         raise ValueError(f"tile must be a positive multiple of 8, got {tile}")
     device = tensor.device
     name = resolve_backend(backend, device)
-    bits = tensor.detach().contiguous().view(_int_dtype(layout)).reshape(-1)
     mod = _backend_module(name)
-    if name != "triton" and device.type != "cpu":
-        bits = bits.cpu()
-    widths, has_raw, symbols, sections = mod.encode(bits.cpu().numpy().view(layout.uint)
-                                                    if name != "triton" else bits, layout, keep, tile)
-    ct = CompressedTensor.from_sections(
-        dict(dtype=layout.name, shape=tuple(tensor.shape), mantissa_bits=keep, tile=tile,
-             widths=tuple(int(w) for w in widths), has_raw=bool(has_raw),
-             symbols=tuple(int(s) for s in symbols)), sections)
+    bits = tensor.detach().contiguous().view(_int_dtype(layout)).reshape(-1)
+    fields = dict(dtype=layout.name, shape=tuple(tensor.shape), mantissa_bits=keep, tile=tile)
+    if name == "triton":
+        widths, has_raw, symbols, sections = mod.encode(bits, layout, keep, tile)
+    else:
+        bits = bits.cpu().numpy().view(layout.uint)
+        if hasattr(mod, "encode_blob"):  # writes the blob in place: no copy of the sections
+            widths, has_raw, symbols, blob, table = mod.encode_blob(bits, layout, keep, tile)
+            ct = CompressedTensor.from_blob(_fields(fields, widths, has_raw, symbols), blob, table)
+            return ct.to(device) if device.type != "cpu" else ct
+        widths, has_raw, symbols, sections = mod.encode(bits, layout, keep, tile)
+    ct = CompressedTensor.from_sections(_fields(fields, widths, has_raw, symbols), sections)
     return ct.to(device) if device.type != "cpu" else ct
+
+
+def _fields(fields: dict, widths, has_raw, symbols) -> dict:
+    """Header fields: the tensor's, plus the codebook as plain ints."""
+    return dict(fields, widths=tuple(int(w) for w in widths), has_raw=bool(has_raw),
+                symbols=tuple(int(s) for s in symbols))
 
 
 def decode_into(ct: CompressedTensor, out: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
