@@ -201,7 +201,7 @@ class Scheduler:
             self.pos = 0
 
     def _install(self, trace: tuple, seconds: dict) -> None:
-        self._drop_all()
+        self._drop_all(include_pinned=True)  # the new plan may pin other units
         plan = self.planner(trace, seconds)
         self.replans += 1
         self.place(plan)
@@ -219,7 +219,7 @@ class Scheduler:
                 for u in sorted(plan.initial_dense):
                     self._issue(u)
         else:
-            self.mode = ONDEMAND_STEADY
+            self.mode = RECORD  # nothing ran in that pass: trace the next one
 
     def _reserve(self, plan) -> None:
         """Size the pool from the plan: the most buffers of each kind held at once."""
@@ -316,10 +316,10 @@ class Scheduler:
         self.mode = ONDEMAND
         self.pos = 0
 
-    def _drop_all(self) -> None:
+    def _drop_all(self, include_pinned: bool = False) -> None:
         busy = self._in_use()
         for u in list(self.held):
-            if u not in busy and not self._pinned(u):
+            if u not in busy and (include_pinned or not self._pinned(u)):
                 self._release(u)
 
     def _issue(self, unit: str, *, inline: bool = False, pinned: bool = False) -> None:

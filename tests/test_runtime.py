@@ -406,3 +406,13 @@ def test_report_contents(llama):
     assert "host_rss" in d["peaks"]
     assert "no GPU" in d["nvml"]
     assert run.report() is not None  # still readable after exit
+
+
+def test_roomy_budget_caches_dense_layers(llama):
+    """With room, auto keeps layers dense (dense tier or a cache): fewer decodes, same bits."""
+    x = {"input_ids": ids_for(1000)}
+    tight = check_policy(llama, x, "auto", passes=4, chunk_bytes=SMALL_CHUNKS)
+    roomy = check_policy(llama, x, "auto", passes=4, chunk_bytes=SMALL_CHUNKS, budget="1GiB")
+    assert roomy.totals()["decodes"] < tight.totals()["decodes"]
+    b = check_policy(llama, x, Belady(1), passes=4, chunk_bytes=SMALL_CHUNKS, budget=2 * 2 ** 20)
+    assert b.totals()["decodes"] < tight.totals()["decodes"]

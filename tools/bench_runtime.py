@@ -191,7 +191,7 @@ def machine() -> str:
 
 
 def markdown(res, args) -> str:
-    out = [f"## bench_runtime: SmolLM2-135M {args.dtype}, managed vs plain on {res['device']}",
+    out = ["", f"## bench_runtime: SmolLM2-135M {args.dtype}, managed vs plain on {res['device']}",
            "",
            f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
            f"- machine: {machine()}",
