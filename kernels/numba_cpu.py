@@ -229,6 +229,70 @@ def _pdep(typingctx, x, m):
     return sig, codegen
 
 
+_HAS_VBMI2 = _host_has("avx512bw") and _host_has("avx512vbmi2")
+
+
+def _eqmask64_soft(arr, idx, s):
+    m = np.int64(0)
+    for j in range(64):
+        m |= np.int64(arr[idx + j] == s) << j
+    return m
+
+
+@intrinsic
+def _eqmask64(typingctx, arr, idx, s):
+    """Bit j set where byte ``arr[idx + j] == s``, j < 64 (one AVX-512 compare); reads 64 bytes."""
+    if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
+        return None
+    sig = types.int64(arr, idx, types.int64)
+
+    def codegen(context, builder, sig, args):
+        if not _HAS_VBMI2:
+            return context.compile_internal(builder, _eqmask64_soft, sig, args)
+        v64 = ir.VectorType(ir.IntType(8), 64)
+        ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        v = builder.load(builder.bitcast(ptr, v64.as_pointer()), align=1)
+        sb = builder.trunc(args[2], ir.IntType(8))
+        splat = builder.insert_element(ir.Constant(v64, None), sb, ir.Constant(ir.IntType(32), 0))
+        zeros32 = ir.Constant(ir.VectorType(ir.IntType(32), 64), [0] * 64)
+        splat = builder.shuffle_vector(splat, ir.Constant(v64, None), zeros32)
+        eq = builder.icmp_unsigned("==", v, splat)
+        return builder.bitcast(eq, ir.IntType(64))
+    return sig, codegen
+
+
+def _compress64_soft(src, idx, mask, dst, didx):
+    c = didx
+    for j in range(64):
+        if (mask >> j) & 1:
+            dst[c] = src[idx + j]
+            c += 1
+
+
+@intrinsic
+def _compress64(typingctx, src, idx, mask, dst, didx):
+    """The bytes ``src[idx + j]`` whose mask bit j is set, packed to ``dst[didx:]`` (VPCOMPRESSB
+    in a register, then one 64-byte store: 64 bytes of ``dst`` must be writable)."""
+    if not isinstance(src, types.Array) or not isinstance(dst, types.Array):
+        return None
+    sig = types.void(src, idx, types.int64, dst, didx)
+
+    def codegen(context, builder, sig, args):
+        if not _HAS_VBMI2:
+            return context.compile_internal(builder, _compress64_soft, sig, args)
+        v64 = ir.VectorType(ir.IntType(8), 64)
+        ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        v = builder.load(builder.bitcast(ptr, v64.as_pointer()), align=1)
+        m = builder.bitcast(args[2], ir.VectorType(ir.IntType(1), 64))
+        fnty = ir.FunctionType(v64, [v64, v64, ir.VectorType(ir.IntType(1), 64)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.mask.compress.v64i8")
+        packed = builder.call(fn, [v, ir.Constant(v64, None), m])
+        dptr = _elem_ptr(context, builder, sig.args[3], args[3], args[4], sig.args[4])
+        builder.store(packed, builder.bitcast(dptr, v64.as_pointer()), align=1)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 # --- CRC-32 (zlib's) by carry-less multiplication ---------------------------------------------
 
 @intrinsic
@@ -644,8 +708,8 @@ def _enc_tile(t, src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, 
     # every level works on the exponents (as bytes) of the values that reach it, in order;
     # it writes its codes and compacts the escaping exponents for the next level
     cnt8 = (cnt + 7) & ~7
-    cur = np.empty(cnt8 + 8, np.uint8)
-    nxt = np.empty(cnt8 + 16, np.uint8)
+    cur = np.empty(cnt8 + 64, np.uint8)  # 64 bytes of slack for the vector loads and stores
+    nxt = np.empty(cnt8 + 64, np.uint8)
     codes = np.empty(cnt8 + 8, np.uint8)
     for j in range(cnt):  # vectorisable
         _stel(cur, j, (_ldel(src, a + j) >> mb) & emask)
@@ -654,7 +718,9 @@ def _enc_tile(t, src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, 
         w = W[l]
         st = streams[l]
         pos = (a * w) >> 3 if l == 0 else np.int64(off[t, l - 1]) * w
-        if w <= 2:
+        if w <= 2 and _HAS_VBMI2:
+            c = _code_vec(cur, k, SYM[3 * l], SYM[3 * l + 1], SYM[3 * l + 2], w, st, pos, nxt)
+        elif w <= 2:
             c = _code_cmp(cur, k, SYM[3 * l], SYM[3 * l + 1], SYM[3 * l + 2], w, st, pos, codes, nxt)
         else:
             # the bit writer leaves the unused tail of the tile's last group unwritten
@@ -706,6 +772,49 @@ def _code_cmp(ex, k, s0, s1, s2, w, st, pos, codes, nxt):
             _stel(st, pos + g, _pext(m, 0x0101010101010101))
             _st64(nxt, c, _pext(_ld64(ex, 8 * g), m * 0xFF))
             c += _popc(m)
+    return c
+
+
+@njit(**_OPTS)
+def _code_vec(ex, k, s0, s1, s2, w, st, pos, nxt):
+    """``_code_cmp``, 64 entries at a time (AVX-512). Byte compares give the masks k0, k1, k2 of
+    the entries that are symbol 0, 1, 2 (0x100: no symbol, never equal). A code's bit 0 is set
+    unless the entry is symbol 0 or 2, bit 1 unless it is symbol 0 or 1, so both are set for an
+    escape; PDEP interleaves the two masks into 2-bit codes (w == 1: bit 0 is the code).
+    VPCOMPRESSB packs the escaping exponents. ``ex`` and ``nxt`` need 64 bytes of slack."""
+    c = np.int64(0)
+    j = 0
+    while j < k:
+        rem = k - j
+        valid = np.int64(-1) if rem >= 64 else (np.int64(1) << rem) - 1
+        k0 = _eqmask64(ex, j, s0) if s0 < 256 else np.int64(0)
+        if w == 2:
+            k1 = _eqmask64(ex, j, s1) if s1 < 256 else np.int64(0)
+            k2 = _eqmask64(ex, j, s2) if s2 < 256 else np.int64(0)
+            b0 = ~(k0 | k2) & valid
+            b1 = ~(k0 | k1) & valid
+            lo = _pdep(b0 & 0xFFFFFFFF, 0x5555555555555555) | _pdep(b1 & 0xFFFFFFFF, -0x5555555555555556)
+            hi = (_pdep((b0 >> 32) & 0xFFFFFFFF, 0x5555555555555555)
+                  | _pdep((b1 >> 32) & 0xFFFFFFFF, -0x5555555555555556))
+            esc = b0 & b1
+            q = pos + (j >> 2)
+            if rem >= 64:
+                _st64(st, q, lo)
+                _st64(st, q + 8, hi)
+            else:  # the tile's last groups: 2 bytes per 8 entries, nothing past them
+                for b in range(((rem + 7) >> 3) * 2):
+                    _stel(st, q + b, (lo >> (8 * b)) if b < 8 else (hi >> (8 * (b - 8))))
+        else:
+            esc = ~k0 & valid
+            q = pos + (j >> 3)
+            if rem >= 64:
+                _st64(st, q, esc)
+            else:
+                for b in range((rem + 7) >> 3):
+                    _stel(st, q + b, esc >> (8 * b))
+        _compress64(ex, j, esc, nxt, c)
+        c += _popc(esc)
+        j += 64
     return c
 
 
