@@ -362,8 +362,10 @@ class Managed:
         for i, (a, b) in enumerate(spans):
             key = f"{base}#{i}" if chunked else base
             if cts is not None:
+                # given by the caller (e.g. nzrt.load's memory map): the "disk" tier streams
+                # from these bytes where they are
                 ct = cts[0][0]
-                on_disk = _is_mapped(ct)
+                on_disk = ct.device.type == "cpu" or _is_mapped(ct)
             else:
                 part = dense_src[a:b] if chunked else dense_src
                 ct = codec.compress(part, mantissa_bits=self.mantissa_bits, backend=self._cbackend(part))

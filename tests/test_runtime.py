@@ -416,3 +416,37 @@ def test_roomy_budget_caches_dense_layers(llama):
     assert roomy.totals()["decodes"] < tight.totals()["decodes"]
     b = check_policy(llama, x, Belady(1), passes=4, chunk_bytes=SMALL_CHUNKS, budget=2 * 2 ** 20)
     assert b.totals()["decodes"] < tight.totals()["decodes"]
+
+
+def test_meta_model_from_nzrt_file_on_disk_tier(llama, tmp_path):
+    """A .nzrt checkpoint, memory-mapped by nzrt.load, streamed from the file (the disk tier)."""
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM
+    path = tmp_path / "tiny.nzrt"
+    nzrt.save(path, _compressed_weights(llama))
+    with init_empty_weights():
+        meta = LlamaForCausalLM(llama.config)
+    meta.to(torch.bfloat16).tie_weights()
+    meta.eval()
+    x = ids_for(1000)
+    with torch.inference_mode():
+        ref = llama(x).logits
+    with nzrt.managed(meta, policy=Offload(2, tier="disk"), weights=nzrt.load(path)) as run:
+        for _ in range(3):
+            with torch.inference_mode():
+                assert same(meta(x).logits, ref)
+        tiers = {x.tier for x in run.report().layers}
+    assert tiers == {"disk"}
+    assert all(p.device.type == "meta" for p in meta.parameters())
+
+
+def test_calling_an_inner_module_decodes_on_demand(llama):
+    """No forward of the managed root: every layer is decoded on demand, results still exact."""
+    x = ids_for(1000)
+    with torch.inference_mode():
+        ref = llama.model(x).last_hidden_state
+    with nzrt.managed(llama, policy="resident", chunk_bytes=SMALL_CHUNKS) as run:
+        for _ in range(2):
+            with torch.inference_mode():
+                assert same(llama.model(x).last_hidden_state, ref)
+    assert run.report().totals()["misses"] > 0 and run.report().passes == 0
