@@ -180,6 +180,8 @@ class Scheduler:
         if self.depth > 0:
             return
         self.passes += 1
+        if self.cuda and len(self._cuda_timing) > 4096:
+            self.cuda_times(wait=False)  # keep the list of timing events bounded
         if not ok:  # an exception inside the forward: drop everything, trace again
             self.recorder.active = False
             self._drop_all()
@@ -223,6 +225,9 @@ class Scheduler:
 
     def _reserve(self, plan) -> None:
         """Size the pool from the plan: the most buffers of each kind held at once."""
+        if self.cuda:  # buffers about to be freed may still be written by the side stream
+            import torch
+            torch.cuda.current_stream(self.device).wait_stream(self.side)
         held = set(plan.initial_dense) if self.prefetch_enabled else set()
         tiers = plan.tier_of
         pinned = {u for u, t in tiers.items() if t == "dense"}
@@ -368,32 +373,39 @@ class Scheduler:
         import torch
         from nzrt.format import CompressedTensor
         side = self.side
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def timed():
+            e = torch.cuda.Event(enable_timing=True)
+            e.record(side)
+            return e
+
         with torch.cuda.stream(side):
-            start.record(side)
             for s, d, ev in items:
                 if ev is not None:
                     side.wait_event(ev)  # the compute stream is done with this buffer
                 ct = s.ct
+                t0 = timed()
+                t1 = None
                 if ct.device.type != "cuda":  # host or disk tier: stream the compressed bytes
                     n = ct.data.numel()
                     sk = SlotPool.key(self.device, torch.uint8, n)
                     stage, sev = self.stage_pool.acquire(sk)
                     if sev is not None:
-                        side.wait_event(sev)
-                    src = ct.data if ct.data.is_pinned() else ct.data.pin_memory()  # disk: via pinned
+                        side.wait_event(sev)  # the previous decode from this staging buffer is done
+                    # host tier: pinned once at placement; disk tier: through a pinned bounce
+                    # buffer (the caching host allocator keeps it alive until the copy is done)
+                    src = ct.data if ct.data.is_pinned() else ct.data.pin_memory()
                     stage.copy_(src, non_blocking=True)
+                    t1 = timed()
                     ct = CompressedTensor(ct.header, stage, verified=True)
                     self.decode(ct, d.buf)
-                    done = torch.cuda.Event()
-                    done.record(side)
-                    self.stage_pool.release(sk, stage, done)
+                    t2 = timed()
+                    self.stage_pool.release(sk, stage, t2)
                 else:
                     self.decode(ct, d.buf)
-            end.record(side)
-            for _, d, _ in items:
-                d.event = end
-        self._cuda_timing.append((unit, start, end))
+                    t2 = timed()
+                d.event = t2
+                self._cuda_timing.append((unit, t0, t1, t2))
 
     def _wait(self, unit: str) -> dict:
         out = {}
@@ -452,14 +464,26 @@ class Scheduler:
         return self.pool.held_bytes + self.stage_pool.held_bytes + sum(
             d.buf.numel() * d.buf.element_size() for d in self.store.values() if d.pinned)
 
-    def cuda_times(self) -> None:
-        """Fold the CUDA decode timings into the stats (synchronises the side stream)."""
+    def cuda_times(self, wait: bool = True) -> None:
+        """Fold the CUDA transfer and decode timings into the stats. ``wait``: synchronise the
+        side stream first (for a report); else fold only the finished ones (no host sync)."""
         if not self._cuda_timing:
             return
-        self.side.synchronize()
-        for unit, a, b in self._cuda_timing:
-            self.stats[unit].decode_s += a.elapsed_time(b) / 1e3
-        self._cuda_timing.clear()
+        if wait:
+            self.side.synchronize()
+        keep = []
+        for entry in self._cuda_timing:
+            unit, a, b, c = entry
+            if not wait and not c.query():
+                keep.append(entry)
+                continue
+            st = self.stats[unit]
+            if b is not None:
+                st.transfer_s += a.elapsed_time(b) / 1e3
+                st.decode_s += b.elapsed_time(c) / 1e3
+            else:
+                st.decode_s += a.elapsed_time(c) / 1e3
+        self._cuda_timing = keep
 
     def shutdown(self) -> None:
         """Wait for every decode in flight, drop every dense copy, stop the worker."""
