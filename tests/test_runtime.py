@@ -394,8 +394,11 @@ def test_trace_change_falls_back_and_retraces():
 def test_report_contents(llama):
     with nzrt.managed(llama, policy="resident", chunk_bytes=SMALL_CHUNKS) as run:
         with torch.inference_mode():
-            for _ in range(3):
+            llama(ids_for(1000))  # traced; the plan sizes the slot pool
+            allocs = run.scheduler.pool.allocations
+            for _ in range(4):
                 llama(ids_for(1000))
+        assert run.scheduler.pool.allocations == allocs  # steady state: no allocation per layer
         rep = run.report()
     import json
     d = json.loads(rep.to_json())
