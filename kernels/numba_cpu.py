@@ -382,6 +382,17 @@ def _crc32_nb(buf, crc, tab):
     return (r ^ 0xFFFFFFFF) & 0xFFFFFFFF
 
 
+@njit(**_OPTS)
+def _crc32_any(buf, crc, tab):
+    """zlib.crc32(buf, crc) of any length (bytewise below 64 bytes)."""
+    if _HAS_PCLMUL and len(buf) >= 64:
+        return _crc32_nb(buf, crc, tab)
+    r = (crc ^ 0xFFFFFFFF) & 0xFFFFFFFF
+    for j in range(len(buf)):
+        r = _ldel(tab, (r ^ _ldel(buf, j)) & 0xFF) ^ (r >> 8)
+    return (r ^ 0xFFFFFFFF) & 0xFFFFFFFF
+
+
 def crc32(buf: np.ndarray, crc: int = 0) -> int:
     """``zlib.crc32(buf, crc)`` of a contiguous uint8 array, several times faster (PCLMULQDQ)."""
     if not _HAS_PCLMUL or len(buf) < 64 or buf.dtype != np.uint8 or not buf.flags.c_contiguous:
@@ -533,26 +544,83 @@ def _nan_fill_tile(t, bits, n, tile, inf, signbit, start, pidx, pval):
             c += 1
 
 
+_NGUESS = 15  # top-15 exponents: 99.97% of MiniLM's values; a rare remainder keeps the
+# one-at-a-time loop short and its branch predictable
+
+
+@njit(**_OPTS)
+def _guess_symbols(bits, n, mb, emask):
+    """``_NGUESS`` distinct exponents, the most frequent in a strided sample of <= 4096 values:
+    the ones ``_hist_tile_vec`` counts by compares (a guess: it decides speed, never counts)."""
+    nsym = emask + 1
+    h = np.zeros(nsym, np.int64)
+    step = max(n // 4096, 1)
+    for i in range(0, n, step):
+        e = (_ldel(bits, i) >> mb) & emask
+        h[e] += 1
+    keys = np.empty(nsym, np.int64)
+    for e in range(nsym):
+        keys[e] = (n - h[e]) * 1024 + e
+    keys.sort()
+    return keys[:_NGUESS] & 1023
+
+
+@njit(**_OPTS)
+def _hist_tile_vec(t, bits, n, tile, mb, emask, th, g):
+    """``_hist_tile`` with AVX-512: the tile's exponents as bytes (vectorisable), then per 64
+    values a compare and a popcount for each guessed symbol g[q]; the values that match none
+    are counted one at a time."""
+    a = t * tile
+    end = min(a + tile, n)
+    cnt = end - a
+    ex = np.empty(cnt + 64, np.uint8)  # 64 bytes of slack for the vector loads
+    for j in range(cnt):
+        _stel(ex, j, (_ldel(bits, a + j) >> mb) & emask)
+    for e in range(emask + 1):
+        th[t, e] = 0
+    counts = np.zeros(_NGUESS, np.int64)
+    j = 0
+    while j < cnt:
+        rem = cnt - j
+        valid = np.int64(-1) if rem >= 64 else (np.int64(1) << rem) - 1
+        rest = valid
+        for q in range(_NGUESS):
+            m = _eqmask64(ex, j, g[q])
+            counts[q] += _popc(m & valid)
+            rest &= ~m
+        while rest != 0:
+            e = _ldel(ex, j + _popc((rest & -rest) - 1))  # the lowest set bit's value
+            th[t, e] += 1
+            rest &= rest - 1
+        j += 64
+    for q in range(_NGUESS):
+        th[t, g[q]] += counts[q]
+
+
+@njit(**_OPTS)
+def _round_hist_tile(t, bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc, g):
+    src = bits
+    if lossy:
+        nanc[t] = _round_tile(t, bits, rb, n, tile, s, signbit, inf, maxfin)
+        src = rb
+    if _HAS_VBMI2 and emask + 1 >= _NGUESS:  # the guesses must be distinct exponents
+        _hist_tile_vec(t, src, n, tile, mb, emask, th, g)
+    else:
+        _hist_tile(t, src, n, tile, mb, emask, th)
+
+
 @njit(parallel=True, **_OPTS)
 def _round_hist_par(bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc):
-    tiles = th.shape[0]
-    for t in prange(tiles):
-        if lossy:
-            nanc[t] = _round_tile(t, bits, rb, n, tile, s, signbit, inf, maxfin)
-            _hist_tile(t, rb, n, tile, mb, emask, th)
-        else:
-            _hist_tile(t, bits, n, tile, mb, emask, th)
+    g = _guess_symbols(bits, n, mb, emask)
+    for t in prange(th.shape[0]):
+        _round_hist_tile(t, bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc, g)
 
 
 @njit(**_OPTS)
 def _round_hist_ser(bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc):
-    tiles = th.shape[0]
-    for t in range(tiles):
-        if lossy:
-            nanc[t] = _round_tile(t, bits, rb, n, tile, s, signbit, inf, maxfin)
-            _hist_tile(t, rb, n, tile, mb, emask, th)
-        else:
-            _hist_tile(t, bits, n, tile, mb, emask, th)
+    g = _guess_symbols(bits, n, mb, emask)
+    for t in range(th.shape[0]):
+        _round_hist_tile(t, bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc, g)
 
 
 @njit(parallel=True, **_OPTS)
@@ -852,7 +920,7 @@ def _align(x: int) -> int:
 def encode(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE):
     """Encode 1-D integer bit patterns. Returns (widths, has_raw, symbols, sections), byte for
     byte what ``reference.encode`` returns (the sections are views into one blob)."""
-    widths, has_raw, symbols, blob, table = encode_blob(bits, layout, keep, tile)
+    widths, has_raw, symbols, blob, table, _ = encode_blob(bits, layout, keep, tile)
     sections = {}
     for name, (off, nb, rows, cols) in table.items():
         dt = (np.uint32 if name == "offsets" else np.int64 if name == "patch_idx"
@@ -862,61 +930,109 @@ def encode(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DE
     return widths, has_raw, symbols, sections
 
 
-def encode_blob(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE):
-    """``encode``, written straight into the blob that ``CompressedTensor.from_sections`` would
-    build from its sections: (widths, has_raw, symbols, blob, table), table[name] = (byte
-    offset, nbytes, rows, cols). Every byte of the blob is written once; padding is zero."""
-    bits = np.ascontiguousarray(bits, dtype=layout.uint).reshape(-1)
+@njit(**_OPTS)
+def _al(x):
+    return (x + spec.SECTION_ALIGN - 1) // spec.SECTION_ALIGN * spec.SECTION_ALIGN
+
+
+@njit(**_OPTS)
+def _encode_all(bits, rb, tile, lossy, s, signbit, inf, maxfin, mb, emask, exp_bits, keep, smw,
+                par, crctab):
+    """The whole encode in one compiled call (no Python between the passes): rounding and the
+    histogram, the plan, the blob's layout, the stream writes and the blob's CRC-32.
+    Returns (widths, has_raw, symbols, blob, table, crc); table row i = (byte offset, nbytes,
+    rows, cols) of section i in the order sm, level0.., offsets, patch_idx, patch_val."""
     n = len(bits)
-    tiles = spec.n_tiles(n, tile)
-    nsym = 1 << layout.exp_bits
-    mb = layout.man_bits
-    s = mb - keep
-    lossy = s > 0
-    signbit = 1 << (layout.total_bits - 1)
-    inf = layout.inf_bits
-    maxfin = inf - (1 << s)
-    par = _parallel(tiles)
-
-    th = np.empty((tiles, nsym), np.int32)  # every row written by the histogram pass
+    tiles = (n + tile - 1) // tile
+    th = np.empty((tiles, emask + 1), np.int32)  # every row written by the histogram pass
     nanc = np.zeros(tiles, np.int64)
-    rb = np.empty_like(bits) if lossy else bits
     if n:
-        (_round_hist_par if par else _round_hist_ser)(bits, rb, n, tile, lossy, s, signbit, inf,
-                                                      maxfin, mb, layout.exp_mask, th, nanc)
+        if par:
+            _round_hist_par(bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc)
+        else:
+            _round_hist_ser(bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc)
+    src = rb if lossy else bits
     widths, has_raw, symbols, L, W, CT, SYM, off, sizes = _plan(
-        th, n, tile, layout.exp_bits, spec.MAX_LEVELS, spec.MAX_WIDTH)
-    widths = tuple(int(w) for w in widths)
-    nan_total = int(nanc.sum()) if lossy else 0
-
-    # section table, in reference.encode's order, each section 16-byte aligned
-    smw = spec.sm_width(keep)
-    names = ["sm"] + [f"level{level}" for level in range(L)] + ["offsets", "patch_idx", "patch_val"]
-    nbytes = ([spec.packed_nbytes(n, smw)] + [int(x) for x in sizes[:L]]
-              + [off.nbytes, 8 * nan_total, layout.itemsize * nan_total])
-    table, pos = {}, 0
-    for name, nb in zip(names, nbytes):
-        rows, cols = off.shape if name == "offsets" else (0, 0)
-        table[name] = (pos, nb, rows, cols)
-        pos = _align(pos + nb)
+        th, n, tile, exp_bits, spec.MAX_LEVELS, spec.MAX_WIDTH)
+    nan_total = nanc.sum() if lossy else 0
+    # the layout CompressedTensor.from_sections gives these sections: each 16-byte aligned
+    table = np.zeros((L + 4, 4), np.int64)
+    table[0, 1] = (n * smw + 7) // 8 + spec.STREAM_PAD
+    for l in range(L):
+        table[1 + l, 1] = sizes[l]
+    table[L + 1, 1] = off.size * 4
+    table[L + 1, 2] = off.shape[0]
+    table[L + 1, 3] = off.shape[1]
+    table[L + 2, 1] = 8 * nan_total
+    table[L + 3, 1] = bits.itemsize * nan_total
+    pos = 0
+    for i in range(L + 4):
+        table[i, 0] = pos
+        pos = _al(pos + table[i, 1])
     blob = np.empty(pos, np.uint8)
-    # zero what the kernels do not write: each stream's STREAM_PAD tail and the alignment gaps
-    for name, (o, nb, _, _) in table.items():
-        data_end = o + nb - (spec.STREAM_PAD if name == "sm" or name.startswith("level") else 0)
-        blob[data_end:_align(o + nb)] = 0
-    view = lambda name: blob[table[name][0]:table[name][0] + table[name][1]]  # noqa: E731
-    view("offsets").view(np.uint32).reshape(off.shape)[:] = off
+    # zero what no kernel writes: the STREAM_PAD tail of sm and of every level, alignment gaps
+    for i in range(L + 4):
+        o, nb = table[i, 0], table[i, 1]
+        start = o + nb - (spec.STREAM_PAD if i <= L else 0)
+        for j in range(start, _al(o + nb)):
+            blob[j] = 0
+    o = table[L + 1, 0]
+    for r in range(off.shape[0]):
+        for c in range(off.shape[1]):
+            _st32(blob, o + 4 * (r * off.shape[1] + c), np.int64(off[r, c]))
     if nan_total:
         nstart = np.zeros(tiles + 1, np.int64)
-        np.cumsum(nanc, out=nstart[1:])
-        _nan_fill_par(bits, n, tile, inf, signbit, nanc, nstart,
-                      view("patch_idx").view(np.int64), view("patch_val").view(layout.uint))
+        for t in range(tiles):
+            nstart[t + 1] = nstart[t] + nanc[t]
+        pidx = np.empty(nan_total, np.int64)
+        pval = np.empty_like(bits[:nan_total])
+        for t in range(tiles):
+            if nanc[t]:
+                _nan_fill_tile(t, bits, n, tile, inf, signbit, nstart[t], pidx, pval)
+        oi, ov = table[L + 2, 0], table[L + 3, 0]
+        for p in range(nan_total):
+            _st64(blob, oi + 8 * p, pidx[p])
+            v = np.int64(pval[p])
+            for byte in range(bits.itemsize):
+                blob[ov + bits.itemsize * p + byte] = (v >> (8 * byte)) & 0xFF
     if L:
-        lv = [view(f"level{level}") for level in range(L)] + [_EMPTY_U8] * (_NLEV - L)
-        (_enc_par if par else _enc_ser)(rb, n, tile, L, W, CT, SYM, mb, layout.exp_mask, keep, s,
-                                        layout.total_bits - 1, smw, view("sm"),
-                                        lv[0], lv[1], lv[2], lv[3], lv[4], off)
-    return widths, bool(has_raw), symbols.astype(np.uint8), blob, table
+        sm = blob[table[0, 0]:table[0, 0] + table[0, 1]]
+        lv0 = blob[table[1, 0]:table[1, 0] + table[1, 1]]
+        lv1 = blob[table[2, 0]:table[2, 0] + table[2, 1]] if L > 1 else blob[:0]
+        lv2 = blob[table[3, 0]:table[3, 0] + table[3, 1]] if L > 2 else blob[:0]
+        lv3 = blob[table[4, 0]:table[4, 0] + table[4, 1]] if L > 3 else blob[:0]
+        lv4 = blob[table[5, 0]:table[5, 0] + table[5, 1]] if L > 4 else blob[:0]
+        if par:
+            _enc_par(src, n, tile, L, W, CT, SYM, mb, emask, keep, mb - keep, bits.itemsize * 8 - 1,
+                     smw, sm, lv0, lv1, lv2, lv3, lv4, off)
+        else:
+            _enc_ser(src, n, tile, L, W, CT, SYM, mb, emask, keep, mb - keep, bits.itemsize * 8 - 1,
+                     smw, sm, lv0, lv1, lv2, lv3, lv4, off)
+    crc = _crc32_any(blob, 0, crctab)
+    return widths, has_raw, symbols, blob, table, crc
+
+
+def encode_blob(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE):
+    """``encode``, written straight into the blob that ``CompressedTensor.from_sections`` would
+    build from its sections: (widths, has_raw, symbols, blob, table, crc32), table[name] =
+    (byte offset, nbytes, rows, cols). Every byte of the blob is written once; padding is zero."""
+    bits = np.ascontiguousarray(bits, dtype=layout.uint).reshape(-1)
+    n = len(bits)
+    s = layout.man_bits - keep
+    lossy = s > 0
+    par = _parallel(spec.n_tiles(n, tile))
+    widths, has_raw, symbols, blob, tab, crc = _encode_all(
+        bits, np.empty_like(bits) if lossy else bits, tile, lossy, s, 1 << (layout.total_bits - 1),
+        layout.inf_bits, layout.inf_bits - (1 << s), layout.man_bits, layout.exp_mask,
+        layout.exp_bits, keep, spec.sm_width(keep), par, _CRC_TAB)
+    rows = tab.tolist()
+    L = len(rows) - 4
+    names = ["sm"] + _LEVEL_NAMES[:L] + ["offsets", "patch_idx", "patch_val"]
+    table = {name: tuple(row) for name, row in zip(names, rows)}
+    return tuple(widths.tolist()), bool(has_raw), symbols.astype(np.uint8), blob, table, int(crc)
+
+
+_LEVEL_NAMES = [f"level{level}" for level in range(_NLEV)]
 
 
 # --- decode kernels --------------------------------------------------------------------------

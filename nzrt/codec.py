@@ -79,8 +79,8 @@ def compress(tensor: torch.Tensor, *, mantissa_bits: int | None = None,
     else:
         bits = bits.cpu().numpy().view(layout.uint)
         if hasattr(mod, "encode_blob"):  # writes the blob in place: no copy of the sections
-            widths, has_raw, symbols, blob, table = mod.encode_blob(bits, layout, keep, tile)
-            ct = CompressedTensor.from_blob(_fields(fields, widths, has_raw, symbols), blob, table)
+            widths, has_raw, symbols, blob, table, crc = mod.encode_blob(bits, layout, keep, tile)
+            ct = CompressedTensor.from_blob(_fields(fields, widths, has_raw, symbols), blob, table, crc)
             return ct.to(device) if device.type != "cpu" else ct
         widths, has_raw, symbols, sections = mod.encode(bits, layout, keep, tile)
     ct = CompressedTensor.from_sections(_fields(fields, widths, has_raw, symbols), sections)

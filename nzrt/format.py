@@ -163,10 +163,13 @@ class CompressedTensor:
         return cls.from_blob(header_fields, blob, table)
 
     @classmethod
-    def from_blob(cls, header_fields: dict, blob: np.ndarray, table: dict) -> "CompressedTensor":
+    def from_blob(cls, header_fields: dict, blob: np.ndarray, table: dict,
+                  crc32: int | None = None) -> "CompressedTensor":
         """A blob already laid out as ``from_sections`` lays it out (a backend that writes its
-        sections in place); ``table[name] = (byte offset, nbytes, rows, cols)``."""
-        header = Header(**header_fields, sections=table, crc32=checksum(blob))
+        sections in place); ``table[name] = (byte offset, nbytes, rows, cols)``; ``crc32``: the
+        blob's ``zlib.crc32`` if the backend computed it."""
+        crc32 = checksum(blob) if crc32 is None else crc32
+        header = Header(**header_fields, sections=table, crc32=crc32)
         header.validate()
         return cls(header, torch.from_numpy(blob), verified=True)
 
