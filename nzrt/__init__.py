@@ -21,6 +21,11 @@ __all__ = [
     "MemoryTracker",
     "Report",
     "parse_budget",
+    "Resident",
+    "Offload",
+    "Belady",
+    "Lru",
+    "Auto",
 ]
 
 _LAZY = {
@@ -38,6 +43,11 @@ _LAZY = {
     "MemoryTracker": "memory",
     "Report": "report",
     "parse_budget": "budget",
+    "Resident": "policies",
+    "Offload": "policies",
+    "Belady": "policies",
+    "Lru": "policies",
+    "Auto": "policies",
 }
 
 
