@@ -16,16 +16,6 @@ __all__ = [
     "load",
     "load_metadata",
     "managed",
-    "Managed",
-    "BudgetError",
-    "MemoryTracker",
-    "Report",
-    "parse_budget",
-    "Resident",
-    "Offload",
-    "Belady",
-    "Lru",
-    "Auto",
 ]
 
 _LAZY = {
@@ -38,16 +28,6 @@ _LAZY = {
     "load": "checkpoint",
     "load_metadata": "checkpoint",
     "managed": "runtime",
-    "Managed": "runtime",
-    "BudgetError": "policies",
-    "MemoryTracker": "memory",
-    "Report": "report",
-    "parse_budget": "budget",
-    "Resident": "policies",
-    "Offload": "policies",
-    "Belady": "policies",
-    "Lru": "policies",
-    "Auto": "policies",
 }
 
 
