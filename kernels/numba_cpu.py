@@ -404,7 +404,11 @@ def crc32(buf: np.ndarray, crc: int = 0) -> int:
 
 @njit(cache=True, nogil=True)
 def _choose_cascade_nb(counts, exp_bits, tile, max_levels, max_width):
-    """Same candidates, same order, same cost and same tie-break as ``spec.choose_cascade``."""
+    """Same candidates, same order, same cost and same tie-break as ``spec.choose_cascade``.
+
+    The candidates of m levels are visited in itertools.product order by an odometer that keeps
+    the cost of every prefix (bits, values entering the next level, symbols used), so a step
+    recomputes only the levels from the digit that changed (and no divisions)."""
     nc = len(counts)
     pre = np.zeros(nc + 1, np.int64)
     for i in range(nc):
@@ -414,47 +418,62 @@ def _choose_cascade_nb(counts, exp_bits, tile, max_levels, max_width):
     max_w = min(max_width, exp_bits)
     best_cost = np.int64(-1)
     best_m = 0
-    best_idx = 0
     best_raw = False
-    widths = np.zeros(max_levels, np.int64)
+    best_w = np.zeros(max_levels, np.int64)
+    widths = np.ones(max_levels, np.int64)
+    # state before level j: bits_at[j], entering_at[j], used_at[j]
+    bits_at = np.zeros(max_levels + 1, np.int64)
+    entering_at = np.zeros(max_levels + 1, np.int64)
+    used_at = np.zeros(max_levels + 1, np.int64)
+    entering_at[0] = n
     for m in range(max_levels + 1):
-        total = 1
-        for _ in range(m):
-            total *= max_w
-        for idx in range(total):
-            rest = idx
-            for j in range(m - 1, -1, -1):
-                widths[j] = rest % max_w + 1
-                rest //= max_w
-            entering = n
-            used = 0
-            bits = np.int64(0)
-            levels = 0
-            for j in range(m):
+        for j in range(m):
+            widths[j] = 1
+        dirty = 0  # first level whose prefix state is stale
+        while True:
+            pruned = -1
+            for j in range(dirty, m):
                 w = widths[j]
-                bits += entering * w + tiles * 4 * w
-                levels += 1
+                entering = entering_at[j]
+                used = used_at[j]
                 cap = (1 << w) - 1
                 hi = min(used + cap, nc)
                 lo = min(used, nc)
-                entering -= pre[hi] - pre[lo]
-                used += cap
-            has_raw = entering > 0
-            if has_raw:
-                bits += entering * exp_bits + tiles * 4 * exp_bits
-                levels += 1
-            bits += tiles * 32 * max(levels - 1, 0)
-            if best_cost < 0 or bits < best_cost:
-                best_cost = bits
-                best_m = m
-                best_idx = idx
-                best_raw = has_raw
-    out = np.zeros(best_m, np.int64)
-    rest = best_idx
-    for j in range(best_m - 1, -1, -1):
-        out[j] = rest % max_w + 1
-        rest //= max_w
-    return out, best_raw
+                bits_at[j + 1] = bits_at[j] + entering * w + tiles * 4 * w
+                entering_at[j + 1] = entering - (pre[hi] - pre[lo])
+                used_at[j + 1] = used + cap
+                if best_cost >= 0 and bits_at[j + 1] >= best_cost:
+                    pruned = j  # every cost only adds: no candidate with this prefix can win
+                    break
+            if pruned < 0:
+                bits = bits_at[m]
+                entering = entering_at[m]
+                levels = m
+                has_raw = entering > 0
+                if has_raw:
+                    bits += entering * exp_bits + tiles * 4 * exp_bits
+                    levels += 1
+                bits += tiles * 32 * max(levels - 1, 0)
+                if best_cost < 0 or bits < best_cost:
+                    best_cost = bits
+                    best_m = m
+                    best_raw = has_raw
+                    for j in range(m):
+                        best_w[j] = widths[j]
+                j = m - 1
+            else:
+                j = pruned
+            # next candidate: increment digit j (the last, or the pruned one), carrying leftwards
+            for k in range(j + 1, m):
+                widths[k] = 1
+            while j >= 0 and widths[j] == max_w:
+                widths[j] = 1
+                j -= 1
+            if j < 0:
+                break
+            widths[j] += 1
+            dirty = j
+    return best_w[:best_m].copy(), best_raw
 
 
 def choose_cascade(hist: np.ndarray, exp_bits: int, tile: int) -> tuple[tuple[int, ...], bool]:
