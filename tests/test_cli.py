@@ -232,10 +232,12 @@ def test_lossy_quality(smol):
     base = evaluate.perplexity(smol.model, smol.tokenizer, text, max_tokens=256)
     assert 1 < base < 100
     lossy = copy.deepcopy(smol.model)
-    evaluate.lossy_copy_(lossy, 7)  # lossless for bf16: the same model bit for bit
+    bits = evaluate.lossy_copy_(lossy, 0)
+    assert 3 < bits < 5  # sign + exponent code
+    small = [n for n, p in smol.model.named_parameters() if p.numel() < evaluate.min_lossy_numel()]
     for (n, a), b in zip(smol.model.named_parameters(), lossy.parameters()):
-        assert torch.equal(_ints(a), _ints(b)), n
-    evaluate.lossy_copy_(lossy, 0)
+        if n in small:  # norms stay exact, as under managed()
+            assert torch.equal(_ints(a), _ints(b)), n
     assert evaluate.perplexity(lossy, smol.tokenizer, text, max_tokens=256) > base
 
 
