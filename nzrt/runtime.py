@@ -444,7 +444,7 @@ class Managed:
 
         def pre(mod, args):
             if torch.is_grad_enabled():
-                _no_grad_check(bindings)
+                _no_grad_check(bindings, args)
             bufs = sched().enter(unit)
             for mp, key in bindings:
                 if mp.binds == 0:
@@ -474,7 +474,7 @@ class Managed:
 
         def forward(input):
             if torch.is_grad_enabled():
-                _no_grad_check([(mp, None)])
+                _no_grad_check([(mp, None)], (input,))
             s = sched()
             flat = input.reshape(-1)
             if flat.numel() and (bool((flat < 0).any()) or bool((flat >= num).any())):
@@ -504,7 +504,7 @@ class Managed:
 
         def forward(input):
             if torch.is_grad_enabled():
-                _no_grad_check([(mp, None)])
+                _no_grad_check([(mp, None)], (input,))
             s = sched()
             bias = module.bias
             out = None
@@ -760,13 +760,19 @@ def _serial_decode() -> bool:
     return _SERIAL
 
 
-def _no_grad_check(bindings) -> None:
+def _no_grad_check(bindings, args=()) -> None:
+    """Autograd would keep references to weights whose buffers are reused: refuse it."""
     for mp, _ in bindings:
         if mp.param.requires_grad:
             raise ManagedError(
                 f"nzrt.managed runs inference: {mp.names[0]!r} requires grad and autograd is on. Call the "
                 f"model under torch.no_grad() or torch.inference_mode() (generate() already does), or "
                 f"call model.requires_grad_(False) first")
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            raise ManagedError(
+                f"nzrt.managed runs inference: an input of {mp.names[0]!r}'s module requires grad; "
+                f"gradients through managed weights are not supported (use torch.no_grad())")
 
 
 def _is_mapped(ct) -> bool:

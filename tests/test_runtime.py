@@ -453,3 +453,17 @@ def test_calling_an_inner_module_decodes_on_demand(llama):
             with torch.inference_mode():
                 assert same(llama.model(x).last_hidden_state, ref)
     assert run.report().totals()["misses"] > 0 and run.report().passes == 0
+
+
+def test_gradients_through_managed_weights_are_refused(llama):
+    """Frozen weights but an input that needs grad: autograd would save reused buffers: refused."""
+    llama.requires_grad_(False)
+    try:
+        emb = llama.model.embed_tokens(ids_for(1000)).detach().requires_grad_(True)
+        with nzrt.managed(llama, chunk_bytes=SMALL_CHUNKS):
+            with pytest.raises(ManagedError, match="requires grad"):
+                llama(inputs_embeds=emb)
+            with torch.no_grad():
+                llama(inputs_embeds=emb)
+    finally:
+        llama.requires_grad_(True)
