@@ -293,6 +293,57 @@ def _compress64(typingctx, src, idx, mask, dst, didx):
     return sig, codegen
 
 
+def _vec_splat(builder, vty, val):
+    v = builder.insert_element(ir.Constant(vty, None), val, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, None),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count))
+
+
+def _make_bytes32(kind):
+    @intrinsic
+    def bytes32(typingctx, src, i, dst, j, sh):
+        """One byte per value for 32 16-bit values at ``src[i]``, stored at ``dst[j]``: the
+        exponent ``(v >> sh) & 0xff`` (kind "exp"), or lossless bf16's sign and mantissa
+        ``(v >> 8) & 0x80 | v & 0x7f`` (kind "sm"). Explicit 16-bit lanes: numba's loops would
+        widen every value to 64 bits."""
+        if not isinstance(src, types.Array) or not isinstance(dst, types.Array):
+            return None
+        sig = types.void(src, i, dst, j, types.int64)
+
+        def codegen(context, builder, sig, args):
+            v16 = ir.VectorType(ir.IntType(16), 32)
+            v8 = ir.VectorType(ir.IntType(8), 32)
+            ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            v = builder.load(builder.bitcast(ptr, v16.as_pointer()), align=1)
+            if kind == "exp":
+                sh16 = _vec_splat(builder, v16, builder.trunc(args[4], ir.IntType(16)))
+                out = builder.trunc(builder.lshr(v, sh16), v8)
+            else:
+                hi = builder.and_(builder.lshr(v, ir.Constant(v16, [8] * 32)), ir.Constant(v16, [0x80] * 32))
+                out = builder.trunc(builder.or_(hi, builder.and_(v, ir.Constant(v16, [0x7F] * 32))), v8)
+            dptr = _elem_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3])
+            builder.store(out, builder.bitcast(dptr, v8.as_pointer()), align=1)
+            return context.get_dummy_value()
+        return sig, codegen
+    return bytes32
+
+
+_exp_bytes32 = _make_bytes32("exp")
+_bf16_sm_bytes32 = _make_bytes32("sm")
+
+
+@njit(**_OPTS)
+def _exponent_bytes(src, a, cnt, mb, emask, dst):
+    """dst[j] = exponent of src[a + j], j < cnt."""
+    j = 0
+    if src.itemsize == 2 and emask == 255:  # bf16: the byte above the mantissa is the exponent
+        while j + 32 <= cnt:
+            _exp_bytes32(src, a + j, dst, j, mb)
+            j += 32
+    for j in range(j, cnt):
+        _stel(dst, j, (_ldel(src, a + j) >> mb) & emask)
+
+
 # --- CRC-32 (zlib's) by carry-less multiplication ---------------------------------------------
 
 @intrinsic
@@ -593,8 +644,7 @@ def _hist_tile_vec(t, bits, n, tile, mb, emask, th, g):
     end = min(a + tile, n)
     cnt = end - a
     ex = np.empty(cnt + 64, np.uint8)  # 64 bytes of slack for the vector loads
-    for j in range(cnt):
-        _stel(ex, j, (_ldel(bits, a + j) >> mb) & emask)
+    _exponent_bytes(bits, a, cnt, mb, emask, ex)
     for e in range(emask + 1):
         th[t, e] = 0
     counts = np.zeros(_NGUESS, np.int64)
@@ -773,7 +823,11 @@ def _enc_tile(t, src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, 
     manmask = (np.int64(1) << mb) - 1
     # sign + kept mantissa
     if smw == 8 and tbm1 == 15 and keep == 7:  # lossless bf16: one byte per value
-        for i in range(a, end):
+        i = a
+        while i + 32 <= end:
+            _bf16_sm_bytes32(src, i, sm, i, 0)
+            i += 32
+        for i in range(i, end):
             b = _ldel(src, i)
             _stel(sm, i, ((b >> 8) & 0x80) | (b & 0x7F))
     else:
@@ -798,8 +852,7 @@ def _enc_tile(t, src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, 
     cur = np.empty(cnt8 + 64, np.uint8)  # 64 bytes of slack for the vector loads and stores
     nxt = np.empty(cnt8 + 64, np.uint8)
     codes = np.empty(cnt8 + 8, np.uint8)
-    for j in range(cnt):  # vectorisable
-        _stel(cur, j, (_ldel(src, a + j) >> mb) & emask)
+    _exponent_bytes(src, a, cnt, mb, emask, cur)
     k = cnt
     for l in range(L):
         w = W[l]
