@@ -281,6 +281,7 @@ def generate(
                           on_text=echo, device=dev)
                 rep = run.report()
         typer.echo("")
+        sys.stdout.flush()
         typer.echo(f"[{len(res.new_tokens)} tokens in {res.seconds:.2f} s: {res.tokens_per_s:.1f} tokens/s; "
                    f"prompt {res.prompt_tokens} tokens; policy {policy}]", err=True)
         if report and rep is not None:
