@@ -122,6 +122,27 @@ def _load(model: Optional[str], dtype: Optional[str] = None):
         return models.resolve(model, dtype=dtype)
 
 
+def _check_device(device: Optional[str]) -> Optional[str]:
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"--device {device}: CUDA is not available ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} GPUs; "
+                             f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: nzrt runs on cpu or cuda")
+    return device
+
+
 def _parse_budget(budget: Optional[str]):
     if budget is None:
         return None
@@ -159,6 +180,7 @@ def profile(
     with _errors():
         from . import profile as prof
 
+        device = _check_device(device)
         lm = _load(model, dtype)
         prog, make = _progress()
         with prog:
@@ -255,6 +277,7 @@ def generate(
 
         if max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
+        device = _check_device(device)
         lm = _load(model, dtype)
         if lm.kind != "causal-lm" or lm.tokenizer is None:
             raise models.ModelError(f"{lm.name} is not a causal language model with a tokenizer; "

@@ -131,6 +131,9 @@ def test_errors_are_one_line(tmp_path):
     assert "nzrt compress" in _err(runner.invoke(app, ["inspect", str(fake)]))
     assert "dtype" in _err(runner.invoke(app, ["compress", "smollm2", str(tmp_path / "x.nzrt"), "--dtype", "int8"]))
     assert "cannot import" in _err(runner.invoke(app, ["inspect", "no_such_module_xyz:make"]))
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in _err(runner.invoke(app, ["generate", "--prompt", "x", "--device", "cuda"]))
+    assert "unknown policy" in _err(runner.invoke(app, ["profile", "minilm", "--policy", "nosuch"]))
     # --debug: the exception propagates (traceback) instead
     res = runner.invoke(app, ["--debug", "inspect", str(tmp_path / "missing")])
     assert res.exit_code != 0 and isinstance(res.exception, models.ModelError)
