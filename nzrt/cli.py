@@ -143,6 +143,13 @@ def _check_device(device: Optional[str]) -> Optional[str]:
     return device
 
 
+def _check_policies(names) -> None:
+    from .policies import get_policy
+
+    for name in names:
+        get_policy(name)  # ValueError naming the choices
+
+
 def _parse_budget(budget: Optional[str]):
     if budget is None:
         return None
@@ -181,6 +188,7 @@ def profile(
         from . import profile as prof
 
         device = _check_device(device)
+        _check_policies(policy or [])
         lm = _load(model, dtype)
         prog, make = _progress()
         with prog:
@@ -278,6 +286,8 @@ def generate(
         if max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
         device = _check_device(device)
+        if policy != "plain":
+            _check_policies([policy])
         lm = _load(model, dtype)
         if lm.kind != "causal-lm" or lm.tokenizer is None:
             raise models.ModelError(f"{lm.name} is not a causal language model with a tokenizer; "
