@@ -467,3 +467,25 @@ def test_gradients_through_managed_weights_are_refused(llama):
                 llama(inputs_embeds=emb)
     finally:
         llama.requires_grad_(True)
+
+
+@pytest.mark.parametrize("policy", ["belady", "auto", Offload(2), Resident(3)], ids=str)
+def test_random_control_flow_never_wrong(policy):
+    import random
+    m = Branchy().eval()
+    x = torch.randn(2, 64)
+    refs = {}
+    for mode in (0, 1, 2):
+        m.mode = mode
+        with torch.inference_mode():
+            refs[mode] = m(x)
+    rng = random.Random(str(policy))
+    snap = snapshot(m)
+    budget = 10 ** 6 if policy == "belady" else None
+    with nzrt.managed(m, policy=policy, budget=budget) as run:
+        for _ in range(30):
+            m.mode = rng.choice([0, 0, 0, 1, 2])
+            with torch.inference_mode():
+                assert same(m(x), refs[m.mode])
+    assert_restored(m, snap)
+    assert run.report().divergences > 0
