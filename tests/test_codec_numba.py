@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import zlib
 
 import numpy as np
 import pytest
@@ -51,6 +52,12 @@ def check_same(bits: np.ndarray, dtype: str, keep: int | None = None, tile: int 
         assert g.dtype == r.dtype and g.shape == r.shape, name
         assert np.array_equal(g, r), f"section {name} differs"
     ct = as_ct(dtype, len(bits), keep, tile, ref)
+    # the blob the numba backend writes in place is the one from_sections lays out, padding
+    # included, and its CRC is zlib's
+    _, _, _, blob, table, crc = numba_cpu.encode_blob(bits, lay, keep, tile)
+    assert table == ct.header.sections
+    assert np.array_equal(blob, ct.data.numpy()), "blob differs from from_sections' layout"
+    assert crc == zlib.crc32(blob) == ct.header.crc32
     want = poisoned(len(bits), lay)
     reference.decode_into(ct, want)
     out = poisoned(len(bits), lay)
@@ -84,6 +91,18 @@ def test_choose_cascade_is_specs():
         tile = int(rng.choice([8, 64, 8192]))
         assert numba_cpu.choose_cascade(hist, exp_bits, tile) == spec.choose_cascade(hist, exp_bits, tile)
     assert numba_cpu.choose_cascade(np.zeros(256, np.int64), 8, 8192) == ((), False)
+
+
+def test_crc32_is_zlibs():
+    rng = np.random.default_rng(3)
+    for n in list(range(0, 300)) + [1000, 4096 + 17, 1 << 16]:
+        buf = rng.integers(0, 256, n, dtype=np.uint8)
+        for start in (0, 1, 0xFFFFFFFF, 0x1234567):
+            assert numba_cpu.crc32(buf, start) == zlib.crc32(buf, start), (n, start)
+    buf = rng.integers(0, 256, 5000, dtype=np.uint8)
+    assert numba_cpu.crc32(buf[3:]) == zlib.crc32(buf[3:].tobytes())  # unaligned start
+    buf[1234] ^= 4
+    assert numba_cpu.crc32(buf) == zlib.crc32(buf)
 
 
 # --- exhaustive bit patterns --------------------------------------------------------------------
