@@ -19,17 +19,26 @@ the symbols of its non-escape lanes, its escape lanes and their count from a sma
 PDEP drops the next list entries into the escape lanes (and, on level 0, the sign/mantissa bits
 into place); the rest go one entry at a time with a branchless cursor (a real CMOV).
 
-Encoding a tile: a vectorisable pass turns the values into exponent bytes; every level of width
-1 or 2 finds its codes with three compares (vectorisable) and then, eight entries at a time,
-PEXT packs the codes and compacts the escaping exponents for the next level; wider levels use a
-bit writer. The histogram, ``spec.choose_cascade`` / ``spec.symbol_order`` (exact compiled
-replicas) and the tile offsets come before, in two compiled calls.
+Encoding is one compiled call (``_encode_all``) that writes the blob ``CompressedTensor`` holds,
+sections in place, and its CRC-32:
+  1. the exponent histogram, per tile: exponents as bytes, then, 64 at a time, an AVX-512 byte
+     compare and a popcount for each of 15 exponents guessed from a sample (the rare others
+     one at a time; exact whatever the guess);
+  2. the plan: ``spec.choose_cascade`` / ``spec.symbol_order`` (exact compiled replicas), code
+     tables, tile offsets, hence every section's size and the blob's layout;
+  3. per tile: the sign/mantissa bytes; a level of width 1 or 2 codes 64 entries at a time (byte
+     compares give the masks of its <= 3 symbols, PDEP interleaves them into 2-bit codes,
+     VPCOMPRESSB packs the escaping exponents for the next level); wider levels use a bit writer;
+  4. zlib's CRC-32 of the blob, by carry-less multiplication (VPCLMULQDQ), ~30 GB/s.
+Without AVX-512 (VBMI2) the same bytes come from portable loops (three compares per entry, PEXT
+per 8 entries; a 4-way scalar histogram; 64-bit PCLMULQDQ).
 Errors (more escapes than the offsets allow, a code that names no symbol, offsets past a stream,
 a patch index out of range) come back as flags and raise ``FormatError`` in Python.
 """
 from __future__ import annotations
 
 import functools
+import os
 import zlib
 
 import numpy as np
@@ -165,7 +174,13 @@ def _pdep_soft(x, m):
     return r
 
 
+# NZRT_NUMBA_NO_AVX512=1 compiles the portable paths (for tests; use a fresh NUMBA_CACHE_DIR)
+_NO_AVX512 = os.environ.get("NZRT_NUMBA_NO_AVX512") == "1"
+
+
 def _host_has(feature: str) -> bool:
+    if _NO_AVX512 and (feature.startswith("avx512") or feature == "vpclmulqdq"):
+        return False
     try:
         import llvmlite.binding as llvm
         return bool(llvm.get_host_cpu_features().get(feature, False))

@@ -4,6 +4,7 @@ Integers are compared (bit patterns), never floats. Output buffers are poisoned 
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -284,3 +285,28 @@ def test_decode_rejects_escapes_past_offsets_and_unnamed_codes():
 def test_import_nzrt_does_not_load_numba():
     code = "import sys, nzrt, nzrt.kernels.spec; assert 'numba' not in sys.modules, 'numba imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_portable_paths_without_avx512(tmp_path):
+    """The encode paths for CPUs without AVX-512 (compiled in a fresh cache) give the same bytes."""
+    code = """
+import zlib, numpy as np, torch
+from nzrt.kernels import numba_cpu, reference, spec
+assert not numba_cpu._HAS_VBMI2 and not numba_cpu._HAS_VPCLMUL
+all16 = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+g = torch.Generator().manual_seed(0)
+cases = [(all16, "bfloat16", 7), (all16, "float16", 10), (all16, "bfloat16", 3),
+         ((torch.randn(20000, generator=g) * 0.02).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), "bfloat16", 7),
+         ((torch.randn(5000, generator=g) * 0.02).view(torch.int32).numpy().view(np.uint32), "float32", 23)]
+for bits, dtype, keep in cases:
+    lay = spec.LAYOUTS[dtype]
+    ref = reference.encode(bits, lay, keep, 512)
+    got = numba_cpu.encode(bits, lay, keep, 512)
+    assert got[:2] == ref[:2] and np.array_equal(got[2], ref[2])
+    for name in ref[3]:
+        assert np.array_equal(got[3][name], ref[3][name]), (dtype, keep, name)
+    blob = numba_cpu.encode_blob(bits, lay, keep, 512)[3]
+    assert numba_cpu.crc32(blob) == zlib.crc32(blob)
+"""
+    env = dict(os.environ, NZRT_NUMBA_NO_AVX512="1", NUMBA_CACHE_DIR=str(tmp_path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
