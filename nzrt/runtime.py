@@ -32,6 +32,7 @@ counted when the device is a GPU; on the CPU the host is the device and everythi
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -299,8 +300,10 @@ class Managed:
                 f"(compressed weights, the largest layer decoded, and {format_bytes(self.fixed_bytes)} of "
                 f"uncompressed parameters and buffers)", smallest) from None
 
+        threads = os.environ.get("NZRT_DECODE_THREADS")  # numba threads of the CPU decode worker
         self.scheduler = Scheduler(self.units, self.tensors, dev, planner=self._planner, place=self._place,
-                                   decode=self._decode, prefetch=self.prefetch)
+                                   decode=self._decode, prefetch=self.prefetch,
+                                   decode_threads=int(threads) if threads else None)
         self._place(initial)
         self.scheduler.plan = initial
         self.tracker.sample()
