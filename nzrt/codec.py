@@ -90,7 +90,7 @@ def compress(tensor: torch.Tensor, *, mantissa_bits: int | None = None,
 def _fields(fields: dict, widths, has_raw, symbols) -> dict:
     """Header fields: the tensor's, plus the codebook as plain ints."""
     return dict(fields, widths=tuple(int(w) for w in widths), has_raw=bool(has_raw),
-                symbols=tuple(int(s) for s in symbols))
+                symbols=tuple(np.asarray(symbols).tolist()))
 
 
 def decode_into(ct: CompressedTensor, out: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
