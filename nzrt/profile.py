@@ -281,7 +281,8 @@ def profile(lm, *, policies=None, budget=None, device=None, mantissa_bits: int |
                         dense_bytes=lm.dense_nbytes(), tokens=tokens, gen_tokens=gen_tokens,
                         mantissa_bits=mantissa_bits, budget=budget)
     res.environment = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "backend": os.environ.get("NZRT_BACKEND")}
+                       "cores": os.cpu_count(), "backend": os.environ.get("NZRT_BACKEND"),
+                       "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     inputs = models.example_inputs(lm, tokens=tokens, device=device)
     res.tokens = int(inputs["input_ids"].shape[1]) if isinstance(inputs, dict) and "input_ids" in inputs else 0
 
@@ -410,6 +411,10 @@ def format_table(res: ProfileResult) -> str:
                      f"{_f(r.tokens_per_s):>6} {_f(r.decode_ms):>9} {_f(r.transfer_ms):>7} {_f(r.stall_ms):>8} "
                      f"{_f(r.speed_vs_plain, '{:.2f}x'):>6}{q}")
     lines.append("decode/xfer/stall: summed over layers for the whole run; speed: plain forward time / this one")
+    load, cores = res.environment.get("load_average_at_start"), res.environment.get("cores") or 1
+    if res.device == "cpu" and load is not None and load > 0.5 * cores:
+        lines.append(f"note: other work was running (load average {load:.1f} on {cores} cores): CPU timings, "
+                     f"the plain model's most of all, are unreliable; profile on an idle machine")
     return "\n".join(lines)
 
 
