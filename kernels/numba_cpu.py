@@ -314,47 +314,65 @@ def _vec_splat(builder, vty, val):
                                   ir.Constant(ir.VectorType(ir.IntType(32), vty.count), [0] * vty.count))
 
 
-def _make_bytes32(kind):
+def _make_bytes(kind):
     @intrinsic
-    def bytes32(typingctx, src, i, dst, j, sh):
-        """One byte per value for 32 16-bit values at ``src[i]``, stored at ``dst[j]``: the
-        exponent ``(v >> sh) & 0xff`` (kind "exp"), or lossless bf16's sign and mantissa
-        ``(v >> 8) & 0x80 | v & 0x7f`` (kind "sm"). Explicit 16-bit lanes: numba's loops would
-        widen every value to 64 bits."""
+    def to_bytes(typingctx, src, i, dst, j, sh):
+        """Packed bytes for a vector of values at ``src[i]``, stored at ``dst[j]``; explicit
+        narrow lanes (numba's own loops would widen every value to 64 bits):
+          "exp16": 32 16-bit values -> 32 exponent bytes ``(v >> sh) & 0xff``;
+          "exp32": 16 32-bit values -> 16 exponent bytes ``(v >> sh) & 0xff``;
+          "sm16": 32 lossless bf16 -> 32 bytes of sign and mantissa ``(v >> 8) & 0x80 | v & 0x7f``;
+          "sm32": 16 lossless fp32 -> 48 bytes, 3 per value: ``(v >> 8) & 0x800000 | v & 0x7fffff``."""
         if not isinstance(src, types.Array) or not isinstance(dst, types.Array):
             return None
         sig = types.void(src, i, dst, j, types.int64)
 
         def codegen(context, builder, sig, args):
-            v16 = ir.VectorType(ir.IntType(16), 32)
-            v8 = ir.VectorType(ir.IntType(8), 32)
+            bits, lanes = (16, 32) if kind.endswith("16") else (32, 16)
+            vin = ir.VectorType(ir.IntType(bits), lanes)
+            const = lambda x: ir.Constant(vin, [x] * lanes)  # noqa: E731
             ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
-            v = builder.load(builder.bitcast(ptr, v16.as_pointer()), align=1)
-            if kind == "exp":
-                sh16 = _vec_splat(builder, v16, builder.trunc(args[4], ir.IntType(16)))
-                out = builder.trunc(builder.lshr(v, sh16), v8)
-            else:
-                hi = builder.and_(builder.lshr(v, ir.Constant(v16, [8] * 32)), ir.Constant(v16, [0x80] * 32))
-                out = builder.trunc(builder.or_(hi, builder.and_(v, ir.Constant(v16, [0x7F] * 32))), v8)
+            v = builder.load(builder.bitcast(ptr, vin.as_pointer()), align=1)
+            if kind.startswith("exp"):
+                sh = _vec_splat(builder, vin, builder.trunc(args[4], ir.IntType(bits)))
+                out = builder.trunc(builder.lshr(v, sh), ir.VectorType(ir.IntType(8), lanes))
+            elif kind == "sm16":
+                hi = builder.and_(builder.lshr(v, const(8)), const(0x80))
+                out = builder.trunc(builder.or_(hi, builder.and_(v, const(0x7F))),
+                                    ir.VectorType(ir.IntType(8), lanes))
+            else:  # sm32: the low three bytes of every 32-bit lane, in order
+                hi = builder.and_(builder.lshr(v, const(8)), const(0x800000))
+                w = builder.bitcast(builder.or_(hi, builder.and_(v, const(0x7FFFFF))),
+                                    ir.VectorType(ir.IntType(8), 64))
+                keep = [4 * q + b for q in range(16) for b in range(3)]
+                out = builder.shuffle_vector(w, ir.Constant(w.type, None),
+                                             ir.Constant(ir.VectorType(ir.IntType(32), 48), keep))
             dptr = _elem_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3])
-            builder.store(out, builder.bitcast(dptr, v8.as_pointer()), align=1)
+            builder.store(out, builder.bitcast(dptr, out.type.as_pointer()), align=1)
             return context.get_dummy_value()
         return sig, codegen
-    return bytes32
+    return to_bytes
 
 
-_exp_bytes32 = _make_bytes32("exp")
-_bf16_sm_bytes32 = _make_bytes32("sm")
+_exp_bytes32 = _make_bytes("exp16")
+_exp_bytes16 = _make_bytes("exp32")
+_bf16_sm_bytes32 = _make_bytes("sm16")
+_fp32_sm_bytes48 = _make_bytes("sm32")
 
 
 @njit(**_OPTS)
 def _exponent_bytes(src, a, cnt, mb, emask, dst):
     """dst[j] = exponent of src[a + j], j < cnt."""
     j = 0
-    if src.itemsize == 2 and emask == 255:  # bf16: the byte above the mantissa is the exponent
-        while j + 32 <= cnt:
-            _exp_bytes32(src, a + j, dst, j, mb)
-            j += 32
+    if emask == 255:  # bf16, fp32: the byte above the mantissa is the exponent
+        if src.itemsize == 2:
+            while j + 32 <= cnt:
+                _exp_bytes32(src, a + j, dst, j, mb)
+                j += 32
+        else:
+            while j + 16 <= cnt:
+                _exp_bytes16(src, a + j, dst, j, mb)
+                j += 16
     for j in range(j, cnt):
         _stel(dst, j, (_ldel(src, a + j) >> mb) & emask)
 
@@ -889,10 +907,15 @@ def _enc_tile(t, src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, 
             b = _ldel(src, i)
             _stel(sm, i, ((b >> 8) & 0x80) | (b & 0x7F))
     else:
-        pos = (a * smw) >> 3
+        i0 = a
+        if smw == 24 and tbm1 == 31 and keep == 23:  # lossless fp32: three bytes per value
+            while i0 + 16 <= end:
+                _fp32_sm_bytes48(src, i0, sm, 3 * i0, 0)
+                i0 += 16
+        pos = (i0 * smw) >> 3  # i0 - a is a multiple of 8: a byte boundary
         acc = np.int64(0)
         nb = 0
-        for i in range(a, end):
+        for i in range(i0, end):
             b = _ldel(src, i)
             acc |= (((b >> tbm1) << keep) | ((b & manmask) >> drop)) << nb
             nb += smw
