@@ -177,7 +177,7 @@ def profile(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the table and per-layer reports as JSON."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: memory over time, per-layer phases."),
     tokens: int = typer.Option(128, "--tokens", help="Tokens per forward pass."),
-    repeats: int = typer.Option(2, "--repeats", help="Timed forward passes after the first."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed forward passes after the first (the best is shown)."),
     gen_tokens: int = typer.Option(6, "--gen-tokens", help="Greedy tokens generated for tok/s (causal LMs)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16, float32 (default: as stored; bf16 for GGUF)."),
     plain: bool = typer.Option(True, "--plain/--no-plain",
