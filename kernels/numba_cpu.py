@@ -19,8 +19,8 @@ the symbols of its non-escape lanes, its escape lanes and their count from a sma
 PDEP drops the next list entries into the escape lanes (and, on level 0, the sign/mantissa bits
 into place); the rest go one entry at a time with a branchless cursor (a real CMOV).
 
-Encoding is one compiled call (``_encode_all``) that writes the blob ``CompressedTensor`` holds,
-sections in place, and its CRC-32:
+Encoding is one compiled call on one thread (``_encode_ser``; four with threads) that writes
+the blob ``CompressedTensor`` holds, sections in place, and its CRC-32:
   1. the exponent histogram, per tile: exponents as bytes, then, 64 at a time, an AVX-512 byte
      compare and a popcount for each of 15 exponents guessed from a sample (the rare others
      one at a time; exact whatever the guess);
@@ -1039,22 +1039,6 @@ def _code_vec(ex, k, s0, s1, s2, w, st, pos, nxt):
     return c
 
 
-@njit(parallel=True, **_OPTS)
-def _enc_par(src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, sm, L0, L1, L2, L3, L4, off):
-    tiles = (n + tile - 1) // tile
-    for t in prange(tiles):
-        _enc_tile(t, src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, sm,
-                  L0, L1, L2, L3, L4, off)
-
-
-@njit(**_OPTS)
-def _enc_ser(src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, sm, L0, L1, L2, L3, L4, off):
-    tiles = (n + tile - 1) // tile
-    for t in range(tiles):
-        _enc_tile(t, src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, sm,
-                  L0, L1, L2, L3, L4, off)
-
-
 _EMPTY_U8 = np.zeros(16, np.uint8)
 
 
@@ -1089,26 +1073,17 @@ def _al(x):
 
 
 @njit(**_OPTS)
-def _encode_all(bits, rb, tile, lossy, s, signbit, inf, maxfin, mb, emask, exp_bits, keep, smw,
-                par, crctab):
-    """The whole encode in one compiled call (no Python between the passes): rounding and the
-    histogram, the plan, the blob's layout, the stream writes and the blob's CRC-32.
-    Returns (widths, has_raw, symbols, blob, table, crc); table row i = (byte offset, nbytes,
-    rows, cols) of section i in the order sm, level0.., offsets, patch_idx, patch_val."""
+def _layout(bits, th, nanc, tile, lossy, signbit, inf, exp_bits, smw):
+    """Between the histogram and the stream writes: the plan, the blob's layout (the one
+    CompressedTensor.from_sections gives these sections, each 16-byte aligned), its zero
+    padding, the offsets and the NaN patches. Returns (widths, has_raw, symbols, W, CT, SYM,
+    off, blob, table); table row i = (byte offset, nbytes, rows, cols) of section i in the
+    order sm, level0.., offsets, patch_idx, patch_val."""
     n = len(bits)
-    tiles = (n + tile - 1) // tile
-    th = np.empty((tiles, emask + 1), np.int32)  # every row written by the histogram pass
-    nanc = np.zeros(tiles, np.int64)
-    if n:
-        if par:
-            _round_hist_par(bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc)
-        else:
-            _round_hist_ser(bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc)
-    src = rb if lossy else bits
+    tiles = th.shape[0]
     widths, has_raw, symbols, L, W, CT, SYM, off, sizes = _plan(
         th, n, tile, exp_bits, spec.MAX_LEVELS, spec.MAX_WIDTH)
     nan_total = nanc.sum() if lossy else 0
-    # the layout CompressedTensor.from_sections gives these sections: each 16-byte aligned
     table = np.zeros((L + 4, 4), np.int64)
     table[0, 1] = (n * smw + 7) // 8 + spec.STREAM_PAD
     for l in range(L):
@@ -1126,8 +1101,7 @@ def _encode_all(bits, rb, tile, lossy, s, signbit, inf, maxfin, mb, emask, exp_b
     # zero what no kernel writes: the STREAM_PAD tail of sm and of every level, alignment gaps
     for i in range(L + 4):
         o, nb = table[i, 0], table[i, 1]
-        start = o + nb - (spec.STREAM_PAD if i <= L else 0)
-        for j in range(start, _al(o + nb)):
+        for j in range(o + nb - (spec.STREAM_PAD if i <= L else 0), _al(o + nb)):
             blob[j] = 0
     o = table[L + 1, 0]
     for r in range(off.shape[0]):
@@ -1148,21 +1122,59 @@ def _encode_all(bits, rb, tile, lossy, s, signbit, inf, maxfin, mb, emask, exp_b
             v = np.int64(pval[p])
             for byte in range(bits.itemsize):
                 blob[ov + bits.itemsize * p + byte] = (v >> (8 * byte)) & 0xFF
-    if L:
-        sm = blob[table[0, 0]:table[0, 0] + table[0, 1]]
-        lv0 = blob[table[1, 0]:table[1, 0] + table[1, 1]]
-        lv1 = blob[table[2, 0]:table[2, 0] + table[2, 1]] if L > 1 else blob[:0]
-        lv2 = blob[table[3, 0]:table[3, 0] + table[3, 1]] if L > 2 else blob[:0]
-        lv3 = blob[table[4, 0]:table[4, 0] + table[4, 1]] if L > 3 else blob[:0]
-        lv4 = blob[table[5, 0]:table[5, 0] + table[5, 1]] if L > 4 else blob[:0]
-        if par:
-            _enc_par(src, n, tile, L, W, CT, SYM, mb, emask, keep, mb - keep, bits.itemsize * 8 - 1,
-                     smw, sm, lv0, lv1, lv2, lv3, lv4, off)
-        else:
-            _enc_ser(src, n, tile, L, W, CT, SYM, mb, emask, keep, mb - keep, bits.itemsize * 8 - 1,
-                     smw, sm, lv0, lv1, lv2, lv3, lv4, off)
-    crc = _crc32_any(blob, 0, crctab)
-    return widths, has_raw, symbols, blob, table, crc
+    return widths, has_raw, symbols, W, CT, SYM, off, blob, table
+
+
+@njit(**_OPTS)
+def _level(blob, table, l):
+    """The stream of level l, a view into the blob (empty if there is no such level)."""
+    if l >= table.shape[0] - 4:
+        return blob[:0]
+    return blob[table[1 + l, 0]:table[1 + l, 0] + table[1 + l, 1]]
+
+
+@njit(**_OPTS)
+def _streams_ser(src, tile, W, CT, SYM, mb, emask, keep, smw, off, blob, table):
+    n = len(src)
+    L = table.shape[0] - 4
+    if L == 0:
+        return
+    sm = blob[table[0, 0]:table[0, 0] + table[0, 1]]
+    lv0, lv1, lv2 = _level(blob, table, 0), _level(blob, table, 1), _level(blob, table, 2)
+    lv3, lv4 = _level(blob, table, 3), _level(blob, table, 4)
+    for t in range((n + tile - 1) // tile):
+        _enc_tile(t, src, n, tile, L, W, CT, SYM, mb, emask, keep, mb - keep, src.itemsize * 8 - 1,
+                  smw, sm, lv0, lv1, lv2, lv3, lv4, off)
+
+
+@njit(parallel=True, **_OPTS)
+def _streams_par(src, tile, W, CT, SYM, mb, emask, keep, smw, off, blob, table):
+    n = len(src)
+    L = table.shape[0] - 4
+    if L == 0:
+        return
+    sm = blob[table[0, 0]:table[0, 0] + table[0, 1]]
+    lv0, lv1, lv2 = _level(blob, table, 0), _level(blob, table, 1), _level(blob, table, 2)
+    lv3, lv4 = _level(blob, table, 3), _level(blob, table, 4)
+    for t in prange((n + tile - 1) // tile):
+        _enc_tile(t, src, n, tile, L, W, CT, SYM, mb, emask, keep, mb - keep, src.itemsize * 8 - 1,
+                  smw, sm, lv0, lv1, lv2, lv3, lv4, off)
+
+
+@njit(**_OPTS)
+def _encode_ser(bits, rb, tile, lossy, s, signbit, inf, maxfin, mb, emask, exp_bits, keep, smw, crctab):
+    """The whole one-thread encode in one compiled call: histogram, layout, streams, CRC-32.
+    (Only serial callees: a cached function that calls a parallel one can crash when loaded
+    from numba's cache, numba issues #4807 and #8578; the parallel encode goes through Python.)"""
+    n = len(bits)
+    th = np.empty(((n + tile - 1) // tile, emask + 1), np.int32)  # every row written below
+    nanc = np.zeros(th.shape[0], np.int64)
+    if n:
+        _round_hist_ser(bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc)
+    widths, has_raw, symbols, W, CT, SYM, off, blob, table = _layout(
+        bits, th, nanc, tile, lossy, signbit, inf, exp_bits, smw)
+    _streams_ser(rb if lossy else bits, tile, W, CT, SYM, mb, emask, keep, smw, off, blob, table)
+    return widths, has_raw, symbols, blob, table, _crc32_any(blob, 0, crctab)
 
 
 def encode_blob(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE):
@@ -1173,14 +1185,23 @@ def encode_blob(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = sp
     n = len(bits)
     s = layout.man_bits - keep
     lossy = s > 0
-    par = _parallel(spec.n_tiles(n, tile))
-    widths, has_raw, symbols, blob, tab, crc = _encode_all(
-        bits, np.empty_like(bits) if lossy else bits, tile, lossy, s, 1 << (layout.total_bits - 1),
-        layout.inf_bits, layout.inf_bits - (1 << s), layout.man_bits, layout.exp_mask,
-        layout.exp_bits, keep, spec.sm_width(keep), par, _CRC_TAB)
+    rb = np.empty_like(bits) if lossy else bits  # the rounded values (lossy)
+    signbit, inf, maxfin = 1 << (layout.total_bits - 1), layout.inf_bits, layout.inf_bits - (1 << s)
+    mb, emask, smw = layout.man_bits, layout.exp_mask, spec.sm_width(keep)
+    tiles = spec.n_tiles(n, tile)
+    if not _parallel(tiles):
+        widths, has_raw, symbols, blob, tab, crc = _encode_ser(
+            bits, rb, tile, lossy, s, signbit, inf, maxfin, mb, emask, layout.exp_bits, keep, smw, _CRC_TAB)
+    else:
+        th = np.empty((tiles, emask + 1), np.int32)
+        nanc = np.zeros(tiles, np.int64)
+        _round_hist_par(bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc)
+        widths, has_raw, symbols, W, CT, SYM, off, blob, tab = _layout(
+            bits, th, nanc, tile, lossy, signbit, inf, layout.exp_bits, smw)
+        _streams_par(rb, tile, W, CT, SYM, mb, emask, keep, smw, off, blob, tab)
+        crc = _crc32_any(blob, 0, _CRC_TAB)
     rows = tab.tolist()
-    L = len(rows) - 4
-    names = ["sm"] + _LEVEL_NAMES[:L] + ["offsets", "patch_idx", "patch_val"]
+    names = ["sm"] + _LEVEL_NAMES[:len(rows) - 4] + ["offsets", "patch_idx", "patch_val"]
     table = {name: tuple(row) for name, row in zip(names, rows)}
     return tuple(widths.tolist()), bool(has_raw), symbols.astype(np.uint8), blob, table, int(crc)
 
