@@ -768,13 +768,6 @@ def _round_hist_ser(bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask
         _round_hist_tile(t, bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc, g)
 
 
-@njit(parallel=True, **_OPTS)
-def _nan_fill_par(bits, n, tile, inf, signbit, nanc, nstart, pidx, pval):
-    for t in prange(len(nanc)):
-        if nanc[t]:
-            _nan_fill_tile(t, bits, n, tile, inf, signbit, nstart[t], pidx, pval)
-
-
 @njit(cache=True, nogil=True)
 def _plan(th, n, tile, exp_bits, max_levels, max_width):
     """Everything between the histogram and the stream writes, in one compiled call:
