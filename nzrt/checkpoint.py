@@ -140,7 +140,7 @@ def load(path, *, verify: bool = True) -> dict:
                                   f"{size}-byte file (truncated?)")
             blob = whole[off:off + nb]
             if e["kind"] == "compressed":
-                ct = CompressedTensor(Header.from_dict(e["header"]), blob)
+                ct = CompressedTensor(Header.from_dict(e["header"]), blob, source=str(path))
                 if verify:
                     ct.verify()
                 out[name] = ct

@@ -134,13 +134,15 @@ class CompressedTensor:
     ``header`` says how to read it.
     """
 
-    __slots__ = ("header", "data", "_verified", "_np_sections")
+    __slots__ = ("header", "data", "source", "_verified", "_np_sections")
 
-    def __init__(self, header: Header, data: torch.Tensor, *, verified: bool = False):
+    def __init__(self, header: Header, data: torch.Tensor, *, verified: bool = False,
+                 source: str | None = None):
         if data.dtype != torch.uint8 or data.dim() != 1:
             raise FormatError("CompressedTensor data must be a 1-D uint8 tensor")
         self.header = header
         self.data = data
+        self.source = source  # the file whose memory map holds ``data``, if any
         self._verified = verified
         self._np_sections = None
         self._check_bounds()
@@ -199,8 +201,9 @@ class CompressedTensor:
         return 8 * self.nbytes / max(self.numel(), 1)
 
     def to(self, device, non_blocking: bool = False) -> "CompressedTensor":
-        return CompressedTensor(self.header, self.data.to(device, non_blocking=non_blocking),
-                                verified=self._verified)
+        data = self.data.to(device, non_blocking=non_blocking)
+        return CompressedTensor(self.header, data, verified=self._verified,
+                                source=self.source if data is self.data else None)
 
     def pin_memory(self) -> "CompressedTensor":
         return CompressedTensor(self.header, self.data.pin_memory(), verified=self._verified)

@@ -602,15 +602,14 @@ class Managed:
             elif t == Tier.DEVICE:
                 if cuda:
                     new = ct if ct.device.type == "cuda" else ct.to(self.device)
-                else:
-                    new = ct if not _is_mapped(ct) else CompressedTensor(ct.header, ct.data.clone(), verified=True)
+                else:  # a memory-mapped blob stays mapped: a copy would hold its bytes twice
+                    new = ct
             else:  # host, dense (the compressed copy waits in host memory), or disk without a file
                 if cuda:
                     host = ct if ct.device.type == "cpu" else ct.to("cpu")
                     new = host if host.is_pinned() or t == Tier.DENSE else host.pin_memory()
                 else:
-                    new = ct if not _is_mapped(ct) or t == Tier.DISK else \
-                        CompressedTensor(ct.header, ct.data.clone(), verified=True)
+                    new = ct
             s.ct = new
             if not s.on_disk:
                 s.home = new  # one copy: the old placement is freed (a file-backed home stays)
@@ -688,20 +687,22 @@ class Managed:
         """Bytes actually held now, measured from the storages (not computed from shapes):
         compressed blobs by where they live, the dense slot pool, uncompressed parameters and
         buffers, and lossless restore copies (lossy mode)."""
-        blobs = {"device": 0, "host": 0}
+        blobs = {"device": 0, "host": 0, "mapped": 0}
         seen = set()
         for s in self.tensors.values():
             for ct in (s.ct, s.home):
                 if ct is None or id(ct.data) in seen:
                     continue
                 seen.add(id(ct.data))
-                if _is_mapped(ct):
+                if _is_mapped(ct):  # file-backed pages: the blob's own bytes, not the whole map
+                    blobs["mapped"] += ct.data.numel()
                     continue
                 place = "device" if ct.device == self.device else "host"
                 blobs[place] += storage_bytes([ct.data])
         restore = storage_bytes(ct.data for ct in self.restore.values())
         dense = self.scheduler.dense_bytes_held() if self.scheduler is not None else 0
         return {"compressed_device": blobs["device"], "compressed_host": blobs["host"],
+                "compressed_mapped": blobs["mapped"],
                 "dense_slots": dense, "uncompressed": self._fixed_bytes() if self.attached else 0,
                 "restore_copies": restore}
 
@@ -779,13 +780,8 @@ def _no_grad_check(bindings, args=()) -> None:
 
 
 def _is_mapped(ct) -> bool:
-    """Whether a CompressedTensor's bytes come from a memory-mapped file."""
-    try:
-        st = ct.data.untyped_storage()
-        fn = getattr(st, "filename", None)
-        return bool(fn) if not callable(fn) else bool(fn())
-    except Exception:
-        return False
+    """Whether a CompressedTensor's bytes come from a memory-mapped file (``nzrt.load``)."""
+    return ct.source is not None
 
 
 def _dense_from(src, like, device, name) -> torch.Tensor:

