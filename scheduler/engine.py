@@ -379,10 +379,15 @@ class Scheduler:
             e.record(side)
             return e
 
+        compute = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(side):
             for s, d, ev in items:
                 if ev is not None:
                     side.wait_event(ev)  # the compute stream is done with this buffer
+                else:
+                    # a buffer never released yet was allocated on the compute stream: the caching
+                    # allocator may have handed it memory that kernels queued there still use
+                    side.wait_stream(compute)
                 ct = s.ct
                 t0 = timed()
                 t1 = None
