@@ -257,15 +257,20 @@ def test_lossy_llama_logits_and_generate(llama):
     assert ((out - ref).norm() / ref.norm()).item() <= 0.10
 
 
-@pytest.mark.parametrize("policy", ["resident", "auto", Lru(1)], ids=str)
-def test_llama_meta_model_with_compressed_weights(llama, policy):
+def _meta_llama(llama):
+    """The tiny Llama rebuilt on the meta device (no weights), tied and in eval mode."""
     from accelerate import init_empty_weights
     from transformers import LlamaForCausalLM
-    weights = _compressed_weights(llama)
     with init_empty_weights():
         meta = LlamaForCausalLM(llama.config)
     meta.to(torch.bfloat16).tie_weights()
-    meta.eval()
+    return meta.eval()
+
+
+@pytest.mark.parametrize("policy", ["resident", "auto", Lru(1)], ids=str)
+def test_llama_meta_model_with_compressed_weights(llama, policy):
+    weights = _compressed_weights(llama)
+    meta = _meta_llama(llama)
     x = ids_for(1000)
     with torch.inference_mode():
         ref = llama(x).logits
@@ -423,14 +428,9 @@ def test_roomy_budget_caches_dense_layers(llama):
 
 def test_meta_model_from_nzrt_file_on_disk_tier(llama, tmp_path):
     """A .nzrt checkpoint, memory-mapped by nzrt.load, streamed from the file (the disk tier)."""
-    from accelerate import init_empty_weights
-    from transformers import LlamaForCausalLM
     path = tmp_path / "tiny.nzrt"
     nzrt.save(path, _compressed_weights(llama))
-    with init_empty_weights():
-        meta = LlamaForCausalLM(llama.config)
-    meta.to(torch.bfloat16).tie_weights()
-    meta.eval()
+    meta = _meta_llama(llama)
     x = ids_for(1000)
     with torch.inference_mode():
         ref = llama(x).logits
