@@ -44,6 +44,20 @@ def gpus() -> dict:
             pass
 
 
+def driver_version() -> str:
+    """The NVIDIA driver version: from NVML, else from nvidia-smi, else "?"."""
+    driver = gpus().get("driver")
+    if driver:
+        return driver
+    import subprocess
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return out.splitlines()[0] if out else "?"
+
+
 def backend_info() -> dict:
     """The decode backend that will run on the default device, and whether it loads."""
     import torch

@@ -59,11 +59,12 @@ import gc
 import os
 import platform
 import signal
-import subprocess
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+
+from nzrt.budget import format_bytes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -102,16 +103,6 @@ class Interrupted(Exception):
 # ---------------------------------------------------------------------------------------------
 # small helpers
 # ---------------------------------------------------------------------------------------------
-
-def fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-
 
 def sync(dev):
     import torch
@@ -158,19 +149,8 @@ def env_info(smoke: bool) -> dict:
             versions[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001
             versions[mod] = "not installed"
-    driver = "-"
-    if not smoke:
-        try:
-            import pynvml
-            pynvml.nvmlInit()
-            driver = pynvml.nvmlSystemGetDriverVersion()
-            driver = driver.decode() if isinstance(driver, bytes) else driver
-        except Exception:  # noqa: BLE001 - optional
-            try:
-                driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True, timeout=20).stdout.strip() or "?"
-            except Exception:  # noqa: BLE001
-                driver = "?"
+    from nzrt.envinfo import driver_version
+    driver = "-" if smoke else driver_version()
     dev = "CPU (--smoke: numbers are meaningless)" if smoke else torch.cuda.get_device_name()
     return dict(device=dev, driver=driver, torch=torch.__version__, cuda=torch.version.cuda, triton=tv,
                 python=platform.python_version(), **versions,
@@ -594,7 +574,7 @@ class Bench:
             m = src.get()
             row.setup_s = 0.0 if had else src.built_s
             nbytes = sum(p.numel() * p.element_size() for p in m.parameters())
-            row.notes.append(f"weights {fmt_bytes(nbytes)} ({sum(p.numel() for p in m.parameters()) / 1e9:.2f}B params)")
+            row.notes.append(f"weights {format_bytes(nbytes)} ({sum(p.numel() for p in m.parameters()) / 1e9:.2f}B params)")
             toks, logits = self.measure(row, m, prompt)
             ref = (toks, logits)
             row.same, row.lossless = "(reference)", True
@@ -624,7 +604,7 @@ class Bench:
                     row.notes.append(f"{100 * rep.ratio:.1f}% of dense; plan {rep.plan.split(':')[0] or '-'}; "
                                      f"passes {rep.passes}, trace changes {rep.divergences}, slot allocs "
                                      f"{rep.pool_allocations}; stalls {t['stall_s'] * 1e3:.0f} ms; held "
-                                     + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in held.items() if v))
+                                     + ", ".join(f"{k} {format_bytes(v)}" for k, v in held.items() if v))
                     print("\n".join("    " + s for s in str(rep).splitlines()[:8]), flush=True)
                     row.same, row.lossless = compare(ref, toks, logits)
                     ok = True
@@ -650,7 +630,7 @@ class Bench:
                 try:
                     toks, logits = self.measure(row, m, prompt, h2d=lambda: st.bytes_moved)
                     row.same, row.lossless = compare(ref, toks, logits)
-                    row.notes.append(f"{len(st.units)} units by {by}, lookahead {st.k}; host {fmt_bytes(st.host_bytes)}; "
+                    row.notes.append(f"{len(st.units)} units by {by}, lookahead {st.k}; host {format_bytes(st.host_bytes)}; "
                                      f"device buffers allocated {st.allocations}; trace changes {st.divergences}")
                 finally:
                     st.close()
@@ -709,8 +689,8 @@ class Bench:
                 print(f"  {row.method} ... ({self.elapsed():.0f} s in)", flush=True)
                 guarded(row, fns[key])
                 if row.error is None:
-                    print(f"  {row.method}: {row.tps:.2f} tok/s, {row.tokens} tokens, peak {fmt_bytes(row.peak)}, "
-                          f"h2d/token {fmt_bytes(row.h2d_per_token)}, setup {row.setup_s:.1f} s; {row.same}; "
+                    print(f"  {row.method}: {row.tps:.2f} tok/s, {row.tokens} tokens, peak {format_bytes(row.peak)}, "
+                          f"h2d/token {format_bytes(row.h2d_per_token)}, setup {row.setup_s:.1f} s; {row.same}; "
                           + "; ".join(row.notes), flush=True)
         finally:
             src.drop()
@@ -729,8 +709,8 @@ class Bench:
                 out.append(f"| {r.size} | {r.method} | - | {why} | - | - | - | - | - |")
                 continue
             ratio = r.ratio
-            h2d = "-" if r.h2d_per_token is None else fmt_bytes(r.h2d_per_token)
-            pk = "n/a (CPU)" if r.peak is None else fmt_bytes(r.peak)
+            h2d = "-" if r.h2d_per_token is None else format_bytes(r.h2d_per_token)
+            pk = "n/a (CPU)" if r.peak is None else format_bytes(r.peak)
             out.append(f"| {r.size} | {r.method} | {r.tokens} | {r.tps:.2f} | "
                        f"{'-' if ratio is None else f'{ratio:.2f}x'} | {pk} | {h2d} | "
                        f"{'-' if r.setup_s is None else f'{r.setup_s:.1f}'} | {r.same} |")
