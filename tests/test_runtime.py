@@ -377,14 +377,20 @@ class Branchy(nn.Module):
         return self.c(x)
 
 
-def test_trace_change_falls_back_and_retraces():
-    m = Branchy().eval()
-    x = torch.randn(3, 64)
+def _branchy_refs(m, x) -> dict:
+    """The plain model's output in each of its control-flow modes."""
     refs = {}
     for mode in (0, 1, 2):
         m.mode = mode
         with torch.inference_mode():
             refs[mode] = m(x)
+    return refs
+
+
+def test_trace_change_falls_back_and_retraces():
+    m = Branchy().eval()
+    x = torch.randn(3, 64)
+    refs = _branchy_refs(m, x)
     snap = snapshot(m)
     with nzrt.managed(m, policy="resident") as run:
         for mode in (0, 0, 0, 1, 1, 2, 0, 2, 2, 1, 0, 0):
@@ -480,11 +486,7 @@ def test_random_control_flow_never_wrong(policy):
     import random
     m = Branchy().eval()
     x = torch.randn(2, 64)
-    refs = {}
-    for mode in (0, 1, 2):
-        m.mode = mode
-        with torch.inference_mode():
-            refs[mode] = m(x)
+    refs = _branchy_refs(m, x)
     rng = random.Random(str(policy))
     snap = snapshot(m)
     budget = 10 ** 6 if policy == "belady" else None
