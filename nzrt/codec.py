@@ -74,16 +74,14 @@ def compress(tensor: torch.Tensor, *, mantissa_bits: int | None = None,
     mod = _backend_module(name)
     bits = tensor.detach().contiguous().view(_int_dtype(layout)).reshape(-1)
     fields = dict(dtype=layout.name, shape=tuple(tensor.shape), mantissa_bits=keep, tile=tile)
-    if name == "triton":
-        widths, has_raw, symbols, sections = mod.encode(bits, layout, keep, tile)
-    else:
+    if name != "triton":
         bits = bits.cpu().numpy().view(layout.uint)
-        if hasattr(mod, "encode_blob"):  # writes the blob in place: no copy of the sections
-            widths, has_raw, symbols, blob, table, crc = mod.encode_blob(bits, layout, keep, tile)
-            ct = CompressedTensor.from_blob(_fields(fields, widths, has_raw, symbols), blob, table, crc)
-            return ct.to(device) if device.type != "cpu" else ct
+    if hasattr(mod, "encode_blob"):  # writes the blob in place: no copy of the sections
+        widths, has_raw, symbols, blob, table, crc = mod.encode_blob(bits, layout, keep, tile)
+        ct = CompressedTensor.from_blob(_fields(fields, widths, has_raw, symbols), blob, table, crc)
+    else:
         widths, has_raw, symbols, sections = mod.encode(bits, layout, keep, tile)
-    ct = CompressedTensor.from_sections(_fields(fields, widths, has_raw, symbols), sections)
+        ct = CompressedTensor.from_sections(_fields(fields, widths, has_raw, symbols), sections)
     return ct.to(device) if device.type != "cpu" else ct
 
 
