@@ -891,7 +891,9 @@ def _enc_tile(t, src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, 
     streams = (L0, L1, L2, L3, L4)
     manmask = (np.int64(1) << mb) - 1
     # sign + kept mantissa
-    if smw == 8 and tbm1 == 15 and keep == 7:  # lossless bf16: one byte per value
+    # the byte shortcuts are for LOSSLESS bf16/fp32 only (keep == mb): fp16 with keep == 7 also
+    # has 8-bit sm entries in 16-bit values, but its kept bits are man >> 3, not man & 0x7f
+    if smw == 8 and tbm1 == 15 and keep == 7 and mb == 7:  # lossless bf16: one byte per value
         i = a
         while i + 32 <= end:
             _bf16_sm_bytes32(src, i, sm, i, 0)
@@ -901,7 +903,7 @@ def _enc_tile(t, src, n, tile, L, W, CT, SYM, mb, emask, keep, drop, tbm1, smw, 
             _stel(sm, i, ((b >> 8) & 0x80) | (b & 0x7F))
     else:
         i0 = a
-        if smw == 24 and tbm1 == 31 and keep == 23:  # lossless fp32: three bytes per value
+        if smw == 24 and tbm1 == 31 and keep == 23 and mb == 23:  # lossless fp32: three bytes per value
             while i0 + 16 <= end:
                 _fp32_sm_bytes48(src, i0, sm, 3 * i0, 0)
                 i0 += 16
