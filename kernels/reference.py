@@ -102,7 +102,10 @@ def encode(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DE
 # --- decode --------------------------------------------------------------------------------
 
 def decode_into(ct, out_bits: np.ndarray) -> None:
-    decode(ct.header, ct.np_sections(), out_bits)
+    try:
+        decode(ct.header, ct.np_sections(), out_bits)
+    except FormatError as e:
+        raise FormatError(f"{ct.label}: {e}") from None
 
 
 def decode(header, sections: dict, out_bits: np.ndarray) -> None:
@@ -110,6 +113,9 @@ def decode(header, sections: dict, out_bits: np.ndarray) -> None:
     layout = spec.LAYOUTS[header.dtype]
     n, tile, keep = header.numel, header.tile, header.mantissa_bits
     all_widths = spec.level_widths(header.widths, header.has_raw, layout.exp_bits)
+    spec.check_tables(n, tile, all_widths, keep, layout, sections)  # no IndexError below
+    if len(out_bits) < n:
+        raise ValueError(f"out_bits holds {len(out_bits)} values, the tensor {n}")
     exp = np.zeros(n, np.int64)
     open_ = np.ones(n, bool)  # values whose exponent is not yet resolved
     tile_of = np.arange(n, dtype=np.int64) // tile

@@ -27,8 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header carries ``header_crc32``, a CRC-32 of its own fields
 DEFAULT_TILE = 8192
+MAX_TILE = 1 << 24  # tile bounds every decoder relies on: 8..MAX_TILE, a multiple of 8
+MAX_NUMEL = 1 << 33  # values per tensor: keeps every stream's group count below 2**31 (int32)
 STREAM_PAD = 8
 SECTION_ALIGN = 16
 MAX_LEVELS = 4  # coded levels; a raw level may follow
@@ -36,7 +38,8 @@ MAX_WIDTH = 5  # widest coded level the planner considers
 
 
 class FormatError(ValueError):
-    """A compressed buffer or file that is corrupted, truncated or of an unknown version."""
+    """A compressed buffer or file that is corrupted, truncated, inconsistent or of an unknown
+    version: the one exception every malformed input raises, on every backend."""
 
 
 @dataclass(frozen=True)
@@ -162,3 +165,45 @@ def lossy_round(bits: np.ndarray, layout: FloatLayout, keep: int) -> tuple[np.nd
     out = (rounded | sign).astype(layout.uint)
     nan_idx = np.flatnonzero(is_nan).astype(np.int64)
     return out, nan_idx, bits[nan_idx].copy()
+
+
+def check_tables(n: int, tile: int, widths: tuple[int, ...], keep: int, layout: FloatLayout,
+                 sections: dict) -> None:
+    """The blob-dependent facts every decoder relies on (``widths``: every stored level's, raw
+    included; ``sections``: name -> numpy view). Raises FormatError on the first that fails:
+
+    * ``sm`` and every level stream are exactly as long as ``n``, the widths and the offsets say;
+    * ``offsets[:, l - 1]`` starts at 0, never decreases, grows per tile by at most the previous
+      level's groups in that tile, and ends at level ``l``'s group count;
+    * patch indices are strictly increasing and below ``n``; patch values are NaNs.
+    """
+    tiles = n_tiles(n, tile)
+    L = len(widths)
+    if len(sections["sm"]) != packed_nbytes(n, sm_width(keep)):
+        raise FormatError("the sm stream is not as long as the header implies")
+    off = sections["offsets"]
+    if off.shape != (tiles + 1, max(L - 1, 0)):
+        raise FormatError(f"offsets table has shape {off.shape}, expected {(tiles + 1, max(L - 1, 0))}")
+    if L:
+        counts = np.full(tiles, tile, np.int64)
+        if tiles:
+            counts[-1] = n - (tiles - 1) * tile
+        prev = (counts + 7) // 8  # level 0: every value of the tile, in groups of 8
+        if len(sections["level0"]) != int(prev.sum()) * widths[0] + STREAM_PAD:
+            raise FormatError("level 0 stream is not as long as the header implies")
+        for level in range(1, L):
+            col = off[:, level - 1].astype(np.int64)
+            step = np.diff(col)
+            if col[0] != 0 or (step < 0).any() or (step > prev).any():
+                raise FormatError(f"level {level} tile offsets are inconsistent")
+            if len(sections[f"level{level}"]) != int(col[-1]) * widths[level] + STREAM_PAD:
+                raise FormatError(f"level {level} offsets do not end where its stream ends")
+            prev = step
+    pi, pv = sections["patch_idx"], sections["patch_val"]
+    if len(pi) != len(pv):
+        raise FormatError("patch sections disagree in length")
+    if len(pi) and (pi[0] < 0 or pi[-1] >= n or (np.diff(pi) <= 0).any()):
+        raise FormatError("patch indices are out of range or not strictly increasing")
+    sign = 1 << (layout.total_bits - 1)
+    if len(pv) and ((pv.astype(np.int64) & ~sign) <= layout.inf_bits).any():
+        raise FormatError("a patch value is not a NaN")

@@ -7,11 +7,17 @@ Layout::
     buffer 0, padding, buffer 1, ...    (each buffer starts at a multiple of ALIGN)
 
 The header maps each tensor name to either a compressed tensor (its codec header and where
-its blob lies) or a dense tensor (dtype, shape, where its bytes lie, CRC-32).
+its blob lies) or a dense tensor (dtype, shape, where its bytes lie). Every entry carries a
+CRC-32 of its name and fields (for a dense tensor, then its bytes; a compressed blob is
+covered by its codec header's own CRCs). Buffers lie in entry order, each at the first
+ALIGN-aligned byte after the previous one, and the file ends after the last: one layout per
+header, so a header whose sizes, offsets or types disagree with it is refused whole (as
+safetensors does) before a byte of data is read.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -21,12 +27,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .format import CompressedTensor, FormatError, Header
+from . import header as H
+from .format import MAX_RANK, CompressedTensor, FormatError, Header
 
 MAGIC = b"NZRT\r\n\x1a\n"
 PREFIX = struct.Struct("<8sQII")
 ALIGN = 64
-FILE_VERSION = 1
+FILE_VERSION = 2  # 2: every entry has a CRC-32 of its name and fields; canonical layout
+_TOP = ("format", "version", "metadata", "tensors")
+_KEYS = {"compressed": ("kind", "header", "offset", "nbytes", "crc32"),
+         "dense": ("kind", "dtype", "shape", "offset", "nbytes", "crc32")}
+DENSE_DTYPES = {n: getattr(torch, n) for n in (
+    "float64", "float32", "float16", "bfloat16", "complex64", "complex128", "int64", "int32",
+    "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool", "float8_e4m3fn", "float8_e5m2")
+    if isinstance(getattr(torch, n, None), torch.dtype)}
 
 
 def _pad(n: int) -> int:
@@ -50,13 +64,14 @@ def save(path, tensors: dict, metadata: dict | None = None) -> None:
             raise TypeError(f"tensor names must be str, got {type(name).__name__}")
         if isinstance(value, CompressedTensor):
             blob = value.data.cpu().numpy()
-            entries[name] = {"kind": "compressed", "header": json.loads(value.header.to_json()),
-                             "offset": pos, "nbytes": int(blob.nbytes)}
+            e = {"kind": "compressed", "header": json.loads(value.header.to_json()),
+                 "offset": pos, "nbytes": int(blob.nbytes)}
+            entries[name] = dict(e, crc32=_entry_crc(name, e))
         elif isinstance(value, torch.Tensor):
             blob = _dense_bytes(value)
-            entries[name] = {"kind": "dense", "dtype": str(value.dtype).removeprefix("torch."),
-                             "shape": list(value.shape), "offset": pos, "nbytes": int(blob.nbytes),
-                             "crc32": zlib.crc32(blob)}
+            e = {"kind": "dense", "dtype": str(value.dtype).removeprefix("torch."),
+                 "shape": list(value.shape), "offset": pos, "nbytes": int(blob.nbytes)}
+            entries[name] = dict(e, crc32=zlib.crc32(blob, _entry_crc(name, e)))
         else:
             raise TypeError(f"tensor {name!r}: expected a torch.Tensor or CompressedTensor, "
                             f"got {type(value).__name__}")
@@ -88,8 +103,13 @@ def save(path, tensors: dict, metadata: dict | None = None) -> None:
         raise
 
 
+def _entry_crc(name: str, entry: dict) -> int:
+    """CRC-32 of a tensor's name and entry fields (``crc32`` itself excluded)."""
+    return zlib.crc32(H.dumps([name, {k: v for k, v in entry.items() if k != "crc32"}]).encode())
+
+
 def _read_header(path: Path) -> tuple[dict, int, int]:
-    """(header dict, byte where the buffers start, file size)."""
+    """(header dict, byte where the buffers start, file size), the header checked whole."""
     if not path.is_file():
         raise FileNotFoundError(f"no such .nzrt file: {path}")
     size = path.stat().st_size
@@ -97,22 +117,75 @@ def _read_header(path: Path) -> tuple[dict, int, int]:
         prefix = f.read(PREFIX.size)
         if len(prefix) < PREFIX.size:
             raise FormatError(f"{path}: {size} bytes is too short to be a .nzrt file")
-        magic, hlen, hcrc, _ = PREFIX.unpack(prefix)
+        magic, hlen, hcrc, reserved = PREFIX.unpack(prefix)
         if magic != MAGIC:
             raise FormatError(f"{path}: not a .nzrt file (bad magic bytes)")
         if PREFIX.size + hlen > size:
             raise FormatError(f"{path}: truncated (header of {hlen} bytes does not fit in {size})")
+        if hlen > H.MAX_HEADER_BYTES or reserved:
+            raise FormatError(f"{path}: malformed prefix (header of {hlen} bytes, reserved word "
+                              f"{reserved:#x})")
         raw = f.read(hlen)
     if zlib.crc32(raw) != hcrc:
         raise FormatError(f"{path}: header checksum mismatch: the file is corrupted")
     try:
-        head = json.loads(raw)
-    except ValueError as e:
-        raise FormatError(f"{path}: header is not valid JSON ({e})") from None
-    if head.get("format") != "nzrt" or head.get("version") != FILE_VERSION:
-        raise FormatError(f"{path}: unsupported .nzrt version {head.get('version')!r} "
-                          f"(this nzrt reads version {FILE_VERSION})")
-    return head, _pad(PREFIX.size + hlen), size
+        head = H.loads(raw)
+        if head.get("format") != "nzrt" or head.get("version") != FILE_VERSION \
+                or type(head.get("version")) is not int:
+            old = " (written by an older nzrt: re-create it with `nzrt compress`)" \
+                if head.get("version") == 1 and type(head.get("version")) is int else ""
+            raise FormatError(f"unsupported .nzrt version {H._show(head.get('version'))} "
+                              f"(this nzrt reads version {FILE_VERSION}){old}")
+        H.expect_keys(head, _TOP, "the file header")
+        if type(head["metadata"]) is not dict or type(head["tensors"]) is not dict:
+            raise FormatError("malformed header: metadata and tensors must be objects")
+    except FormatError as e:
+        raise FormatError(f"{path}: {e}") from None
+    start = _pad(PREFIX.size + hlen)
+    pos, name = 0, None
+    for name, e in head["tensors"].items():
+        try:
+            pos = _check_entry(name, e, pos)
+            if start + e["offset"] + e["nbytes"] > size:
+                raise FormatError(f"its bytes end at {start + e['offset'] + e['nbytes']}, past the "
+                                  f"end of the {size}-byte file (truncated?)")
+        except FormatError as err:
+            raise FormatError(f"{path}: tensor {name!r}: {err}") from None
+    if start + pos != size:
+        who = f"tensor {name!r} (the last): " if name is not None else ""
+        raise FormatError(f"{path}: {who}the buffers end at byte {start + pos}, the file at {size} "
+                          f"({'truncated' if size < start + pos else 'trailing bytes'})")
+    return head, start, size
+
+
+def _check_entry(name: str, e: dict, pos: int) -> int:
+    """Check one entry's fields (replacing its codec header by a validated ``Header``); return
+    where the next buffer starts."""
+    kind = e.get("kind") if type(e) is dict else None
+    if kind not in _KEYS:
+        raise FormatError(f"unknown entry kind {H._show(kind)}")
+    H.expect_keys(e, _KEYS[kind], f"the {kind} entry")
+    off = H.as_int(e["offset"], "offset", 0, 1 << 62)
+    nb = H.as_int(e["nbytes"], "nbytes", 0, 1 << 62)
+    H.as_int(e["crc32"], "crc32", 0, (1 << 32) - 1)
+    if off != pos:
+        raise FormatError(f"its bytes start at {off}, the layout puts them at {pos} "
+                          f"(moved or overlapping buffers)")
+    if kind == "compressed":
+        crc = _entry_crc(name, e)
+        if crc != e["crc32"]:
+            raise FormatError("entry checksum mismatch: its fields were changed")
+        h = Header.from_dict(e["header"])
+        if nb != h.blob_nbytes:
+            raise FormatError(f"nbytes {nb}, its codec header implies {h.blob_nbytes}")
+        e["header"] = h
+    else:
+        H.as_str(e["dtype"], "dtype", DENSE_DTYPES)
+        shape = H.as_ints(e["shape"], "shape", 0, 1 << 48, MAX_RANK)
+        want = math.prod(shape) * DENSE_DTYPES[e["dtype"]].itemsize
+        if nb != want:
+            raise FormatError(f"nbytes {nb}, its dtype and shape {list(shape)} imply {want}")
+    return _pad(off + nb)
 
 
 def load_metadata(path) -> dict:
@@ -123,9 +196,12 @@ def load_metadata(path) -> dict:
 def load(path, *, verify: bool = True) -> dict:
     """Map ``path`` into memory: name -> CompressedTensor (or Tensor for dense entries), no copy.
 
-    With ``verify`` (the default) every buffer's CRC-32 is checked now, so corruption is
-    reported here with the tensor's name; without it, compressed tensors are checked on first
-    decode. Bounds are always checked.
+    The header is checked whole first (strict JSON, every field typed, every size and offset
+    consistent). With ``verify`` (the default) every compressed blob's CRC-32 and tables are
+    checked now, so corruption is reported here with the tensor's name; without it, on first
+    decode (again with file and tensor named). Dense buffers are always checked here: they are
+    returned as plain tensors, with no later moment to check them. Every malformed input is a
+    ``FormatError`` naming the file and the tensor.
     """
     path = Path(path)
     head, start, size = _read_header(path)
@@ -133,27 +209,15 @@ def load(path, *, verify: bool = True) -> dict:
         torch.zeros(0, dtype=torch.uint8)
     out = {}
     for name, e in head["tensors"].items():
-        try:
-            off, nb = start + int(e["offset"]), int(e["nbytes"])
-            if int(e["offset"]) < 0 or nb < 0 or off + nb > size:
-                raise FormatError(f"its bytes [{off}, {off + nb}) lie past the end of the "
-                                  f"{size}-byte file (truncated?)")
-            blob = whole[off:off + nb]
-            if e["kind"] == "compressed":
-                ct = CompressedTensor(Header.from_dict(e["header"]), blob, source=str(path))
-                if verify:
-                    ct.verify()
-                out[name] = ct
-            elif e["kind"] == "dense":
-                if verify and zlib.crc32(blob.numpy()) != int(e["crc32"]):
-                    raise FormatError("checksum mismatch: the file is corrupted")
-                dtype = getattr(torch, e["dtype"])
-                out[name] = blob.view(dtype).reshape(e["shape"]) if nb else \
-                    torch.empty(e["shape"], dtype=dtype)
-            else:
-                raise FormatError(f"unknown entry kind {e['kind']!r}")
-        except FormatError as err:
-            raise FormatError(f"{path}: tensor {name!r}: {err}") from None
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise FormatError(f"{path}: tensor {name!r}: malformed entry ({err!r})") from None
+        blob = whole[start + e["offset"]:start + e["offset"] + e["nbytes"]]
+        if e["kind"] == "compressed":
+            ct = CompressedTensor(e["header"], blob, source=str(path), name=name)
+            if verify:
+                ct.verify()
+            out[name] = ct
+        else:
+            if zlib.crc32(blob.numpy(), _entry_crc(name, e)) != e["crc32"]:
+                raise FormatError(f"{path}: tensor {name!r}: checksum mismatch: the file is corrupted")
+            dtype, shape = DENSE_DTYPES[e["dtype"]], e["shape"]
+            out[name] = blob.view(dtype).reshape(shape) if e["nbytes"] else torch.empty(shape, dtype=dtype)
     return out

@@ -15,8 +15,15 @@ import torch
 
 from .kernels import spec
 from .kernels.spec import FormatError
+from . import header as H
 
 SECTION_DTYPES = {"offsets": np.uint32, "patch_idx": np.int64}  # others: uint8, or the float's uint
+
+
+_FIELDS = ("dtype", "shape", "mantissa_bits", "tile", "widths", "has_raw", "symbols", "sections",
+           "crc32", "version", "header_crc32")
+MAX_RANK = 32
+_U32 = (1 << 32) - 1
 
 
 @dataclass(frozen=True)
@@ -29,8 +36,22 @@ class Header:
     has_raw: bool
     symbols: tuple[int, ...]  # exponents named by the coded levels, in code order
     sections: dict = field(default_factory=dict)  # name -> (byte offset, nbytes, rows, cols)
-    crc32: int = 0
+    crc32: int = 0  # zlib.crc32 of the blob
     version: int = spec.FORMAT_VERSION
+    header_crc32: int | None = None  # CRC-32 of every other field; computed when not given
+
+    def __post_init__(self):
+        if self.header_crc32 is None:
+            try:
+                object.__setattr__(self, "header_crc32", self.fields_checksum())
+            except (TypeError, ValueError):
+                pass  # fields that are not JSON: validate() reports them
+
+    def fields_checksum(self) -> int:
+        """CRC-32 of the canonical JSON of every field but ``header_crc32``."""
+        d = {k: getattr(self, k) for k in _FIELDS[:-1]}
+        d["sections"] = {k: list(v) for k, v in self.sections.items()}
+        return zlib.crc32(H.dumps(d).encode())
 
     @property
     def numel(self) -> int:
@@ -51,55 +72,120 @@ class Header:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Header":
-        try:
-            if d.get("version") != spec.FORMAT_VERSION:
-                raise FormatError(f"unknown format version {d.get('version')!r}; "
-                                  f"this nzrt reads version {spec.FORMAT_VERSION}")
-            h = cls(dtype=str(d["dtype"]), shape=tuple(int(s) for s in d["shape"]),
-                    mantissa_bits=int(d["mantissa_bits"]), tile=int(d["tile"]),
-                    widths=tuple(int(w) for w in d["widths"]), has_raw=bool(d["has_raw"]),
-                    symbols=tuple(int(s) for s in d["symbols"]),
-                    sections={k: tuple(int(x) for x in v) for k, v in d["sections"].items()},
-                    crc32=int(d["crc32"]), version=int(d["version"]))
-        except FormatError:
-            raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"malformed header: {e!r}") from None
+        """A validated header from parsed JSON: exactly the format's fields, strictly typed."""
+        if type(d) is dict and "version" in d and d["version"] != spec.FORMAT_VERSION:
+            old = " (written by an older nzrt: re-create it with `nzrt compress`)" \
+                if type(d["version"]) is int and 0 < d["version"] < spec.FORMAT_VERSION else ""
+            raise FormatError(f"unknown format version {H._show(d['version'])}; this nzrt reads "
+                              f"version {spec.FORMAT_VERSION}{old}")
+        H.expect_keys(d, _FIELDS, "the codec header")
+        tup = lambda v: tuple(v) if type(v) is list else v  # noqa: E731
+        secs = d["sections"]
+        if type(secs) is dict:
+            secs = {k: tup(v) for k, v in secs.items()}
+        h = cls(dtype=d["dtype"], shape=tup(d["shape"]), mantissa_bits=d["mantissa_bits"],
+                tile=d["tile"], widths=tup(d["widths"]), has_raw=d["has_raw"],
+                symbols=tup(d["symbols"]), sections=secs, crc32=d["crc32"], version=d["version"],
+                header_crc32=d["header_crc32"])
         h.validate()
+        h.check_seal()
         return h
 
-    def expected_sections(self) -> dict:
-        """name -> (nbytes, rows, cols) that the header implies; the bounds every decoder relies on."""
-        lay = self.layout
-        n = self.numel
-        widths = spec.level_widths(self.widths, self.has_raw, lay.exp_bits)
-        tiles = spec.n_tiles(n, self.tile)
-        exp = {"sm": (spec.packed_nbytes(n, spec.sm_width(self.mantissa_bits)), 0, 0)}
-        exp["offsets"] = ((tiles + 1) * max(len(widths) - 1, 0) * 4, tiles + 1, max(len(widths) - 1, 0))
-        return exp
+    def check_seal(self) -> None:
+        """``header_crc32`` must be the CRC-32 of the other fields (checked with the blob's CRC)."""
+        if self.header_crc32 != self.fields_checksum():
+            raise FormatError("header checksum mismatch: its fields were changed")
+
+    def section_names(self) -> list[str]:
+        """Every section, in the one order the blob lays them out."""
+        return ["sm", *_level_names(self), "offsets", "patch_idx", "patch_val"]
+
+    @property
+    def blob_nbytes(self) -> int:
+        off, nb = self.sections["patch_val"][:2]
+        return _align(off + nb)
 
     def validate(self) -> None:
-        """Structural checks that need no buffer: anything a decoder indexes by must be sane."""
-        if self.dtype not in spec.LAYOUTS:
-            raise FormatError(f"unsupported dtype {self.dtype!r}")
-        lay = self.layout
-        if any(s < 0 for s in self.shape):
-            raise FormatError(f"negative shape {self.shape}")
-        if not 0 <= self.mantissa_bits <= lay.man_bits:
-            raise FormatError(f"mantissa_bits {self.mantissa_bits} out of range 0..{lay.man_bits}")
-        if self.tile <= 0 or self.tile % 8:
-            raise FormatError(f"tile {self.tile} is not a positive multiple of 8")
-        if len(self.widths) > spec.MAX_LEVELS or any(not 1 <= w <= min(spec.MAX_WIDTH, lay.exp_bits) for w in self.widths):
-            raise FormatError(f"bad level widths {self.widths}")
-        cap = sum((1 << w) - 1 for w in self.widths)
-        if len(self.symbols) > cap or any(not 0 <= s <= lay.exp_mask for s in self.symbols):
-            raise FormatError("symbol table does not fit the levels")
-        if self.numel and not self.widths and not self.has_raw:
+        """Every check that needs no buffer (done once per header object): strict types and
+        ranges, then every section's size, shape and place as the other fields imply them,
+        Anything a decoder indexes by is bounded here. (``header_crc32`` is checked with the
+        blob's CRC: by ``from_dict`` and ``CompressedTensor.verify``.)"""
+        if self.__dict__.get("_valid"):
+            return
+        self._check_fields()
+        self._check_sections()
+        object.__setattr__(self, "_valid", True)
+
+    def _check_fields(self) -> None:
+        H.as_int(self.version, "version", spec.FORMAT_VERSION, spec.FORMAT_VERSION)
+        lay = spec.LAYOUTS[H.as_str(self.dtype, "dtype", spec.LAYOUTS)]
+        shape = H.as_ints(self.shape, "shape", 0, spec.MAX_NUMEL, MAX_RANK)
+        if math.prod(shape) > spec.MAX_NUMEL:
+            raise FormatError(f"shape {shape} holds more than {spec.MAX_NUMEL} values")
+        H.as_int(self.mantissa_bits, "mantissa_bits", 0, lay.man_bits)
+        H.as_int(self.tile, "tile", 8, spec.MAX_TILE)
+        if self.tile % 8:
+            raise FormatError(f"tile {self.tile} is not a multiple of 8")
+        widths = H.as_ints(self.widths, "widths", 1, min(spec.MAX_WIDTH, lay.exp_bits), spec.MAX_LEVELS)
+        H.as_bool(self.has_raw, "has_raw")
+        symbols = H.as_ints(self.symbols, "symbols", 0, lay.exp_mask, sum((1 << w) - 1 for w in widths))
+        if len(set(symbols)) != len(symbols):
+            raise FormatError(f"symbols {symbols} name an exponent twice")
+        n = math.prod(shape)
+        if n and not widths and not self.has_raw:
             raise FormatError("no exponent level for a non-empty tensor")
-        for name, (nbytes, rows, cols) in self.expected_sections().items():
-            got = self.sections.get(name)
-            if got is None or got[1] != nbytes or (rows and tuple(got[2:]) != (rows, cols)):
-                raise FormatError(f"section {name!r} is {got}, the header implies {nbytes} bytes")
+        if not n and (widths or self.has_raw or symbols):
+            raise FormatError("exponent levels for an empty tensor")
+        H.as_int(self.crc32, "crc32", 0, _U32)
+        if self.header_crc32 is None:
+            raise FormatError("header fields are not JSON values")
+        H.as_int(self.header_crc32, "header_crc32", 0, _U32)
+
+    def _check_sections(self) -> None:
+        secs, names = self.sections, self.section_names()
+        if type(secs) is not dict:
+            raise FormatError(f"sections must be an object, got {type(secs).__name__}")
+        if set(secs) != set(names):
+            raise FormatError(f"sections are {sorted(secs)}, the header implies {names}")
+        n, lay = self.numel, self.layout
+        widths = spec.level_widths(self.widths, self.has_raw, lay.exp_bits)
+        tiles = spec.n_tiles(n, self.tile)
+        groups = (n + 7) // 8  # level 0's groups of 8 entries; no deeper level has more
+        patches = None
+        pos = 0
+        for name in names:
+            got = H.as_ints(secs[name], f"section {name!r}", 0, 1 << 62, 4)
+            if len(got) != 4:
+                raise FormatError(f"section {name!r} must be [offset, nbytes, rows, cols]")
+            off, nb, rows, cols = got
+            shape = (0, 0)
+            if name == "sm":
+                want = spec.packed_nbytes(n, spec.sm_width(self.mantissa_bits))
+            elif name.startswith("level"):
+                w = widths[int(name[5:])]
+                g = groups if name == "level0" else (nb - spec.STREAM_PAD) // w
+                want = g * w + spec.STREAM_PAD
+                if g > groups or g < 0:
+                    raise FormatError(f"section {name!r} holds {g} groups, more than the "
+                                      f"previous level's {groups}")
+                groups = g
+            elif name == "offsets":
+                want, shape = (tiles + 1) * (len(widths) - 1) * 4 if widths else 0, \
+                    (tiles + 1, max(len(widths) - 1, 0))
+            elif name == "patch_idx":
+                patches, want = nb // 8, nb // 8 * 8
+                if patches > (0 if self.lossless else n):
+                    raise FormatError(f"{patches} patches for {n} values "
+                                      f"({'lossless' if self.lossless else 'lossy'})")
+            else:
+                want = patches * lay.itemsize
+            if nb != want or (rows, cols) != shape:
+                raise FormatError(f"section {name!r} is {list(got)}, the header implies "
+                                  f"{want} bytes of shape {shape}")
+            if off != pos:
+                raise FormatError(f"section {name!r} starts at byte {off}, the layout puts it at {pos} "
+                                  f"(moved or overlapping sections)")
+            pos = _align(off + nb)
 
 
 def checksum(blob: np.ndarray) -> int:
@@ -134,18 +220,34 @@ class CompressedTensor:
     ``header`` says how to read it.
     """
 
-    __slots__ = ("header", "data", "source", "_verified", "_np_sections")
+    __slots__ = ("header", "data", "source", "name", "_verified", "_np_sections")
 
     def __init__(self, header: Header, data: torch.Tensor, *, verified: bool = False,
-                 source: str | None = None):
-        if data.dtype != torch.uint8 or data.dim() != 1:
-            raise FormatError("CompressedTensor data must be a 1-D uint8 tensor")
+                 source: str | None = None, name: str | None = None):
+        self.source = source  # the file whose memory map holds ``data``, if any
+        self.name = name  # the tensor's name in that file (or in a model), if known
+        if not isinstance(header, Header):
+            raise TypeError(f"{self.label}: header must be a Header, got {type(header).__name__}")
+        if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+            raise FormatError(f"{self.label}: data must be a 1-D uint8 tensor")
         self.header = header
         self.data = data
-        self.source = source  # the file whose memory map holds ``data``, if any
         self._verified = verified
         self._np_sections = None
-        self._check_bounds()
+        try:
+            header.validate()
+            size, want = data.numel(), header.blob_nbytes
+            if size != want:
+                raise FormatError(f"the buffer holds {size} bytes, the header implies {want} "
+                                  f"({'truncated?' if size < want else 'trailing bytes'})")
+        except FormatError as e:
+            raise FormatError(f"{self.label}: {e}") from None
+
+    @property
+    def label(self) -> str:
+        """Where this tensor comes from, for error messages: ``FILE: tensor 'NAME'``."""
+        who = f"tensor {self.name!r}" if self.name is not None else "compressed tensor"
+        return f"{self.source}: {who}" if self.source else who
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -171,7 +273,8 @@ class CompressedTensor:
         sections in place); ``table[name] = (byte offset, nbytes, rows, cols)``; ``crc32``: the
         blob's ``zlib.crc32`` if the backend computed it."""
         crc32 = checksum(blob) if crc32 is None else crc32
-        header = Header(**header_fields, sections=table, crc32=crc32)
+        table = {k: tuple(int(x) for x in v) for k, v in table.items()}
+        header = Header(**header_fields, sections=table, crc32=int(crc32))
         header.validate()
         return cls(header, torch.from_numpy(blob), verified=True)
 
@@ -203,10 +306,11 @@ class CompressedTensor:
     def to(self, device, non_blocking: bool = False) -> "CompressedTensor":
         data = self.data.to(device, non_blocking=non_blocking)
         return CompressedTensor(self.header, data, verified=self._verified,
-                                source=self.source if data is self.data else None)
+                                source=self.source if data is self.data else None, name=self.name)
 
     def pin_memory(self) -> "CompressedTensor":
-        return CompressedTensor(self.header, self.data.pin_memory(), verified=self._verified)
+        return CompressedTensor(self.header, self.data.pin_memory(), verified=self._verified,
+                                name=self.name)
 
     def is_pinned(self) -> bool:
         return self.data.is_pinned()
@@ -218,52 +322,24 @@ class CompressedTensor:
                 f"{self.bits_per_weight:.2f} bits/weight, device={self.device})")
 
     # -- integrity --------------------------------------------------------------------------
-    def _check_bounds(self) -> None:
-        h = self.header
-        size = self.data.numel()
-        names = ["sm", "offsets", "patch_idx", "patch_val"] + _level_names(h)
-        for name in names:
-            if name not in h.sections:
-                raise FormatError(f"section {name!r} missing")
-            off, nb = h.sections[name][:2]
-            if off < 0 or nb < 0 or off + nb > size:
-                raise FormatError(f"section {name!r} [{off}, {off + nb}) lies outside the "
-                                  f"{size}-byte buffer (truncated?)")
-            if off % spec.SECTION_ALIGN:
-                raise FormatError(f"section {name!r} is misaligned")
-        if h.sections["patch_idx"][1] // 8 * h.layout.itemsize != h.sections["patch_val"][1]:
-            raise FormatError("patch sections disagree in length")
-
     def verify(self) -> None:
-        """Check the CRC-32 of the blob (once; cached) and the stream offsets."""
+        """Check the blob's CRC-32 and its tables (offsets, patches): once, then cached. The
+        header itself was checked whole when this object was made."""
         if self._verified:
             return
-        crc = checksum(self.data.cpu().numpy())
-        if crc != self.header.crc32:
-            raise FormatError(f"checksum mismatch (stored {self.header.crc32:#010x}, "
-                              f"computed {crc:#010x}): the buffer is corrupted")
-        self._check_offsets()
-        self._verified = True
-
-    def _check_offsets(self) -> None:
-        """Offsets must grow by at most a tile's groups and end inside each level's stream."""
         h = self.header
-        s = self.np_sections()
-        off = s["offsets"].astype(np.int64)
-        n = h.numel
-        widths = spec.level_widths(h.widths, h.has_raw, h.layout.exp_bits)
-        for level in range(1, len(widths)):
-            col = off[:, level - 1]
-            step = np.diff(col)
-            if col[0] != 0 or (step < 0).any() or (step > (h.tile + 7) // 8).any():
-                raise FormatError(f"level {level} tile offsets are inconsistent")
-            if spec.packed_nbytes(int(col[-1]) * 8, widths[level]) > len(s[f"level{level}"]):
-                raise FormatError(f"level {level} offsets point past its stream")
-        if len(widths) and len(s["level0"]) < spec.packed_nbytes(n, widths[0]):
-            raise FormatError("level 0 stream too short")
-        pi = s["patch_idx"]
-        if len(pi) and (pi.min() < 0 or pi.max() >= n):
-            raise FormatError("patch index out of range")
+        blob = self.data.cpu().numpy()
+        try:
+            h.check_seal()
+            crc = checksum(blob)
+            if crc != h.crc32:
+                raise FormatError(f"checksum mismatch (stored {h.crc32:#010x}, computed "
+                                  f"{crc:#010x}): the buffer is corrupted")
+            spec.check_tables(h.numel, h.tile, spec.level_widths(h.widths, h.has_raw, h.layout.exp_bits),
+                              h.mantissa_bits, h.layout, _views(h, blob))
+        except FormatError as e:
+            raise FormatError(f"{self.label}: {e}") from None
+        self._verified = True
 
     # -- views for CPU backends -------------------------------------------------------------
     def np_sections(self) -> dict:
@@ -271,11 +347,15 @@ class CompressedTensor:
         if self._np_sections is None:
             if self.data.device.type != "cpu":
                 raise ValueError("np_sections() needs a CPU CompressedTensor")
-            blob = self.data.numpy()
-            out = {}
-            for name, (off, nb, rows, cols) in self.header.sections.items():
-                dt = SECTION_DTYPES.get(name, self.header.layout.uint if name == "patch_val" else np.uint8)
-                arr = blob[off:off + nb].view(dt)
-                out[name] = arr.reshape(rows, cols) if name == "offsets" else arr
-            self._np_sections = out
+            self._np_sections = _views(self.header, self.data.numpy())
         return self._np_sections
+
+
+def _views(h: Header, blob: np.ndarray) -> dict:
+    """name -> numpy view of that section of ``blob`` (a validated header's layout)."""
+    out = {}
+    for name, (off, nb, rows, cols) in h.sections.items():
+        dt = SECTION_DTYPES.get(name, h.layout.uint if name == "patch_val" else np.uint8)
+        arr = blob[off:off + nb].view(dt)
+        out[name] = arr.reshape(rows, cols) if name == "offsets" else arr
+    return out
