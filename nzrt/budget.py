@@ -1,6 +1,8 @@
 """Memory budgets: bytes, "6GiB", "512 MB", "80%" (of what is free on the device)."""
 from __future__ import annotations
 
+import math
+import numbers
 import re
 
 _UNITS = {
@@ -10,38 +12,96 @@ _UNITS = {
     "ki": 2 ** 10, "kib": 2 ** 10, "mi": 2 ** 20, "mib": 2 ** 20, "gi": 2 ** 30, "gib": 2 ** 30,
     "ti": 2 ** 40, "tib": 2 ** 40,
 }
-_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z%]*)\s*$")
+# a number (signed, "inf" and "nan" too, so that they get a precise message), then a unit
+_RE = re.compile(r"^\s*([+-]?(?:[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?|(?:inf(?:inity)?|nan)(?![a-z])))\s*([a-zA-Z%]*)\s*$",
+                 re.IGNORECASE)
+MAX_BUDGET = 2 ** 63 - 1  # bytes; beyond this no counter (numpy, torch, NVML) holds it
+ACCEPTED = ("a positive number of bytes (e.g. 6000000000), a size like '6GiB', '1.5 GB' or '512MiB', "
+            "or a percentage of the free memory like '80%'")
+
+
+class InvalidBudgetError(ValueError):
+    """A budget nzrt cannot read; the message says what was given and what is accepted."""
+
+
+class BudgetTypeError(InvalidBudgetError, TypeError):
+    """A budget of the wrong type (a bool, a list, ...); also a TypeError."""
+
+
+def _bad(budget, why: str, cls=InvalidBudgetError):
+    shown = repr(budget)
+    if len(shown) > 40:
+        shown = shown[:20] + "..." + shown[-8:]
+    if not isinstance(budget, str):
+        shown += f" ({type(budget).__name__})"
+    return cls(f"budget {shown} {why}; give {ACCEPTED}")
+
+
+def _bytes(budget, value) -> int:
+    """``value`` (an int or a float) bytes as an int: finite, >= one byte, <= MAX_BUDGET."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            raise _bad(budget, "is not a number")
+        if math.isinf(value):
+            raise _bad(budget, "is infinite")
+    if value <= 0:
+        raise _bad(budget, "is not positive")
+    if value > MAX_BUDGET:
+        raise _bad(budget, f"is more than {MAX_BUDGET} bytes")
+    out = int(value)
+    if out < 1:
+        raise _bad(budget, "is less than one byte")
+    return out
+
+
+def _read(budget):
+    """("bytes", n) or ("percent", p): the budget checked, without the free memory."""
+    if isinstance(budget, bool) or not isinstance(budget, (numbers.Real, str)):
+        raise _bad(budget, "has the wrong type", BudgetTypeError)
+    if isinstance(budget, numbers.Integral):
+        return "bytes", _bytes(budget, int(budget))
+    if isinstance(budget, numbers.Real):
+        return "bytes", _bytes(budget, float(budget))
+    m = _RE.match(budget)
+    if not m:
+        raise _bad(budget, "cannot be read")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    if unit == "%":
+        if not 0 < value <= 100:  # NaN too
+            raise _bad(budget, "is not a percentage in (0, 100]")
+        return "percent", value
+    if unit not in _UNITS:
+        raise _bad(budget, f"has an unknown unit {m.group(2)!r} (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    return "bytes", _bytes(budget, value * _UNITS[unit])
+
+
+def check_budget(budget) -> int | str | None:
+    """``budget`` checked without resolving percentages: None, its bytes (int), or the percentage
+    string as given. Raises InvalidBudgetError (a ValueError) with a one-line message."""
+    if budget is None:
+        return None
+    kind, value = _read(budget)
+    return value if kind == "bytes" else budget
 
 
 def parse_budget(budget, free_bytes=None) -> int | None:
     """Bytes from ``budget``: None (no limit), an int, a float of bytes, "6GiB", "1.5 GB", "800MiB",
-    or "80%" of ``free_bytes`` (an int, or a callable returning one, called only for percentages)."""
+    or "80%" of ``free_bytes`` (an int, or a callable returning one, called only for percentages).
+
+    Raises InvalidBudgetError (a ValueError; BudgetTypeError, also a TypeError, for a bool or
+    another type) for anything else: NaN, infinities ("1e400" too), zero, negatives, unknown units."""
     if budget is None:
         return None
-    if isinstance(budget, bool):
-        raise TypeError("budget must be bytes, a size string like '6GiB', or a percentage like '80%'")
-    if isinstance(budget, (int, float)):
-        if budget <= 0:
-            raise ValueError(f"budget must be positive, got {budget}")
-        return int(budget)
-    if not isinstance(budget, str):
-        raise TypeError(f"budget must be bytes, a size string or a percentage, got {type(budget).__name__}")
-    m = _RE.match(budget)
-    if not m:
-        raise ValueError(f"cannot read budget {budget!r}; write bytes, '6GiB', '512MB' or '80%'")
-    value, unit = float(m.group(1)), m.group(2).lower()
-    if unit == "%":
-        if not 0 < value <= 100:
-            raise ValueError(f"a percentage budget must be in (0, 100], got {budget!r}")
-        free = free_bytes() if callable(free_bytes) else free_bytes
-        if free is None:
-            raise ValueError(f"budget {budget!r} is relative, but the free memory is unknown")
-        return int(free * value / 100)
-    if unit not in _UNITS:
-        raise ValueError(f"unknown unit {m.group(2)!r} in budget {budget!r}; use B, KB, MB, GB, KiB, MiB, GiB")
-    out = int(value * _UNITS[unit])
-    if out <= 0:
-        raise ValueError(f"budget must be positive, got {budget!r}")
+    kind, value = _read(budget)
+    if kind == "bytes":
+        return value
+    free = free_bytes() if callable(free_bytes) else free_bytes
+    if free is None:
+        raise InvalidBudgetError(f"budget {budget!r} is relative, but the free memory is unknown; "
+                                 f"give an absolute size like '6GiB'")
+    out = int(free * value / 100)
+    if out < 1:
+        raise InvalidBudgetError(f"budget {budget!r} of {free} free bytes is less than one byte")
     return out
 
 

@@ -53,6 +53,8 @@ def _one_line(e: BaseException) -> str:
         return msg
     if isinstance(e, MemoryError):
         return "out of memory; pass a smaller --budget, use --policy offload, or a smaller model"
+    if name.lower() in ("error", "exception"):  # struct.error, zlib.error ...: name the module too
+        name = f"{type(e).__module__}.{name}"
     return f"{name}: {msg} (run with --debug for the traceback)"
 
 
@@ -151,12 +153,41 @@ def _check_policies(names) -> None:
 
 
 def _parse_budget(budget: Optional[str]):
-    if budget is None:
+    """--budget checked before any model loads: bytes (int), or a percentage string the runtime
+    resolves against the free memory. InvalidBudgetError (one line) for anything else."""
+    from .budget import check_budget
+
+    return check_budget(None if budget is None else budget.strip())
+
+
+_K_RANGES = "0..7 for bfloat16, 0..10 for float16, 0..23 for float32"
+
+
+def _parse_mantissa_bits(text: Optional[str]) -> Optional[int]:
+    """--mantissa-bits as an int (None: lossless); the range for the model's dtype is checked by
+    _check_mantissa_bits once the model is loaded."""
+    if text is None:
         return None
-    b = budget.strip()
-    if b.isdigit():
-        return int(b)
-    return b  # "6GiB", "80%": the runtime parses and checks it
+    t = text.strip()
+    if not t.lstrip("+-").isdigit() or not t.isascii():
+        raise ValueError(f"--mantissa-bits must be a whole number of mantissa bits to keep "
+                         f"({_K_RANGES}), got {text!r}")
+    k = int(t)
+    if not 0 <= k <= 23:
+        raise ValueError(f"--mantissa-bits must be in {_K_RANGES}, got {k}")
+    return k
+
+
+def _check_mantissa_bits(k: Optional[int], lm) -> Optional[int]:
+    """``k`` against the loaded model's float dtype (codec.check_mantissa_bits' message)."""
+    if k is None or lm.dtype is None:
+        return k
+    from .codec import check_mantissa_bits
+
+    try:
+        return check_mantissa_bits(k, lm.dtype)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--mantissa-bits {k} does not fit {lm.name or 'the model'}: {e}") from None
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -172,7 +203,7 @@ def profile(
                                                help="Policy to run (repeatable); default: every policy that fits."),
     budget: Optional[str] = typer.Option(None, "--budget", "-b", help='Memory budget: bytes, "6GiB" or "80%".'),
     device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, cuda, cuda:1 ... (default: cuda if any)."),
-    mantissa_bits: Optional[int] = typer.Option(None, "--mantissa-bits", "-k",
+    mantissa_bits: Optional[str] = typer.Option(None, "--mantissa-bits", "-k", metavar="K",
                                                 help="Keep K mantissa bits (lossy); also measures quality."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the table and per-layer reports as JSON."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: memory over time, per-layer phases."),
@@ -189,10 +220,13 @@ def profile(
 
         device = _check_device(device)
         _check_policies(policy or [])
+        budget = _parse_budget(budget)
+        mantissa_bits = _parse_mantissa_bits(mantissa_bits)
         lm = _load(model, dtype)
+        mantissa_bits = _check_mantissa_bits(mantissa_bits, lm)
         prog, make = _progress()
         with prog:
-            res = prof.profile(lm, policies=policy or None, budget=_parse_budget(budget), device=device,
+            res = prof.profile(lm, policies=policy or None, budget=budget, device=device,
                                mantissa_bits=mantissa_bits, tokens=tokens, repeats=repeats, gen_tokens=gen_tokens,
                                plain=plain, progress=make("profile"))
         typer.echo(prof.format_table(res))
@@ -208,7 +242,7 @@ def profile(
 def compress(
     model: str = typer.Argument(..., help=MODEL_ARG_HELP.replace(", or nothing for", "; 'smollm2' for")),
     out: Path = typer.Argument(..., help="The .nzrt file to write."),
-    mantissa_bits: Optional[int] = typer.Option(None, "--mantissa-bits", "-k", help="Keep K mantissa bits (lossy)."),
+    mantissa_bits: Optional[str] = typer.Option(None, "--mantissa-bits", "-k", metavar="K", help="Keep K mantissa bits (lossy)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Convert the weights first (bfloat16, float16, float32)."),
 ):
     """Write a compressed checkpoint (weights + config + tokenizer), loadable without the dense weights."""
@@ -217,7 +251,9 @@ def compress(
 
         if out.exists() and out.is_dir():
             raise models.ModelError(f"{out} is a directory; give the .nzrt file to write")
+        mantissa_bits = _parse_mantissa_bits(mantissa_bits)
         lm = _load(model, dtype)
+        mantissa_bits = _check_mantissa_bits(mantissa_bits, lm)
         prog, make = _progress()
         with prog:
             st = models.compress_model(lm, out, mantissa_bits=mantissa_bits, progress=make("compressing"))
@@ -234,7 +270,7 @@ def inspect_cmd(
     target: Optional[str] = typer.Argument(None, help="A .nzrt file, or a MODEL (" + MODEL_ARG_HELP + ")."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON (with exponent histograms) instead of a table."),
     all_rows: bool = typer.Option(False, "--all", help="Show every tensor (default: the first 40)."),
-    mantissa_bits: Optional[int] = typer.Option(None, "--mantissa-bits", "-k",
+    mantissa_bits: Optional[str] = typer.Option(None, "--mantissa-bits", "-k", metavar="K",
                                                 help="For a MODEL: statistics as compressed with K mantissa bits."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="For a MODEL: convert the weights first."),
 ):
@@ -249,7 +285,9 @@ def inspect_cmd(
             with prog:
                 res = stats.inspect_file(path, progress=make("reading"))
         else:
+            mantissa_bits = _parse_mantissa_bits(mantissa_bits)
             lm = _load(target, dtype)
+            mantissa_bits = _check_mantissa_bits(mantissa_bits, lm)
             with prog:
                 res = stats.inspect_model(lm, mantissa_bits=mantissa_bits, progress=make("compressing"))
         if json_out:
@@ -273,7 +311,7 @@ def generate(
     budget: Optional[str] = typer.Option(None, "--budget", "-b", help='Memory budget: bytes, "6GiB" or "80%".'),
     policy: str = typer.Option("auto", "--policy", "-p", help="auto, resident, offload, belady, lru; or 'plain' (no nzrt)."),
     device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, cuda ... (default: cuda if any)."),
-    mantissa_bits: Optional[int] = typer.Option(None, "--mantissa-bits", "-k", help="Keep K mantissa bits (lossy)."),
+    mantissa_bits: Optional[str] = typer.Option(None, "--mantissa-bits", "-k", metavar="K", help="Keep K mantissa bits (lossy)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     report: bool = typer.Option(False, "--report", help="Print the runtime's report at the end."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16, float32 (default: as stored)."),
@@ -288,7 +326,10 @@ def generate(
         device = _check_device(device)
         if policy != "plain":
             _check_policies([policy])
+        budget = _parse_budget(budget)
+        mantissa_bits = _parse_mantissa_bits(mantissa_bits)
         lm = _load(model, dtype)
+        mantissa_bits = _check_mantissa_bits(mantissa_bits, lm)
         if lm.kind != "causal-lm" or lm.tokenizer is None:
             raise models.ModelError(f"{lm.name} is not a causal language model with a tokenizer; "
                                     f"`nzrt generate` needs one (try `nzrt profile` for other models)")
@@ -308,7 +349,7 @@ def generate(
                       device=dev)
             rep = None
         else:
-            with models.managed(lm, policy=policy, budget=_parse_budget(budget), mantissa_bits=mantissa_bits,
+            with models.managed(lm, policy=policy, budget=budget, mantissa_bits=mantissa_bits,
                                 device=dev) as run:
                 res = gen(lm.model, lm.tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat,
                           on_text=echo, device=dev)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import numbers
 import os
 
 import numpy as np
@@ -51,6 +52,33 @@ def layout_of(dtype: torch.dtype) -> spec.FloatLayout:
     return spec.LAYOUTS[name]
 
 
+def check_mantissa_bits(mantissa_bits, dtype) -> int | None:
+    """``mantissa_bits`` checked for ``dtype`` (a torch dtype, a dtype name or a FloatLayout):
+    None stays None (lossless); otherwise an int in 0..(the dtype's mantissa bits), returned as
+    a plain int (the dtype's own count means lossless). Anything else raises, with a one-line
+    message naming the accepted range: TypeError for a bool, a float (2.5, even 3.0), a string
+    ("3") or another non-integer; ValueError for an integer out of range."""
+    if isinstance(dtype, spec.FloatLayout):
+        layout = dtype
+    elif isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in spec.LAYOUTS:
+            raise TypeError(f"nzrt compresses bfloat16, float16 and float32; got dtype {dtype!r}")
+        layout = spec.LAYOUTS[dtype.removeprefix("torch.")]
+    else:
+        layout = layout_of(dtype)
+    accepted = (f"an int in 0..{layout.man_bits} for {layout.name} (kept mantissa bits; "
+                f"{layout.man_bits} or None = lossless)")
+    if mantissa_bits is None:
+        return None
+    if isinstance(mantissa_bits, bool) or not isinstance(mantissa_bits, numbers.Integral):
+        raise TypeError(f"mantissa_bits must be {accepted}, got {mantissa_bits!r} "
+                        f"({type(mantissa_bits).__name__})")
+    k = int(mantissa_bits)
+    if not 0 <= k <= layout.man_bits:
+        raise ValueError(f"mantissa_bits must be {accepted}, got {k}")
+    return k
+
+
 def _int_dtype(layout: spec.FloatLayout) -> torch.dtype:
     return {2: torch.int16, 4: torch.int32}[layout.itemsize]
 
@@ -64,9 +92,8 @@ def compress(tensor: torch.Tensor, *, mantissa_bits: int | None = None,
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"compress() takes a torch.Tensor, got {type(tensor).__name__}")
     layout = layout_of(tensor.dtype)
-    keep = layout.man_bits if mantissa_bits is None else int(mantissa_bits)
-    if not 0 <= keep <= layout.man_bits:
-        raise ValueError(f"mantissa_bits must be in 0..{layout.man_bits} for {layout.name}, got {mantissa_bits}")
+    keep = check_mantissa_bits(mantissa_bits, layout)
+    keep = layout.man_bits if keep is None else keep
     if tile <= 0 or tile % 8:
         raise ValueError(f"tile must be a positive multiple of 8, got {tile}")
     device = tensor.device

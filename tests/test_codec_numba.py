@@ -179,7 +179,7 @@ def test_float32_specials():
 def test_lossy_random_bf16_fp16():
     for keep in range(7):
         check_same(bits_of(trained_like(9000, torch.bfloat16, seed=keep)), "bfloat16", keep=keep, tile=1024)
-    for keep in (0, 3, 9):
+    for keep in range(10):  # every k: 7 once took lossless bf16's byte path
         check_same(bits_of(trained_like(9000, torch.float16, seed=keep)), "float16", keep=keep, tile=1024)
 
 
@@ -295,7 +295,10 @@ from nzrt.kernels import numba_cpu, reference, spec
 assert not numba_cpu._HAS_VBMI2 and not numba_cpu._HAS_VPCLMUL
 all16 = np.arange(65536, dtype=np.uint32).astype(np.uint16)
 g = torch.Generator().manual_seed(0)
+# lossy fp16 at every k (k = 7 once took lossless bf16's byte path) and lossy fp32
 cases = [(all16, "bfloat16", 7), (all16, "float16", 10), (all16, "bfloat16", 3),
+         *[(all16, "float16", k) for k in range(10)],
+         ((torch.randn(5000, generator=g) * 0.02).view(torch.int32).numpy().view(np.uint32), "float32", 7),
          ((torch.randn(20000, generator=g) * 0.02).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), "bfloat16", 7),
          ((torch.randn(5000, generator=g) * 0.02).view(torch.int32).numpy().view(np.uint32), "float32", 23)]
 for bits, dtype, keep in cases:
