@@ -162,7 +162,7 @@ def _check_entry(name: str, e: dict, pos: int) -> int:
     """Check one entry's fields (replacing its codec header by a validated ``Header``); return
     where the next buffer starts."""
     kind = e.get("kind") if type(e) is dict else None
-    if kind not in _KEYS:
+    if type(kind) is not str or kind not in _KEYS:
         raise FormatError(f"unknown entry kind {H._show(kind)}")
     H.expect_keys(e, _KEYS[kind], f"the {kind} entry")
     off = H.as_int(e["offset"], "offset", 0, 1 << 62)
