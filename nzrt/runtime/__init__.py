@@ -1,0 +1,55 @@
+"""``nzrt.managed(model)``: keep a model's weights compressed and decode each layer just in time.
+
+    with nzrt.managed(model, budget="6GiB", policy="auto") as run:
+        out = model.generate(**inputs)
+    print(run.report())
+
+On entry every floating-point parameter of at least ``min_numel`` elements (bf16, fp16, fp32;
+Linear, Embedding, Conv, norms, the output head; tied weights once) is compressed and its dense
+storage freed. The parameter object stays the same; its class becomes ``ManagedParameter``
+(``nzrt.runtime.weight``): any read of it anywhere gives the exact values (decoded on demand
+outside its module's forward), any write raises ``ManagedError``. Each module that owns such a
+parameter runs with its weights bound to dense slots that the scheduler decoded just in time
+(``nzrt.runtime.passes``); forwards are serialised, so threads may share a managed model.
+Large plain ``nn.Embedding`` weights are split into row chunks decoded only where the ids fall
+(``nzrt.runtime.embedding``); a Linear always multiplies its whole weight (a GEMM's result may
+depend on how its output is split).
+
+Entry and exit are transactions (``nzrt.runtime.transaction``): an exception or Ctrl-C during
+entry leaves the model exactly as it was; exit restores every parameter bit for bit (lossy mode
+keeps a lossless copy in host memory for that), with its device, dtype and class.
+
+Models without weights in memory: build the model on the meta device and pass ``weights=`` a
+mapping of parameter (or buffer) name -> CompressedTensor or tensor, e.g. ``nzrt.load(path)``.
+
+``budget``: bytes on the execution device for the model's weights (compressed blobs, the dense
+working set, and the parameters and buffers left uncompressed). Bytes, "6GiB", or "80%" of the
+memory free at entry.
+"""
+from __future__ import annotations
+
+from ..policies import BudgetError
+from .errors import ManagedError
+from .managed import DEFAULT_CHUNK_BYTES, DEFAULT_MIN_NUMEL, Managed
+
+__all__ = ["managed", "Managed", "BudgetError", "ManagedError"]
+
+
+def managed(model, *, policy="auto", budget=None, mantissa_bits: int | None = None,
+            device=None, weights=None, prefetch: bool = True, min_numel: int = DEFAULT_MIN_NUMEL,
+            chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, backend: str | None = None) -> Managed:
+    """Keep ``model``'s weights compressed inside a ``with`` block; see the module docstring.
+
+    policy: "auto" | "resident" | "offload" | "belady" | "lru" or a policy object
+        (``nzrt.policies.Resident(lookahead=2)``, ...).
+    budget: None, bytes, "6GiB" or "80%" (of the free device memory).
+    mantissa_bits: None for lossless; k keeps k mantissa bits (rounded to nearest).
+    device: where the model runs (default: where its parameters are; cpu for a meta model).
+    weights: name -> CompressedTensor | Tensor for parameters (and buffers) on the meta device.
+    prefetch: False decodes every layer on demand in the calling thread (for comparisons).
+    min_numel: smaller parameters stay dense. chunk_bytes: row-chunk size for large plain
+        embeddings (None: no chunking). backend: the codec backend (default: automatic).
+    """
+    return Managed(model, policy=policy, budget=budget, mantissa_bits=mantissa_bits, device=device,
+                   weights=weights, prefetch=prefetch, min_numel=min_numel, chunk_bytes=chunk_bytes,
+                   backend=backend)

@@ -1,0 +1,76 @@
+"""What a managed model holds (measured from storages) and the report of a run."""
+from __future__ import annotations
+
+from ..memory import storage_bytes
+from ..report import LayerReport, Report
+
+
+def is_mapped(ct) -> bool:
+    """Whether a CompressedTensor's bytes come from a memory-mapped file (``nzrt.load``)."""
+    return ct.source is not None
+
+
+def fixed_bytes(model, managed_params, device) -> int:
+    """Bytes of the parameters and buffers left uncompressed, on the execution device."""
+    managed = {id(p) for p in managed_params}
+    tensors = [p for p in model.parameters() if id(p) not in managed]
+    tensors += list(model.buffers())
+    return storage_bytes(t for t in tensors if t.device == device)
+
+
+def held_bytes(run) -> dict:
+    """Bytes actually held now, measured from the storages (not computed from shapes):
+    compressed blobs by where they live, the dense slot pool, uncompressed parameters and
+    buffers, and lossless restore copies (lossy mode)."""
+    blobs = {"device": 0, "host": 0, "mapped": 0}
+    seen = set()
+    for s in run.tensors.values():
+        for ct in (s.ct, s.home):
+            if ct is None or id(ct.data) in seen:
+                continue
+            seen.add(id(ct.data))
+            if is_mapped(ct):  # file-backed pages: the blob's own bytes, not the whole map
+                blobs["mapped"] += ct.data.numel()
+                continue
+            place = "device" if ct.device == run.device else "host"
+            blobs[place] += storage_bytes([ct.data])
+    restore = storage_bytes(ct.data for ct in run.restore.values())
+    dense = run.scheduler.dense_bytes_held() if run.scheduler is not None else 0
+    return {"compressed_device": blobs["device"], "compressed_host": blobs["host"],
+            "compressed_mapped": blobs["mapped"],
+            "dense_slots": dense,
+            "uncompressed": fixed_bytes(run.model, [mp.param for mp in run.params], run.device)
+            if run.attached else 0,
+            "restore_copies": restore,
+            # what the managed parameters themselves hold: one element each (see weight.py)
+            "placeholders": storage_bytes(mp.placeholder for mp in run.params if mp.active)}
+
+
+def build_report(run, held: dict) -> Report:
+    s = run.scheduler
+    if s is not None and s.cuda:
+        s.cuda_times()
+    tiers = s.plan.tier_of if s is not None and s.plan is not None else {}
+    layers = []
+    for unit, info in run.layers.items():
+        st = s.stats[unit] if s is not None else None
+        layers.append(LayerReport(
+            name=unit, tier=tiers.get(unit, "device"), dense_bytes=info.dense_bytes,
+            compressed_bytes=info.compressed_bytes, decodes=st.decodes if st else 0,
+            decode_s=st.decode_s if st else 0.0, transfer_s=st.transfer_s if st else 0.0,
+            stall_s=st.stall_s if st else 0.0, hits=st.hits if st else 0, misses=st.misses if st else 0,
+            runs=st.runs if st else 0))
+    plan = s.plan if s is not None else None
+    return Report(
+        policy=getattr(run.policy, "name", str(run.policy)), device=str(run.device),
+        plan=plan.summary() if plan is not None else "", budget=run.budget,
+        mantissa_bits=run.mantissa_bits, layers=layers, held=held,
+        peaks=dict(run.tracker.peaks) if run.tracker is not None else {},
+        nvml=run.tracker.nvml_status if run.tracker is not None else "",
+        runtime_peak_dense=s.runtime_peak if s else 0,
+        pool_allocations=s.pool.allocations if s else 0,
+        passes=s.passes if s else 0, divergences=s.divergences if s else 0,
+        replans=s.replans if s else 0, mode=s.mode if s else "", entry_s=run.entry_seconds,
+        warnings=list(run.warnings), fixed_bytes=run.fixed_bytes,
+        weights_dense_bytes=sum(s_.dense_bytes for s_ in run.tensors.values()),
+        weights_compressed_bytes=sum(s_.ct.nbytes for s_ in run.tensors.values()))

@@ -1,0 +1,512 @@
+"""``Managed``: entry (compress, place, wrap forwards) and exit (restore), each a transaction."""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import weakref
+
+import torch
+from torch import nn
+
+from .. import codec
+from ..budget import parse_budget
+from ..format import CompressedTensor
+from ..memory import MemoryTracker
+from ..policies import get_policy
+from ..scheduler import Scheduler, TensorSlot
+from . import accounting, placement
+from .embedding import chunked_embedding_forward
+from .errors import ManagedError
+from .params import FLOATS, Param, chunk_spans, chunkable_embedding, find_params
+from .passes import PassLock, root_forward, unit_forward
+from .transaction import deferred_interrupts
+from .weight import ManagedParameter, make_placeholder, register, set_data, unregister
+
+_REGISTRY: "weakref.WeakKeyDictionary[nn.Module, Managed]" = weakref.WeakKeyDictionary()
+DEFAULT_MIN_NUMEL = 2048
+DEFAULT_CHUNK_BYTES = 2 << 20
+
+
+class Managed:
+    """The handle ``nzrt.managed`` returns; a context manager (``attach``/``detach`` by hand work too)."""
+
+    def __init__(self, model: nn.Module, *, policy="auto", budget=None, mantissa_bits=None, device=None,
+                 weights=None, prefetch: bool = True, min_numel: int = DEFAULT_MIN_NUMEL,
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, backend: str | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"managed() takes a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.policy = get_policy(policy)
+        self._budget_arg = budget
+        self.mantissa_bits = _check_mantissa_bits(mantissa_bits)
+        self._device_arg = device
+        self.weights = weights
+        self.prefetch = prefetch
+        self.min_numel = int(min_numel)
+        self.chunk_bytes = chunk_bytes
+        self.backend = backend
+        self.attached = False
+        self.lock = PassLock()
+        self._final_report = None
+        self._reset()
+
+    def _reset(self):
+        self.params: list = []        # committed (managed) Params, in commit order
+        self.tensors: dict = {}       # key -> TensorSlot
+        self.restore: dict = {}       # key -> lossless CompressedTensor (lossy mode only)
+        self.units: dict = {}         # unit -> tuple of keys
+        self._module_units: dict = {}
+        self._bindings: dict = {}     # module -> [(Param, key)]
+        self._forwards: list = []     # (module, had own forward attr, old value)
+        self._moved: list = []        # (kind, object, name, original)
+        self.scheduler = None
+        self.tracker = None
+        self.budget = None
+        self.fixed_bytes = 0
+        self.entry_seconds = 0.0
+        self.layers: dict = {}
+        self.warnings: list = []
+        self._tier_now: dict = {}
+        self.device = torch.device("cpu")
+
+    # -- context manager --------------------------------------------------------------------
+    def __enter__(self) -> "Managed":
+        self.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # -- attach -----------------------------------------------------------------------------
+    def attach(self) -> "Managed":
+        """Compress and take over the model. On any exception (KeyboardInterrupt included) the
+        model is put back exactly as it was before the exception propagates."""
+        if self.attached:
+            raise ManagedError("this managed() handle is already entered")
+        for m in self.model.modules():
+            if m in _REGISTRY:
+                raise ManagedError("this model (or a module inside it) is already under nzrt.managed(); "
+                                   "leave the first `with` block before entering another")
+        for m in list(_REGISTRY.keys()):
+            if any(sub is self.model for sub in m.modules()):
+                raise ManagedError("a module containing this model is already under nzrt.managed()")
+        t0 = time.perf_counter()
+        self._reset()
+        self._final_report = None
+        try:
+            _REGISTRY[self.model] = self
+            self.attached = True
+            self._attach()
+        except BaseException:
+            self._detach(report=False)
+            raise
+        self.entry_seconds = time.perf_counter() - t0
+        return self
+
+    def _resolve_device(self) -> torch.device:
+        if self._device_arg is not None:
+            dev = torch.device(self._device_arg)
+        else:
+            dev = None
+            for t in list(self.model.parameters()) + list(self.model.buffers()):
+                if t.device.type != "meta":
+                    dev = t.device
+                    break
+            dev = dev or torch.device("cpu")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.type not in ("cpu", "cuda"):
+            raise ManagedError(f"nzrt runs models on 'cpu' or 'cuda', not {dev}")
+        return dev
+
+    def _attach(self) -> None:
+        self.device = dev = self._resolve_device()
+        self.tracker = MemoryTracker(dev)
+        weights = dict(self.weights) if self.weights is not None else {}
+        used = set()
+        found = find_params(self.model)
+        if self.mantissa_bits is not None:  # before compressing anything: one clear error
+            for p, names, _ in found:
+                if p.dtype in FLOATS and p.numel() >= self.min_numel:
+                    try:
+                        codec.check_mantissa_bits(self.mantissa_bits, p.dtype)
+                    except ValueError as e:
+                        raise ValueError(f"{names[0]!r} ({p.dtype}): {e}") from None
+        self._move_buffers(weights, used, dev)
+        for p, names, owners in found:
+            self._take_param(p, names, owners, weights, used, dev)
+        unused = set(weights) - used
+        if unused and self.weights is not None:
+            self.warnings.append(f"{len(unused)} entries of `weights` name no meta parameter or buffer "
+                                 f"and were ignored, e.g. {sorted(unused)[:3]}")
+        self._build_units()
+        self.fixed_bytes = accounting.fixed_bytes(self.model, [mp.param for mp in self.params], dev)
+        self.budget = parse_budget(self._budget_arg, lambda: self.tracker.free_bytes())
+        self.layers = placement.layer_infos(self.units, self.tensors)
+        costs = placement.costs_for(dev, {})
+        initial = placement.initial_plan(self.policy, self.layers, self.budget, self.fixed_bytes, costs)
+        threads = os.environ.get("NZRT_DECODE_THREADS")  # numba threads of the CPU decode worker
+        self.scheduler = Scheduler(self.units, self.tensors, dev, planner=self._planner, place=self._place,
+                                   decode=self._decode, prefetch=self.prefetch,
+                                   decode_threads=int(threads) if threads else None)
+        self._place(initial)
+        self.scheduler.plan = initial
+        self._install_forwards()
+        self.tracker.sample()
+
+    def _move_buffers(self, weights, used, dev) -> None:
+        """Meta buffers from ``weights``, others moved to the device if needed."""
+        for mname, module in self.model.named_modules():
+            for bname, b in list(module._buffers.items()):
+                if b is None:
+                    continue
+                full = f"{mname}.{bname}" if mname else bname
+                if b.device.type == "meta":
+                    src = weights.get(full)
+                    if src is None:
+                        raise ManagedError(f"buffer {full!r} is on the meta device and `weights` has no "
+                                           f"entry for it (build the model with buffers on a real device, "
+                                           f"e.g. accelerate's init_empty_weights())")
+                    used.add(full)
+                    new = _dense_from(src, b, dev, full)
+                elif b.device != dev:
+                    new = b.to(dev)
+                else:
+                    continue
+                self._moved.append(("buffer", module, bname, b))
+                module._buffers[bname] = new
+
+    def _take_param(self, p, names, owners, weights, used, dev) -> None:
+        src_name = next((n for n in names if n in weights), None)
+        is_meta = p.device.type == "meta"
+        if src_name is not None and not is_meta:
+            raise ManagedError(f"`weights` has an entry for {src_name!r}, but that parameter already "
+                               f"holds data; `weights` fills parameters on the meta device only")
+        if is_meta and src_name is None:
+            raise ManagedError(f"parameter {names[0]!r} is on the meta device and `weights` has no "
+                               f"entry for it")
+        src = weights[src_name] if src_name is not None else None
+        if src_name is not None:
+            used.add(src_name)
+        compressible = (p.dtype in FLOATS and p.numel() >= self.min_numel
+                        and type(p) in (nn.Parameter, ManagedParameter))
+        if type(p) is ManagedParameter:
+            raise ManagedError(f"parameter {names[0]!r} is already managed by another nzrt.managed() block")
+        if p.dtype in FLOATS and p.numel() >= self.min_numel and not compressible and not is_meta:
+            self.warnings.append(f"{names[0]!r} is a {type(p).__name__}, not a plain nn.Parameter: kept dense")
+        if isinstance(src, CompressedTensor):
+            if tuple(src.shape) != tuple(p.shape) or src.dtype != p.dtype:
+                raise ManagedError(f"weights[{src_name!r}] is {src.dtype} {tuple(src.shape)}, the "
+                                   f"parameter is {p.dtype} {tuple(p.shape)}")
+            compressible = True
+        if is_meta:
+            # a meta parameter cannot take data of another device in place: a new Parameter
+            # stands in for it in every module that owns it, the meta one comes back on exit
+            stand_in = nn.Parameter(torch.empty(0, dtype=p.dtype, device=dev), requires_grad=p.requires_grad)
+            self._moved.append(("swap", owners, None, p))
+            for module, pname in owners:
+                module._parameters[pname] = stand_in
+            if not compressible:
+                stand_in.data = _dense_from(src, p, dev, src_name)
+                return
+            self._compress_param(stand_in, names, owners, src, was_meta=True, shape=p.shape)
+            return
+        if not compressible:
+            if p.device != dev:
+                self._moved.append(("param", p, None, p.data))
+                p.data = p.data.to(dev)
+            return
+        self._compress_param(p, names, owners, src)
+
+    def _compress_param(self, p, names, owners, src, was_meta=False, shape=None) -> None:
+        """Compress every chunk first; then commit (swap the data for the placeholder, the class
+        for ManagedParameter) in one step that Ctrl-C cannot split. Until the commit the
+        parameter is untouched, so a failure while compressing leaves nothing to undo."""
+        mp = Param(p, names, owners, self)
+        if shape is not None:
+            mp.shape = tuple(shape)
+        mp.was_meta = was_meta
+        lossy = self.mantissa_bits is not None
+        itemsize = p.element_size()
+        chunked = chunkable_embedding(mp.shape, itemsize, owners, self.chunk_bytes)
+        spans = chunk_spans(mp.shape, itemsize, self.chunk_bytes) if chunked else \
+            [(0, mp.shape[0] if mp.shape else 0)]
+        dense_src = None
+        if src is None:
+            dense_src = p.detach()
+        elif chunked:  # a whole compressed embedding from a checkpoint, re-chunked once
+            dense_src = codec.decompress(src.to("cpu") if src.device.type != "cpu" else src,
+                                         backend=self.backend)
+        slots, restore = [], {}
+        for i, (a, b) in enumerate(spans):
+            key = f"{names[0]}#{i}" if chunked else names[0]
+            if dense_src is None:  # given by the caller (e.g. nzrt.load's memory map)
+                ct = src
+                on_disk = ct.device.type == "cpu" or accounting.is_mapped(ct)
+            else:
+                part = dense_src[a:b] if chunked else dense_src
+                ct = codec.compress(part, mantissa_bits=self.mantissa_bits, backend=self._cbackend(part))
+                on_disk = False
+                if lossy and not was_meta:
+                    rct = codec.compress(part, backend=self._cbackend(part))
+                    restore[key] = rct.to("cpu") if rct.device.type != "cpu" else rct
+            ct.verify()
+            slots.append(TensorSlot(key=key, ct=ct, shape=tuple(ct.shape), dtype=ct.dtype,
+                                    numel=ct.numel(), home=ct, on_disk=on_disk))
+            mp.keys.append(key)
+            mp.rows.append((a, b))
+        mp.chunked = chunked
+        placeholder = make_placeholder(mp.shape, mp.dtype, self.device)
+        del dense_src
+        with deferred_interrupts():
+            for s in slots:
+                self.tensors[s.key] = s
+            self.restore.update(restore)
+            mp.placeholder = placeholder
+            set_data(p, placeholder)  # frees the dense original (when nothing else holds it)
+            p.__class__ = ManagedParameter
+            register(p, mp)
+            mp.active = True
+            self.params.append(mp)
+
+    def _cbackend(self, t):
+        return self.backend if self.backend is not None or t.device.type != "cuda" else None
+
+    def _decode(self, ct, buf):
+        if _serial_decode():
+            with _DECODE_LOCK:
+                codec.decode_into(ct, buf, backend=self.backend)
+        else:
+            codec.decode_into(ct, buf, backend=self.backend)
+
+    def dense_copy(self, mp) -> torch.Tensor:
+        """A fresh dense tensor with the parameter's values (what its module computes with)."""
+        out = torch.empty(mp.shape, dtype=mp.dtype, device=self.device)
+        rows = out.view(mp.shape[0], -1) if out.dim() else out.view(1)
+        for key, (a, b) in zip(mp.keys, mp.rows):
+            ct = self.tensors[key].ct
+            if ct.device != self.device:
+                ct = ct.to(self.device)
+            self._decode(ct, rows[a:b].reshape(-1) if mp.chunked else out.view(-1))
+        return out
+
+    # -- units and forwards ---------------------------------------------------------------------
+    def _build_units(self) -> None:
+        by_module: dict = {}
+        names = {id(m): n for n, m in self.model.named_modules(remove_duplicate=False)}
+        for mp in self.params:
+            for module, pname in mp.owners:
+                by_module.setdefault(module, []).append((mp, pname))
+        for module, entries in by_module.items():
+            qual = names.get(id(module), type(module).__name__) or "<root>"
+            plain = [(mp, mp.keys[0]) for mp, _ in entries if not mp.chunked]
+            chunked = [mp for mp, _ in entries if mp.chunked]
+            unit = None
+            if plain:
+                unit = qual
+                self.units[unit] = tuple(dict.fromkeys(k for _, k in plain))
+                self._bindings[module] = plain
+            chunk_units = []
+            for mp in chunked:
+                for i, key in enumerate(mp.keys):
+                    cu = f"{qual}#{i}"
+                    self.units[cu] = (key,)
+                    chunk_units.append((cu, key, mp.rows[i]))
+            self._module_units[module] = (unit, chunked[0] if chunked else None, chunk_units)
+
+    def _wrap(self, module, make) -> None:
+        had = "forward" in module.__dict__
+        self._forwards.append((module, had, module.__dict__.get("forward")))
+        module.forward = make(module.forward)
+
+    def _install_forwards(self) -> None:
+        for module, (unit, chunked_mp, chunk_units) in self._module_units.items():
+            if chunked_mp is not None:  # a plain Embedding: its only weight is in chunks
+                self._wrap(module, lambda inner, m=chunked_mp, c=chunk_units:
+                           chunked_embedding_forward(self, m, c))
+            elif unit is not None:
+                self._wrap(module, lambda inner, u=unit, b=self._bindings[module]:
+                           unit_forward(self, u, b, inner))
+        self._wrap(self.model, lambda inner: root_forward(self, inner))
+
+    def no_grad_check(self, bindings, args=()) -> None:
+        """Autograd would keep references to weights whose buffers are reused: refuse it."""
+        for mp, _ in bindings:
+            if mp.param.requires_grad:
+                raise ManagedError(
+                    f"nzrt.managed runs inference: {mp.names[0]!r} requires grad and autograd is on. Call "
+                    f"the model under torch.no_grad() or torch.inference_mode() (generate() already does), "
+                    f"or call model.requires_grad_(False) first")
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                raise ManagedError(
+                    f"nzrt.managed runs inference: an input of {bindings[0][0].names[0]!r}'s module requires "
+                    f"grad; gradients through managed weights are not supported (use torch.no_grad())")
+
+    # -- planning -------------------------------------------------------------------------------
+    def _measured_decode_bps(self) -> float | None:
+        s = self.scheduler
+        secs = sum(st.decode_s for st in s.stats.values())
+        nbytes = sum(st.decodes * self.layers[u].dense_bytes for u, st in s.stats.items())
+        return nbytes / secs if secs > 0 and nbytes > 0 else None
+
+    def _planner(self, trace, seconds):
+        costs = placement.costs_for(self.device, seconds, self._measured_decode_bps())
+        self.costs = costs
+        return placement.replan(self.policy, trace, self.layers, self.budget, self.fixed_bytes, costs,
+                                self.device, self.warnings.append)
+
+    def _place(self, plan) -> None:
+        placement.place(plan, self.units, self.tensors, self._tier_now, self.device)
+
+    # -- detach -----------------------------------------------------------------------------
+    def detach(self) -> None:
+        """Restore the model exactly: parameters bit for bit on their devices, forwards unwrapped.
+        Ctrl-C during the restore is held back until it is complete. If a parameter cannot be
+        restored (its decode keeps failing), it stays managed -- still readable, exact -- and
+        ``ManagedError`` says so; calling ``detach()`` again retries."""
+        if not self.attached:
+            return
+        self._detach(report=True)
+
+    def _detach(self, report: bool) -> None:
+        with deferred_interrupts():
+            errors = []
+            if self.scheduler is not None:
+                try:
+                    self.scheduler.shutdown()
+                except BaseException as e:  # pragma: no cover
+                    errors.append(e)
+            for module, had, old in reversed(self._forwards):
+                if had:
+                    module.__dict__["forward"] = old
+                else:
+                    module.__dict__.pop("forward", None)
+            self._forwards.clear()
+            failed = []
+            for mp in self.params:
+                if mp.active and not self._restore_with_retry(mp, errors):
+                    failed.append(mp)
+            if not failed:
+                for kind, obj, name, orig in reversed(self._moved):
+                    if kind == "buffer":
+                        obj._buffers[name] = orig
+                    elif kind == "swap":
+                        for module, pname in obj:
+                            module._parameters[pname] = orig
+                    else:
+                        obj.data = orig
+                self._moved.clear()
+            if report and self.tracker is not None:
+                try:
+                    self.tracker.sample()
+                    self._final_report = accounting.build_report(self, {})
+                except Exception as e:  # the report is a view; the restore matters more
+                    self._final_report = None
+                    self.warnings.append(f"the report could not be built: {e!r}")
+            if failed:
+                self.params = failed
+                raise ManagedError(
+                    f"nzrt: {len(failed)} parameter(s) could not be restored (e.g. {failed[0].names[0]!r}: "
+                    f"{errors[-1]!r}); they stay compressed and readable. Call detach() again to retry"
+                ) from errors[-1]
+            try:
+                if self.tracker is not None:
+                    self.tracker.close()
+            except Exception:  # pragma: no cover
+                pass
+            _REGISTRY.pop(self.model, None)
+            self.attached = False
+            self.params_restored = len(self.params)
+            self.params = []
+            self.tensors = {}
+            self.restore = {}
+            if self.scheduler is not None:
+                self.scheduler.tensors = {}
+
+    def _restore_with_retry(self, mp, errors) -> bool:
+        for backend in (self.backend if self.backend != "triton" else None, "reference"):
+            try:
+                self._restore_param(mp, backend)
+                return True
+            except Exception as e:
+                errors.append(e)
+        return False
+
+    def _restore_param(self, mp, backend) -> None:
+        p = mp.param
+        out = None
+        if not mp.was_meta:  # a meta parameter's stand-in is dropped with the swaps
+            out = torch.empty(mp.shape, dtype=mp.dtype, device="cpu")
+            rows = out.view(mp.shape[0], -1) if out.dim() else out.view(1)
+            for key, (a, b) in zip(mp.keys, mp.rows):
+                src = self.restore[key] if key in self.restore else self.tensors[key].home
+                if src.device.type != "cpu":
+                    src = src.to("cpu")
+                codec.decode_into(src, rows[a:b].reshape(-1) if mp.chunked else out.view(-1), backend=backend)
+            if mp.orig_device.type != "cpu":
+                out = out.to(mp.orig_device)
+        else:
+            out = torch.empty(0, dtype=mp.dtype, device=self.device)
+        unregister(p)
+        set_data(p, out)
+        p.__class__ = mp.orig_class
+        mp.active = False
+
+    # -- report -----------------------------------------------------------------------------
+    def held_bytes(self) -> dict:
+        return accounting.held_bytes(self)
+
+    def report(self):
+        if not self.attached:
+            if self._final_report is None:
+                raise ManagedError("report() needs a managed() block that has been entered")
+            return self._final_report
+        self.tracker.sample()
+        return accounting.build_report(self, self.held_bytes())
+
+    # kept for callers of the old private names
+    @property
+    def _layers(self) -> dict:
+        return self.layers
+
+    @property
+    def _warnings(self) -> list:
+        return self.warnings
+
+
+_DECODE_LOCK = threading.Lock()
+_SERIAL = None
+
+
+def _serial_decode() -> bool:
+    """numba's "workqueue" threading layer must not run parallel kernels from two threads at
+    once (the decode worker and an on-demand decode); "omp" and "tbb" may. Serialise only there."""
+    global _SERIAL
+    if _SERIAL is None:
+        numba = sys.modules.get("numba")
+        if numba is None:
+            return False
+        try:
+            _SERIAL = numba.threading_layer() == "workqueue"
+        except ValueError:  # no parallel kernel has run yet: be safe until one has
+            return True
+    return _SERIAL
+
+
+def _check_mantissa_bits(k):
+    """The type and the widest range (fp32's) at once; each weight's dtype before compressing."""
+    return codec.check_mantissa_bits(k, torch.float32)
+
+
+def _dense_from(src, like, device, name) -> torch.Tensor:
+    if isinstance(src, CompressedTensor):
+        src = codec.decompress(src)
+    if not isinstance(src, torch.Tensor):
+        raise ManagedError(f"weights[{name!r}] is a {type(src).__name__}, not a tensor or CompressedTensor")
+    if tuple(src.shape) != tuple(like.shape) or src.dtype != like.dtype:
+        raise ManagedError(f"weights[{name!r}] is {src.dtype} {tuple(src.shape)}, the model expects "
+                           f"{like.dtype} {tuple(like.shape)}")
+    return src.to(device)

@@ -1,0 +1,75 @@
+"""Finding a model's parameters (each once, with every name and owner) and what is kept of each."""
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class Param:
+    """A managed parameter: its compressed chunks, how to restore it, and whether it is bound."""
+
+    def __init__(self, param, names, owners, manager):
+        self.param = param
+        self.names = names          # every name it has in the model (tied weights: several)
+        self.owners = owners        # [(module, attribute name)]
+        self.shape = tuple(param.shape)
+        self.dtype = param.dtype
+        self.orig_device = param.device
+        self.orig_class = type(param)
+        self.was_meta = param.device.type == "meta"
+        self.keys: list = []        # tensor keys of its chunks (one key when not chunked)
+        self.rows: list = []        # (start, stop) rows of each chunk
+        self.chunked = False
+        self.placeholder = None
+        self.manager = manager
+        self.active = False         # True from commit (entry) to restore (exit)
+        self.binds = 0              # > 0 while its data is a dense slot (inside a forward)
+        self.bind_thread = None
+
+    def bound_here(self) -> bool:
+        """Inside its module's forward, in the thread running that forward."""
+        return self.binds > 0 and self.bind_thread == threading.get_ident()
+
+    def dense_copy(self) -> torch.Tensor:
+        return self.manager.dense_copy(self)
+
+
+def find_params(model: nn.Module) -> list:
+    """[(parameter, names, owners)]: every parameter once (tied weights: all names and owners)."""
+    by_id: dict = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            entry = by_id.setdefault(id(p), (p, [], []))
+            if full not in entry[1]:
+                entry[1].append(full)
+            if not any(o[0] is module and o[1] == pname for o in entry[2]):
+                entry[2].append((module, pname))
+    return list(by_id.values())
+
+
+def chunkable_embedding(shape, itemsize, owners, chunk_bytes) -> bool:
+    """Row chunks only for weights used solely as plain ``nn.Embedding`` lookups (a lookup copies
+    rows: exact whatever the split). A weight that a Linear also uses (a tied output head) is
+    never chunked: a GEMM's result may depend on how its output is split (oneDNN's AMX kernels
+    on Intel Xeons differ in ~0.01% of outputs), so the head always multiplies the whole weight."""
+    if not chunk_bytes or len(shape) != 2 or shape[0] * shape[1] * itemsize <= chunk_bytes:
+        return False
+    for module, name in owners:
+        if name != "weight" or not isinstance(module, nn.Embedding):
+            return False
+        if type(module).forward is not nn.Embedding.forward or module.max_norm is not None:
+            return False
+        if "forward" in module.__dict__:
+            return False
+    return True
+
+
+def chunk_spans(shape, itemsize, chunk_bytes) -> list:
+    """Row spans of whole multiples of 256 rows, about ``chunk_bytes`` each."""
+    rows = max(256, chunk_bytes // (shape[1] * itemsize) // 256 * 256)
+    return [(a, min(a + rows, shape[0])) for a in range(0, shape[0], rows)]

@@ -1,0 +1,101 @@
+"""The forwards the runtime wraps: one pass at a time, weights bound to dense slots inside.
+
+Every module that owns a managed weight gets an instance-level ``forward`` that makes its
+weights dense (the scheduler's slots), binds them to the parameters, runs the original forward
+and unbinds in a ``finally`` -- so an exception of any kind, KeyboardInterrupt included, leaves
+no parameter bound and no pass half open (forward hooks would not: ``nn.Module`` calls
+``always_call`` hooks on ``Exception`` only). The root module's forward brackets a pass.
+
+Passes are serialised: a re-entrant lock is held from a module's entry to its exit, so two
+threads calling one managed model run one forward at a time and each gets exact outputs.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .weight import set_data
+
+
+class PassLock:
+    """A re-entrant lock that knows its owner (``RLock`` does not say who holds it)."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self.owner = None
+        self.count = 0
+
+    def acquire(self) -> None:
+        self._lock.acquire()
+        self.owner = threading.get_ident()
+        self.count += 1
+
+    def release(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.owner = None
+        self._lock.release()
+
+
+def bind(mp, buf) -> None:
+    if mp.binds == 0:
+        set_data(mp.param, buf.view(mp.shape))
+        mp.bind_thread = threading.get_ident()
+    mp.binds += 1
+
+
+def unbind(mp) -> None:
+    mp.binds -= 1
+    if mp.binds <= 0:
+        mp.binds = 0
+        mp.bind_thread = None
+        set_data(mp.param, mp.placeholder)
+
+
+def unit_forward(run, unit, bindings, inner):
+    """``bindings``: [(Param, key)] of the module's own weights."""
+    lock = run.lock
+
+    def forward(*args, **kwargs):
+        lock.acquire()
+        try:
+            if torch.is_grad_enabled():
+                run.no_grad_check(bindings, args)
+            s = run.scheduler
+            bufs = s.enter(unit)
+            bound = []
+            try:
+                for mp, key in bindings:
+                    bind(mp, bufs[key])
+                    bound.append(mp)
+                return inner(*args, **kwargs)
+            finally:
+                for mp in bound:
+                    unbind(mp)
+                s.exit(unit)
+        finally:
+            lock.release()
+    return forward
+
+
+def root_forward(run, inner):
+    lock = run.lock
+
+    def forward(*args, **kwargs):
+        lock.acquire()
+        try:
+            s = run.scheduler
+            s.begin_pass()
+            ok = False
+            try:
+                out = inner(*args, **kwargs)
+                ok = True
+                return out
+            finally:
+                s.end_pass(ok)
+                if s.depth == 0:
+                    run.tracker.sample()
+        finally:
+            lock.release()
+    return forward
