@@ -134,12 +134,18 @@ def decode_into(ct: CompressedTensor, out: torch.Tensor, *, backend: str | None 
     mod = _backend_module(name)
     layout = spec.LAYOUTS[ct.header.dtype]
     flat = out.view(-1).view(_int_dtype(layout))
-    if name == "triton":
-        mod.decode_into(ct, flat)
-    else:
-        if ct.device.type != "cpu":
-            raise ValueError(f"the {name} backend decodes CPU tensors; this one is on {ct.device}")
-        mod.decode_into(ct, flat.numpy().view(layout.uint))
+    try:
+        if name == "triton":
+            mod.decode_into(ct, flat)
+        else:
+            if ct.device.type != "cpu":
+                raise ValueError(f"the {name} backend decodes CPU tensors; this one is on {ct.device}")
+            mod.decode_into(ct, flat.numpy().view(layout.uint))
+    except spec.FormatError as e:  # a decoder's content check: name the file and the tensor
+        label = getattr(ct, "label", "")
+        if label and not str(e).startswith(label):
+            raise spec.FormatError(f"{label}: {e}") from None
+        raise
     return out
 
 

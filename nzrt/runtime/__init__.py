@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from ..policies import BudgetError
 from .errors import ManagedError
-from .managed import DEFAULT_CHUNK_BYTES, DEFAULT_MIN_NUMEL, Managed
+from .handle import DEFAULT_CHUNK_BYTES, DEFAULT_MIN_NUMEL, Managed
 
 __all__ = ["managed", "Managed", "BudgetError", "ManagedError"]
 

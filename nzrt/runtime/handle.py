@@ -99,8 +99,13 @@ class Managed:
             _REGISTRY[self.model] = self
             self.attached = True
             self._attach()
-        except BaseException:
-            self._detach(report=False)
+        except BaseException as e:
+            try:
+                self._detach(report=False)
+            except ManagedError as r:  # the rollback itself could not restore everything
+                raise r from e
+            except BaseException:  # an interrupt held back during the rollback: the first one wins
+                pass
             raise
         self.entry_seconds = time.perf_counter() - t0
         return self
@@ -260,16 +265,29 @@ class Managed:
         mp.chunked = chunked
         placeholder = make_placeholder(mp.shape, mp.dtype, self.device)
         del dense_src
+        orig = p.detach()  # an alias of the dense data, to undo a commit cut short
         with deferred_interrupts():
-            for s in slots:
-                self.tensors[s.key] = s
-            self.restore.update(restore)
-            mp.placeholder = placeholder
-            set_data(p, placeholder)  # frees the dense original (when nothing else holds it)
-            p.__class__ = ManagedParameter
-            register(p, mp)
-            mp.active = True
-            self.params.append(mp)
+            try:
+                self.params.append(mp)
+                for s in slots:
+                    self.tensors[s.key] = s
+                self.restore.update(restore)
+                mp.placeholder = placeholder
+                register(p, mp)
+                set_data(p, placeholder)  # frees the dense original (when nothing else holds it)
+                p.__class__ = ManagedParameter
+                mp.active = True
+            except BaseException:
+                unregister(p)
+                p.__class__ = mp.orig_class
+                set_data(p, orig)
+                for s in slots:
+                    self.tensors.pop(s.key, None)
+                    self.restore.pop(s.key, None)
+                if self.params and self.params[-1] is mp:
+                    self.params.pop()
+                raise
+        del orig
 
     def _cbackend(self, t):
         return self.backend if self.backend is not None or t.device.type != "cuda" else None
@@ -373,7 +391,7 @@ class Managed:
 
     def _detach(self, report: bool) -> None:
         with deferred_interrupts():
-            errors = []
+            errors: list = []
             if self.scheduler is not None:
                 try:
                     self.scheduler.shutdown()
@@ -385,10 +403,7 @@ class Managed:
                 else:
                     module.__dict__.pop("forward", None)
             self._forwards.clear()
-            failed = []
-            for mp in self.params:
-                if mp.active and not self._restore_with_retry(mp, errors):
-                    failed.append(mp)
+            failed = [mp for mp in self.params if mp.active and not self._restore_with_retry(mp, errors)]
             if not failed:
                 for kind, obj, name, orig in reversed(self._moved):
                     if kind == "buffer":
@@ -403,8 +418,9 @@ class Managed:
                 try:
                     self.tracker.sample()
                     self._final_report = accounting.build_report(self, {})
-                except Exception as e:  # the report is a view; the restore matters more
+                except BaseException as e:  # the report is a view; the restore matters more
                     self._final_report = None
+                    errors.append(e)
                     self.warnings.append(f"the report could not be built: {e!r}")
             if failed:
                 self.params = failed
@@ -425,13 +441,19 @@ class Managed:
             self.restore = {}
             if self.scheduler is not None:
                 self.scheduler.tensors = {}
+        # everything is restored; an interrupt that came while restoring is raised now
+        interrupt = next((e for e in errors if not isinstance(e, Exception)), None)
+        if interrupt is not None:
+            raise interrupt
 
     def _restore_with_retry(self, mp, errors) -> bool:
+        """Restore one parameter; a failed decode is tried once more with the reference backend
+        (an interrupt or a transient MemoryError must not leave it half restored)."""
         for backend in (self.backend if self.backend != "triton" else None, "reference"):
             try:
                 self._restore_param(mp, backend)
                 return True
-            except Exception as e:
+            except BaseException as e:
                 errors.append(e)
         return False
 

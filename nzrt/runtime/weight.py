@@ -112,10 +112,11 @@ def _is_write(name: str) -> bool:
 
 
 def _targets(args, kwargs):
-    """The tensors an in-place op writes: its first argument (a list for foreach ops) and out=."""
+    """The tensors an in-place op writes: its first argument (a list for foreach ops; given by
+    keyword, e.g. ``torch.nn.init.normal_(tensor=w)``, any keyword argument) and out=."""
     out = []
-    if args:
-        first = args[0]
+    firsts = args[:1] if args else list(kwargs.values())
+    for first in firsts:
         out.extend(first if isinstance(first, (list, tuple)) else [first])
     o = kwargs.get("out")
     if o is not None:
