@@ -504,3 +504,19 @@ def test_random_control_flow_never_wrong(policy):
                 assert same(m(x), refs[m.mode])
     assert_restored(m, snap)
     assert run.report().divergences > 0
+
+
+def test_a_linear_is_never_row_chunked_only_embeddings_are():
+    """A GEMM's columns may depend on how its output is split (oneDNN AMX): a head, tied or
+    not, is one unit multiplying its whole weight, however small chunk_bytes is."""
+    for tied in (True, False):
+        m = tiny_llama(tied=tied)
+        with nzrt.managed(m, policy="resident", chunk_bytes=SMALL_CHUNKS) as run:
+            head_units = [u for u in run.units if u.startswith("lm_head")]
+            assert head_units == ["lm_head"], head_units
+            assert len(run.units["lm_head"]) == 1
+            emb = [u for u in run.units if u.startswith("model.embed_tokens")]
+            if tied:  # shared with the head: one whole weight, never chunked
+                assert emb == ["model.embed_tokens"], emb
+            else:  # a plain lookup table: chunked, exact whatever the split
+                assert len(emb) > 1 and all("#" in u for u in emb), emb
