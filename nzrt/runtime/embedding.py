@@ -15,8 +15,7 @@ def chunked_embedding_forward(run, mp, chunk_units):
     lock = run.lock
 
     def forward(input):
-        lock.acquire()
-        try:
+        with lock:
             if torch.is_grad_enabled():
                 run.no_grad_check([(mp, None)], (input,))
             s = run.scheduler
@@ -36,6 +35,4 @@ def chunked_embedding_forward(run, mp, chunk_units):
                 finally:
                     s.exit(unit)
             return out.view(*input.shape, dim)
-        finally:
-            lock.release()
     return forward

@@ -195,11 +195,11 @@ class Managed:
         src = weights[src_name] if src_name is not None else None
         if src_name is not None:
             used.add(src_name)
-        compressible = (p.dtype in FLOATS and p.numel() >= self.min_numel
-                        and type(p) in (nn.Parameter, ManagedParameter))
         if type(p) is ManagedParameter:
             raise ManagedError(f"parameter {names[0]!r} is already managed by another nzrt.managed() block")
-        if p.dtype in FLOATS and p.numel() >= self.min_numel and not compressible and not is_meta:
+        large_float = p.dtype in FLOATS and p.numel() >= self.min_numel
+        compressible = large_float and type(p) is nn.Parameter
+        if large_float and not compressible and not is_meta:
             self.warnings.append(f"{names[0]!r} is a {type(p).__name__}, not a plain nn.Parameter: kept dense")
         if isinstance(src, CompressedTensor):
             if tuple(src.shape) != tuple(p.shape) or src.dtype != p.dtype:
@@ -302,13 +302,7 @@ class Managed:
     def dense_copy(self, mp) -> torch.Tensor:
         """A fresh dense tensor with the parameter's values (what its module computes with)."""
         out = torch.empty(mp.shape, dtype=mp.dtype, device=self.device)
-        rows = out.view(mp.shape[0], -1) if out.dim() else out.view(1)
-        for key, (a, b) in zip(mp.keys, mp.rows):
-            ct = self.tensors[key].ct
-            if ct.device != self.device:
-                ct = ct.to(self.device)
-            self._decode(ct, rows[a:b].reshape(-1) if mp.chunked else out.view(-1))
-        return out
+        return _decode_chunks(mp, out, lambda key: self.tensors[key].ct, self._decode)
 
     # -- units and forwards ---------------------------------------------------------------------
     def _build_units(self) -> None:
@@ -459,15 +453,10 @@ class Managed:
 
     def _restore_param(self, mp, backend) -> None:
         p = mp.param
-        out = None
         if not mp.was_meta:  # a meta parameter's stand-in is dropped with the swaps
             out = torch.empty(mp.shape, dtype=mp.dtype, device="cpu")
-            rows = out.view(mp.shape[0], -1) if out.dim() else out.view(1)
-            for key, (a, b) in zip(mp.keys, mp.rows):
-                src = self.restore[key] if key in self.restore else self.tensors[key].home
-                if src.device.type != "cpu":
-                    src = src.to("cpu")
-                codec.decode_into(src, rows[a:b].reshape(-1) if mp.chunked else out.view(-1), backend=backend)
+            _decode_chunks(mp, out, lambda key: self.restore[key] if key in self.restore else self.tensors[key].home,
+                           lambda ct, buf: codec.decode_into(ct, buf, backend=backend))
             if mp.orig_device.type != "cpu":
                 out = out.to(mp.orig_device)
         else:
@@ -489,15 +478,6 @@ class Managed:
         self.tracker.sample()
         return accounting.build_report(self, self.held_bytes())
 
-    # kept for callers of the old private names
-    @property
-    def _layers(self) -> dict:
-        return self.layers
-
-    @property
-    def _warnings(self) -> list:
-        return self.warnings
-
 
 _DECODE_LOCK = threading.Lock()
 _SERIAL = None
@@ -516,6 +496,17 @@ def _serial_decode() -> bool:
         except ValueError:  # no parallel kernel has run yet: be safe until one has
             return True
     return _SERIAL
+
+
+def _decode_chunks(mp, out, source, decode) -> torch.Tensor:
+    """Decode each chunk of ``mp`` (``source(key)``: its CompressedTensor) into its rows of ``out``."""
+    rows = out.view(mp.shape[0], -1) if out.dim() else out.view(1)
+    for key, (a, b) in zip(mp.keys, mp.rows):
+        ct = source(key)
+        if ct.device != out.device:
+            ct = ct.to(out.device)
+        decode(ct, rows[a:b].reshape(-1) if mp.chunked else out.view(-1))
+    return out
 
 
 def _check_mantissa_bits(k):

@@ -37,6 +37,13 @@ class PassLock:
             self.owner = None
         self._lock.release()
 
+    def __enter__(self) -> "PassLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
 
 def bind(mp, buf) -> None:
     if mp.binds == 0:
@@ -58,8 +65,7 @@ def unit_forward(run, unit, bindings, inner):
     lock = run.lock
 
     def forward(*args, **kwargs):
-        lock.acquire()
-        try:
+        with lock:
             if torch.is_grad_enabled():
                 run.no_grad_check(bindings, args)
             s = run.scheduler
@@ -74,8 +80,6 @@ def unit_forward(run, unit, bindings, inner):
                 for mp in bound:
                     unbind(mp)
                 s.exit(unit)
-        finally:
-            lock.release()
     return forward
 
 
@@ -83,8 +87,7 @@ def root_forward(run, inner):
     lock = run.lock
 
     def forward(*args, **kwargs):
-        lock.acquire()
-        try:
+        with lock:
             s = run.scheduler
             s.begin_pass()
             ok = False
@@ -96,6 +99,4 @@ def root_forward(run, inner):
                 s.end_pass(ok)
                 if s.depth == 0:
                     run.tracker.sample()
-        finally:
-            lock.release()
     return forward
