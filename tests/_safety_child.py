@@ -1,8 +1,8 @@
 """Child-process checks for tests/test_managed_safety.py (a crash here fails the parent test)."""
 import copy
-import os
 import io
 import json
+import os
 import sys
 import threading
 
@@ -10,28 +10,11 @@ import torch
 
 import nzrt
 from nzrt.runtime import ManagedError
+from test_runtime import assert_restored, bits, same, snapshot, tiny_llama  # this script's folder
 
 
-def bits(t):
-    t = t.detach().contiguous()
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def same(a, b):
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(bits(a), bits(b))
-
-
-def llama(hidden=64, vocab=1000, layers=2, dtype=torch.bfloat16, tied=True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 5 // 2,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=tied)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
-
-
-def policy_of(name):
-    return name
+def llama(hidden=64, vocab=1000, layers=2, tied=True):
+    return tiny_llama(hidden=hidden, vocab=vocab, layers=layers, tied=tied)
 
 
 READS = {
@@ -171,26 +154,12 @@ def exactness(policy, hidden, tokens):
     return {"exact": [same(o, ref) for o in outs]}
 
 
-def snapshot(model):
-    return {k: (bits(v).clone() if v.is_floating_point() else v.clone(), id(v), type(v), v.device)
-            for k, v in model.state_dict(keep_vars=True).items()}, {
-        n: (sorted(vars(mod)), dict(mod._forward_hooks), dict(mod._forward_pre_hooks))
-        for n, mod in model.named_modules()}
-
-
 def restored(model, snap) -> bool:
-    state, mods = snap
-    now = model.state_dict(keep_vars=True)
-    if set(now) != set(state):
+    try:
+        assert_restored(model, snap)
+        return True
+    except AssertionError:
         return False
-    for k, (b, ident, typ, dev) in state.items():
-        v = now[k]
-        if id(v) != ident or type(v) is not typ or v.device != dev:
-            return False
-        if not torch.equal(bits(v) if v.is_floating_point() else v, b):
-            return False
-    return all((sorted(vars(mod)), dict(mod._forward_hooks), dict(mod._forward_pre_hooks)) == mods[n]
-               for n, mod in model.named_modules())
 
 
 class Injector:

@@ -30,8 +30,8 @@ def same(a, b) -> bool:
 
 
 def snapshot(model):
-    """Everything `exit` must restore: values (bits), devices, dtypes, hooks, attributes."""
-    state = {k: (bits(v).clone() if v.is_floating_point() else v.clone(), v.dtype, v.device, id(v))
+    """Everything `exit` must restore: values (bits), devices, dtypes, classes, hooks, attributes."""
+    state = {k: (bits(v).clone() if v.is_floating_point() else v.clone(), v.dtype, v.device, id(v), type(v))
              for k, v in model.state_dict(keep_vars=True).items()}
     mods = {n: (sorted(vars(m)), dict(m._forward_hooks), dict(m._forward_pre_hooks), type(m))
             for n, m in model.named_modules()}
@@ -43,10 +43,11 @@ def assert_restored(model, snap):
     state, mods, params = snap
     now = model.state_dict(keep_vars=True)
     assert set(now) == set(state)
-    for k, (b, dtype, device, ident) in state.items():
+    for k, (b, dtype, device, ident, cls) in state.items():
         v = now[k]
         assert v.dtype == dtype and v.device == device, k
         assert id(v) == ident, f"{k}: the parameter object changed"
+        assert type(v) is cls, f"{k}: its class is {type(v).__name__}, was {cls.__name__}"
         if v.device.type != "meta":
             assert torch.equal(bits(v) if v.is_floating_point() else v, b), f"{k}: values differ"
     for n, m in model.named_modules():
@@ -59,10 +60,11 @@ def assert_restored(model, snap):
 
 # --- models ---------------------------------------------------------------------------------
 
-def tiny_llama(dtype=torch.bfloat16, tied=True, seed=0):
+def tiny_llama(dtype=torch.bfloat16, tied=True, seed=0, hidden=64, vocab=1000, layers=3):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 5 // 2,
+                      num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=tied)
     return LlamaForCausalLM(cfg).to(dtype).eval()
