@@ -160,21 +160,21 @@ def _parse_budget(budget: Optional[str]):
     return check_budget(None if budget is None else budget.strip())
 
 
-_K_RANGES = "0..7 for bfloat16, 0..10 for float16, 0..23 for float32"
-
-
 def _parse_mantissa_bits(text: Optional[str]) -> Optional[int]:
     """--mantissa-bits as an int (None: lossless); the range for the model's dtype is checked by
     _check_mantissa_bits once the model is loaded."""
     if text is None:
         return None
+    from .kernels.spec import LAYOUTS  # the dtypes' mantissa widths, not a copy of them
+
+    ranges = ", ".join(f"0..{lay.man_bits} for {name}" for name, lay in LAYOUTS.items())
     t = text.strip()
     if not t.lstrip("+-").isdigit() or not t.isascii():
         raise ValueError(f"--mantissa-bits must be a whole number of mantissa bits to keep "
-                         f"({_K_RANGES}), got {text!r}")
+                         f"({ranges}), got {text!r}")
     k = int(t)
-    if not 0 <= k <= 23:
-        raise ValueError(f"--mantissa-bits must be in {_K_RANGES}, got {k}")
+    if not 0 <= k <= max(lay.man_bits for lay in LAYOUTS.values()):
+        raise ValueError(f"--mantissa-bits must be in {ranges}, got {k}")
     return k
 
 

@@ -242,13 +242,6 @@ class GGUFError(ModelError):
     """A .gguf file that is truncated or not a valid GGUF file; the message names the file."""
 
 
-# ggml tensor types: (values per block, bytes per block), as in gguf-py's GGML_QUANT_SIZES
-_GGML_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-               9: (32, 40), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
-               15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18),
-               21: (256, 110), 22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4),
-               27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66),
-               39: (32, 17), 40: (64, 36), 41: (128, 18)}
 # GGUF metadata value types with a fixed size: uint8 .. float64 (8 = string, 9 = array)
 _GGUF_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
@@ -260,6 +253,11 @@ def check_gguf(path) -> None:
     import mmap
     import struct
 
+    try:  # (values per block, bytes per block) of each ggml tensor type
+        from gguf.constants import GGML_QUANT_SIZES
+    except ImportError:
+        raise ModelError("reading GGUF files needs the `gguf` package: pip install gguf") from None
+    block_sizes = {int(t): v for t, v in GGML_QUANT_SIZES.items()}
     path = Path(path)
     size = path.stat().st_size
     bad = f"{path} is not a valid GGUF file"
@@ -330,8 +328,8 @@ def check_gguf(path) -> None:
                 raise GGUFError(f"{bad}: tensor {name!r} has {ndim} dimensions")
             dims = take(f"{ndim}Q")
             ttype, offset = take("IQ")
-            if ttype in _GGML_SIZES:
-                block, nbytes = _GGML_SIZES[ttype]
+            if ttype in block_sizes:
+                block, nbytes = block_sizes[ttype]
                 count = 1
                 for d in dims:
                     count *= d
