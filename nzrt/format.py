@@ -5,7 +5,6 @@ plain JSON (no pickle) and carries a CRC-32 of the blob.
 """
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -68,7 +67,7 @@ class Header:
     def to_json(self) -> str:
         d = asdict(self)
         d["sections"] = {k: list(v) for k, v in self.sections.items()}
-        return json.dumps(d, separators=(",", ":"), sort_keys=True)
+        return H.dumps(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Header":
