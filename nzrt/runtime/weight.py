@@ -171,9 +171,8 @@ def _torch_function(func, types, args, kwargs):
             return x
         if not mp.active:
             raise _stale_error()
-        if mp.bound_here():  # inside its forward: the data is the scheduler's dense slot
-            with torch._C.DisableTorchFunctionSubclass():
-                return x.data
+        if mp.bound_here():  # inside its forward its data is the scheduler's dense slot: use as is
+            return x
         if id(mp) not in dense:
             dense[id(mp)] = mp.dense_copy()
         return dense[id(mp)]
