@@ -52,55 +52,177 @@ def _dense_bytes(t: torch.Tensor) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
 
 
+class Writer:
+    """Write a ``.nzrt`` one tensor at a time: each ``add`` writes the tensor's bytes to disk at
+    once and keeps only its header entry, so a whole model never needs to be in memory.
+
+    The header precedes the buffers but is only known at the end, so the buffers go to a
+    temporary data file beside ``path``; ``close`` writes prefix, header and padding to a second
+    temporary file, copies the data after them in bounded chunks, fsyncs and renames it over
+    ``path`` (atomic: readers see the old file or the whole new one). As a context manager it
+    closes on success and aborts (removing every temporary) on any exception, Ctrl-C included.
+    """
+
+    COPY_CHUNK = 8 << 20
+
+    def __init__(self, path, metadata: dict | None = None):
+        self.path = Path(path)
+        self.metadata = metadata
+        if metadata is not None:
+            _check_metadata(metadata)
+        self._entries: dict = {}
+        self._pos = 0
+        self._closed = False
+        self._tmp = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._data_path = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".data.tmp",
+                                               dir=self.path.parent)
+        self._data = os.fdopen(fd, "wb")
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name) -> bool:
+        return name in self._entries
+
+    def add(self, name: str, value) -> None:
+        """Append ``value`` (a Tensor or CompressedTensor) as ``name``; its bytes are written now."""
+        if self._closed:
+            raise ValueError(f"{self.path}: the writer is closed")
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be str, got {type(name).__name__}")
+        if name in self._entries:
+            raise ValueError(f"{self.path}: tensor {name!r} was already added (duplicate name)")
+        pos = self._pos
+        if isinstance(value, CompressedTensor):
+            blob = value.data.cpu().numpy()
+            e = {"kind": "compressed", "header": json.loads(value.header.to_json()),
+                 "offset": pos, "nbytes": int(blob.nbytes)}
+            entry = dict(e, crc32=_entry_crc(name, e))
+        elif isinstance(value, torch.Tensor):
+            blob = _dense_bytes(value)
+            e = {"kind": "dense", "dtype": str(value.dtype).removeprefix("torch."),
+                 "shape": list(value.shape), "offset": pos, "nbytes": int(blob.nbytes)}
+            entry = dict(e, crc32=zlib.crc32(blob, _entry_crc(name, e)))
+        else:
+            raise TypeError(f"tensor {name!r}: expected a torch.Tensor or CompressedTensor, "
+                            f"got {type(value).__name__}")
+        if blob.nbytes:
+            self._data.write(memoryview(blob))
+        end = _pad(pos + blob.nbytes)
+        if end > pos + blob.nbytes:
+            self._data.write(b"\0" * (end - pos - blob.nbytes))
+        self._entries[name] = entry
+        self._pos = end
+
+    def close(self, metadata: dict | None = None) -> None:
+        """Write the final file atomically. ``metadata`` given here replaces the constructor's."""
+        if self._closed:
+            raise ValueError(f"{self.path}: the writer is closed")
+        try:
+            if metadata is not None:
+                _check_metadata(metadata)
+                self.metadata = metadata
+            header = json.dumps({"format": "nzrt", "version": FILE_VERSION,
+                                 "metadata": self.metadata or {}, "tensors": self._entries},
+                                separators=(",", ":")).encode()
+            data_start = _pad(PREFIX.size + len(header))
+            self._data.flush()
+            self._data.close()
+            fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                             dir=self.path.parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(PREFIX.pack(MAGIC, len(header), zlib.crc32(header), 0))
+                f.write(header)
+                f.write(b"\0" * (data_start - PREFIX.size - len(header)))
+                f.flush()
+                with open(self._data_path, "rb") as src:
+                    _copy(src, f, self._pos, self.COPY_CHUNK)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(self._tmp, self.path)
+            self._tmp = None
+            os.unlink(self._data_path)
+            self._closed = True
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Give up: remove the temporaries (the destination is left as it was)."""
+        self._closed = True
+        try:
+            self._data.close()
+        except Exception:  # pragma: no cover
+            pass
+        for p in (self._data_path, self._tmp):
+            if p is not None and os.path.exists(p):
+                os.unlink(p)
+        self._tmp = None
+
+    def __del__(self):  # an abandoned writer leaves no temporaries behind
+        if not getattr(self, "_closed", True):
+            try:
+                self.abort()
+            except Exception:
+                pass
+
+
+def _check_metadata(metadata) -> None:
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    json.dumps(metadata)  # TypeError / ValueError now, not after the data is written
+
+
+def _copy(src, dst, n: int, chunk: int) -> None:
+    """Copy ``n`` bytes from ``src`` to ``dst`` (both at their positions), ``chunk`` at a time."""
+    fin, fout = src.fileno(), dst.fileno()
+    left = n
+    if hasattr(os, "copy_file_range"):
+        try:
+            while left:
+                k = os.copy_file_range(fin, fout, min(chunk, left))
+                if k == 0:
+                    break
+                left -= k
+        except OSError:
+            pass  # not supported here: copy the rest by hand
+    if left:
+        done = n - left
+        src.seek(done)
+        dst.seek(0, os.SEEK_END)
+        buf = bytearray(min(chunk, left))
+        view = memoryview(buf)
+        while left:
+            k = src.readinto(view[:min(chunk, left)])
+            if not k:
+                raise OSError(f"the data file ended {left} bytes early")
+            dst.write(view[:k])
+            left -= k
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fin, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:  # pragma: no cover
+            pass
+
+
 def save(path, tensors: dict, metadata: dict | None = None) -> None:
     """Write ``tensors`` (name -> Tensor or CompressedTensor) to ``path`` atomically.
 
     ``metadata`` is any JSON-able dict (a model's config, say), returned by ``load_metadata``.
     """
-    path = Path(path)
-    entries, buffers, pos = {}, [], 0
-    for name, value in tensors.items():
-        if not isinstance(name, str):
-            raise TypeError(f"tensor names must be str, got {type(name).__name__}")
-        if isinstance(value, CompressedTensor):
-            blob = value.data.cpu().numpy()
-            e = {"kind": "compressed", "header": json.loads(value.header.to_json()),
-                 "offset": pos, "nbytes": int(blob.nbytes)}
-            entries[name] = dict(e, crc32=_entry_crc(name, e))
-        elif isinstance(value, torch.Tensor):
-            blob = _dense_bytes(value)
-            e = {"kind": "dense", "dtype": str(value.dtype).removeprefix("torch."),
-                 "shape": list(value.shape), "offset": pos, "nbytes": int(blob.nbytes)}
-            entries[name] = dict(e, crc32=zlib.crc32(blob, _entry_crc(name, e)))
-        else:
-            raise TypeError(f"tensor {name!r}: expected a torch.Tensor or CompressedTensor, "
-                            f"got {type(value).__name__}")
-        buffers.append((pos, blob))
-        pos = _pad(pos + blob.nbytes)
-    header = json.dumps({"format": "nzrt", "version": FILE_VERSION, "metadata": metadata or {},
-                         "tensors": entries}, separators=(",", ":")).encode()
-    data_start = _pad(PREFIX.size + len(header))
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(PREFIX.pack(MAGIC, len(header), zlib.crc32(header), 0))
-            f.write(header)
-            f.write(b"\0" * (data_start - PREFIX.size - len(header)))
-            written = 0
-            for off, blob in buffers:
-                f.write(b"\0" * (off - written))
-                f.write(memoryview(blob))
-                written = off + blob.nbytes
-            f.write(b"\0" * (pos - written))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with Writer(path, metadata) as w:
+        for name, value in tensors.items():
+            w.add(name, value)
 
 
 def _entry_crc(name: str, entry: dict) -> int:
