@@ -105,12 +105,33 @@ def parse_budget(budget, free_bytes=None) -> int | None:
     return out
 
 
-def format_bytes(n: float | None) -> str:
+def format_bytes(n: float | None, up: bool = False) -> str:
+    """``n`` bytes as "12 B", "1.35 GiB". ``up``: rounded up, never below ``n``: the text read back
+    with ``parse_budget`` is at least ``n`` bytes (for a smallest budget that has to work:
+    1.351 GiB prints as "1.36 GiB", never "1.35 GiB")."""
     if n is None:
         return "-"
+    if up:
+        return _format_up(n)
     n = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"  # pragma: no cover
+
+
+def _format_up(n) -> str:
+    need = math.ceil(n)
+    if need < 1024:
+        return f"{max(need, 0)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        size = _UNITS[unit.lower()]
+        if need < 1024 * size or unit == "TiB":
+            break
+    hundredths = -(-need * 100 // size)  # exact integer ceiling of need / size, in hundredths
+    while True:  # the float parse_budget reads may fall a byte short: bump until it does not
+        text = f"{hundredths // 100}.{hundredths % 100:02d} {unit}"
+        if parse_budget(text) >= need:
+            return text
+        hundredths += 1

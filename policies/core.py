@@ -252,9 +252,11 @@ class Lru:
 @dataclass(frozen=True)
 class Auto:
     """The fastest plan under the budget by the cost model (see ``plan.estimate_seconds``), over:
-    lookahead 0..``max_lookahead``; compressed tier device or host (host only where the host is
-    not the device); units promoted to the dense tier with the budget left (greedy by time saved
-    per byte); and a Belady cache. Without a budget: the memory of ``Resident()``."""
+    lookahead 0..``max_lookahead``; compressed tier device, host or disk (host where the host is
+    not the device; disk for units with a file behind them: on a GPU when the file reads faster
+    than the host copies, on the CPU always, as the budget does not count a memory-mapped file),
+    and a mix of those; units promoted to the dense tier with the budget left (greedy by time
+    saved per byte); and a Belady cache. Without a budget: the memory of ``Resident()``."""
 
     max_lookahead: int = 3
 
@@ -271,18 +273,17 @@ class Auto:
         for u in trace:
             uses[u] = uses.get(u, 0) + 1
         base_tiers = [{u: Tier.DEVICE for u in layers}]
-        if not costs.host_is_device:
+        if costs.host_is_device and any(i.on_disk for i in layers.values()):
+            # the CPU is the device: host memory counts, a memory-mapped file does not. The disk
+            # tier (units read from their file, the rest in memory) fits budgets below the
+            # compressed size; mixed: the units that cost most to fetch stay in memory
+            disk = {u: (Tier.DISK if i.on_disk else Tier.DEVICE) for u, i in layers.items()}
+            base_tiers += [disk, self._mixed(disk, layers, uses, budget, costs)]
+        elif not costs.host_is_device:
             base_tiers.append({u: (Tier.DISK if i.on_disk and costs.disk_bps > costs.h2d_bps else Tier.HOST)
                                for u, i in layers.items()})
             # mixed: the units that cost most to fetch stay on the device while room lasts
-            mixed = dict(base_tiers[-1])
-            room = budget - max((i.dense_bytes for i in layers.values()), default=0) * (self.max_lookahead + 1)
-            order = sorted(layers, key=lambda u: -uses.get(u, 0) * layers[u].compressed_bytes)
-            for u in order:
-                if uses.get(u) and layers[u].compressed_bytes <= room:
-                    mixed[u] = Tier.DEVICE
-                    room -= layers[u].compressed_bytes
-            base_tiers.append(mixed)
+            base_tiers.append(self._mixed(base_tiers[-1], layers, uses, budget, costs))
         cands, needed = [], []
         for tiers0 in base_tiers:
             for k in range(self.max_lookahead + 1):
@@ -309,6 +310,19 @@ class Auto:
             need = min(needed) if needed else 0
             raise BudgetError(f"no plan fits the budget of {budget} bytes; the smallest needs {need}", need)
         return min(cands, key=lambda c: (c.est_seconds, c.peak_bytes, c.policy))
+
+    def _mixed(self, tiers, layers, uses, budget, costs) -> dict:
+        """``tiers`` with the units that cost most to fetch moved to the device while room lasts
+        (room for ``max_lookahead + 1`` of the largest dense units is kept)."""
+        mixed = dict(tiers)
+        room = budget - static_bytes(tiers, layers, costs) \
+            - max((i.dense_bytes for i in layers.values()), default=0) * (self.max_lookahead + 1)
+        order = sorted(layers, key=lambda u: -uses.get(u, 0) * layers[u].compressed_bytes)
+        for u in order:
+            if uses.get(u) and mixed[u] != Tier.DEVICE and layers[u].compressed_bytes <= room:
+                mixed[u] = Tier.DEVICE
+                room -= layers[u].compressed_bytes
+        return mixed
 
     def _promote(self, trace, layers, tiers, costs, k, budget, uses, base) -> Plan | None:
         """Promote units to the dense tier while the budget allows (greedy by seconds saved per byte)."""
@@ -341,17 +355,100 @@ class Auto:
 
 
 POLICIES = {"resident": Resident, "offload": Offload, "belady": Belady, "lru": Lru, "auto": Auto}
+# names for policies that are not a class's defaults (CLI ``--policy offload-disk`` too)
+ALIASES = {"offload-disk": lambda: Offload(tier=Tier.DISK)}
 
 
 def get_policy(policy) -> object:
-    """A policy value from a name ("resident", "offload", "belady", "lru", "auto") or an object
-    with a ``plan`` method (returned as is)."""
+    """A policy value from a name ("resident", "offload", "offload-disk" (``Offload(tier="disk")``),
+    "belady", "lru", "auto") or an object with a ``plan`` method (returned as is)."""
     if isinstance(policy, str):
+        key = policy.strip().lower()
+        if key in ALIASES:
+            return ALIASES[key]()
         try:
-            return POLICIES[policy.lower()]()
+            return POLICIES[key]()
         except KeyError:
-            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)} "
+            raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join([*POLICIES, *ALIASES])} "
                              f"or pass a policy object") from None
     if not callable(getattr(policy, "plan", None)):
         raise TypeError(f"a policy is a name or an object with a plan() method, got {policy!r}")
     return policy
+
+
+# --- the smallest budget ------------------------------------------------------------------------
+# A plan is checked once, when the model is entered (no trace yet). Later plans, made from the
+# traced order, may not fit (a lookahead window or a cache needs more than one unit at a time);
+# then the runtime decodes on demand: one unit at a time, in a tier whose bytes do not depend on
+# the trace. So the smallest budget of a policy is the larger of what its own entry plan needs and
+# what the cheapest on-demand fallback needs, and nothing a forward does can exceed it.
+
+def on_demand_fallbacks(layers: Mapping[str, LayerInfo], costs: Costs | None = None) -> list:
+    """The on-demand plans (lookahead 0, no cache) the runtime falls back to, preferred first:
+    compressed on the device (``Resident(0)``) on the CPU, in host memory (``Offload(0)``) on a
+    GPU; then, where units have a file behind them, read from it (``Offload(0, tier="disk")``).
+    Their peak is static bytes + the largest dense unit, whatever the trace."""
+    costs = _costs(costs)
+    out = [Resident(0) if costs.host_is_device else Offload(0)]
+    if any(i.on_disk for i in layers.values()):
+        out.append(Offload(0, tier=Tier.DISK))
+    return out
+
+
+def fallback_plan(trace, layers: Mapping[str, LayerInfo], budget: int | None, costs: Costs | None = None) -> Plan:
+    """The first on-demand fallback (see ``on_demand_fallbacks``) whose plan for ``trace`` fits
+    ``budget``; BudgetError (``needed``: the smallest of them) if none does."""
+    costs = _costs(costs)
+    plans = [pol.plan(trace, layers, None, costs) for pol in on_demand_fallbacks(layers, costs)]
+    for p in plans:
+        if budget is None or p.peak_bytes <= budget:
+            return p
+    need = min(p.peak_bytes for p in plans)
+    raise BudgetError(f"decoding on demand needs {need} bytes, the budget is {budget}", need)
+
+
+def fallback_need(layers: Mapping[str, LayerInfo], costs: Costs | None = None) -> int:
+    """Bytes the cheapest on-demand fallback needs (the same for every trace)."""
+    costs = _costs(costs)
+    return min(pol.plan((), layers, None, costs).peak_bytes for pol in on_demand_fallbacks(layers, costs))
+
+
+def _fits(policy, layers, budget, costs) -> bool:
+    try:
+        return policy.plan((), layers, budget, costs).peak_bytes <= budget
+    except BudgetError:
+        return False
+
+
+def entry_need(policy, layers: Mapping[str, LayerInfo], costs: Costs | None = None) -> int:
+    """The smallest budget for which ``policy.plan((), layers, budget, costs)`` (the entry plan,
+    no trace yet) succeeds. Taken from the policy's BudgetError and verified (one byte less must
+    fail); a policy object whose ``needed`` is not exact is searched by bisection (plans are
+    assumed to fit every budget above one that fits)."""
+    costs = _costs(costs)
+    try:
+        policy.plan((), layers, 0, costs)
+        return 0
+    except BudgetError as e:
+        need = max(int(e.needed), 1)
+    if _fits(policy, layers, need, costs) and not _fits(policy, layers, need - 1, costs):
+        return need
+    lo, hi = 0, need  # lo fails; find a hi that fits
+    while not _fits(policy, layers, hi, costs):
+        lo, hi = hi, hi * 2 + 1
+        if hi > 2 ** 63:
+            raise BudgetError(f"policy {getattr(policy, 'name', policy)} fits no budget", hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _fits(policy, layers, mid, costs) else (mid, hi)
+    return hi
+
+
+def smallest_budget_for(policy, layers: Mapping[str, LayerInfo], costs: Costs | None = None,
+                        fixed_bytes: int = 0) -> int:
+    """The smallest budget (bytes) under which ``policy`` works for these layers: its entry plan
+    fits, and so does the on-demand fallback that every later plan (any trace) can fall back to.
+    ``fixed_bytes``: bytes the budget pays for besides the units (uncompressed parameters and
+    buffers). Exact: this budget works, one byte less is refused."""
+    costs = _costs(costs)
+    return max(entry_need(policy, layers, costs), fallback_need(layers, costs)) + int(fixed_bytes)

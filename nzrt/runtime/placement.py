@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import warnings
 
+from .. import policies
 from ..budget import format_bytes
-from ..policies import BudgetError, Costs, LayerInfo, Offload, Resident, Tier
+from ..policies import Auto, BudgetError, Costs, LayerInfo, Offload, Tier
 
 
 def layer_infos(units: dict, tensors: dict) -> dict:
@@ -28,46 +29,118 @@ def costs_for(device, seconds: dict, decode_bps: float | None = None) -> Costs:
                  layer_seconds=dict(seconds), overlap=0.5 if cpu else 1.0, host_is_device=cpu)
 
 
-def smallest_budget(layers: dict, costs, fixed_bytes: int) -> int:
+def smallest_budget_for(policy, layers: dict, costs, fixed_bytes: int) -> int:
+    """The exact smallest budget (bytes) for ``policy`` (the user's, not the best of others): its
+    entry plan fits and the on-demand fallback of every later replan fits, for any trace; one byte
+    less is refused at entry. See ``nzrt.policies.smallest_budget_for``."""
+    return policies.smallest_budget_for(policy, layers, costs, fixed_bytes)
+
+
+def _label(policy) -> str:
+    name = getattr(policy, "name", None) or str(policy)
+    return f"'{name}'"
+
+
+def _alternatives(policy, layers, costs) -> list:
+    """(label, policy) of the named policies that may fit a smaller budget than ``policy``."""
+    alts = [("auto", Auto()), ("offload", Offload())]
+    if any(i.on_disk for i in layers.values()):
+        alts.append(("offload-disk", Offload(tier=Tier.DISK)))
+    return [(n, p) for n, p in alts if p != policy]
+
+
+def budget_error(policy, layers, budget, fixed_bytes, costs, need: int | None = None) -> BudgetError:
+    """The BudgetError for ``budget`` below ``policy``'s smallest budget: it names the policy,
+    gives the smallest budget rounded up (passing the printed text back works) and in bytes,
+    what it is made of, and a policy or tier that fits a smaller budget, if any."""
+    if need is None:
+        need = smallest_budget_for(policy, layers, costs, fixed_bytes)
+    unit_need = need - fixed_bytes
+    entry = policies.entry_need(policy, layers, costs)
+    try:
+        plan = policy.plan((), layers, max(unit_need, entry), costs)
+        static, working = plan.static_bytes, plan.peak_bytes - plan.static_bytes
+        counted = (Tier.DEVICE, Tier.DENSE) + ((Tier.HOST,) if costs.host_is_device else ())
+        where = sorted({t for _, t in plan.tiers if t in counted})
+    except BudgetError:  # pragma: no cover - entry_need says it fits
+        static, working, where = 0, unit_need, []
+    parts = [f"{format_bytes(static, up=True)} of compressed weights the budget counts"
+             + (f" (tiers {', '.join(where)})" if where else ""),
+             f"{format_bytes(working, up=True)} for the dense layers decoded at once",
+             f"{format_bytes(fixed_bytes, up=True)} of uncompressed parameters and buffers"]
+    why = ""
+    if entry < unit_need:
+        why = "; that much also lets it fall back to decoding one layer at a time, whatever the execution order"
+    hint = ""
     best = None
-    for pol in (Resident(0), Offload(0), Offload(0, tier=Tier.DISK)):
+    for label, alt in _alternatives(policy, layers, costs):
         try:
-            p = pol.plan((), layers, None, costs)
+            n = smallest_budget_for(alt, layers, costs, fixed_bytes)
         except BudgetError:  # pragma: no cover
             continue
-        best = p.peak_bytes if best is None else min(best, p.peak_bytes)
-    return (best or 0) + fixed_bytes
+        if n < need and (best is None or n < best[1]):
+            best = (label, n)
+    if best is not None:
+        label, n = best
+        alt = dict(_alternatives(policy, layers, costs))[label]
+        tiers = set(alt.plan((), layers, n - fixed_bytes, costs).tier_of.values())
+        tier = (" with the disk tier (compressed weights read from the memory-mapped file)" if Tier.DISK in tiers
+                else " with the host tier (compressed weights in host memory)" if Tier.HOST in tiers
+                and not costs.host_is_device else "")
+        hint = f"; policy '{label}'{tier} needs only {format_bytes(n, up=True)} ({n} bytes)"
+    shown = "none" if budget is None else f"{format_bytes(budget)} ({budget} bytes)"
+    return BudgetError(
+        f"budget {shown} is too small for this model under policy {_label(policy)}: the smallest "
+        f"budget for it is {format_bytes(need, up=True)} ({need} bytes) = {' + '.join(parts)}{why}{hint}",
+        need)
+
+
+def check_budget(policy, layers, budget, fixed_bytes, costs) -> int | None:
+    """The entry check, on layer sizes alone (no weight needs to have been read): raises
+    ``budget_error`` if ``budget`` is below ``policy``'s smallest budget; returns that smallest
+    budget (None without a budget)."""
+    if budget is None:
+        return None
+    need = smallest_budget_for(policy, layers, costs, fixed_bytes)
+    if budget < need:
+        raise budget_error(policy, layers, budget, fixed_bytes, costs, need)
+    return need
 
 
 def initial_plan(policy, layers, budget, fixed_bytes, costs):
+    """The entry plan. The budget is checked here, once: the policy's own plan and the on-demand
+    fallback must both fit, so that ``replan`` never has to refuse a forward."""
+    check_budget(policy, layers, budget, fixed_bytes, costs)
     unit_budget = None if budget is None else budget - fixed_bytes
-    try:
-        if unit_budget is not None and unit_budget <= 0:
-            raise BudgetError("fixed bytes exceed the budget", 0)
-        return policy.plan((), layers, unit_budget, costs)
-    except BudgetError:
-        smallest = smallest_budget(layers, costs, fixed_bytes)
-        raise BudgetError(
-            f"budget {format_bytes(budget)} ({budget} bytes) is too small for this model "
-            f"under policy {getattr(policy, 'name', policy)!s}: the smallest budget that works is "
-            f"{format_bytes(smallest)} ({smallest} bytes) "
-            f"(compressed weights, the largest layer decoded, and {format_bytes(fixed_bytes)} of "
-            f"uncompressed parameters and buffers)", smallest) from None
+    return policy.plan((), layers, unit_budget, costs)
 
 
-def replan(policy, trace, layers, budget, fixed_bytes, costs, device, note):
-    """The plan for a traced order; a plan that does not fit falls back to decoding on demand."""
+def replan(policy, trace, layers, budget, fixed_bytes, costs, device=None, note=None):
+    """The plan for a traced order. A plan that does not fit falls back to decoding on demand
+    (``nzrt.policies.fallback_plan``), which ``initial_plan`` checked fits: this never raises
+    BudgetError. ``device`` is unused (the costs say whether the host is the device)."""
     unit_budget = None if budget is None else budget - fixed_bytes
+    name = getattr(policy, "name", policy)
     try:
-        return policy.plan(trace, layers, unit_budget, costs)
+        plan = policy.plan(trace, layers, unit_budget, costs)
+        if unit_budget is None or plan.peak_bytes <= unit_budget:
+            return plan
+        why = f"its plan needs {format_bytes(plan.peak_bytes + fixed_bytes, up=True)}"
     except BudgetError as e:
-        msg = (f"nzrt: policy {getattr(policy, 'name', policy)} does not fit the budget "
-               f"with the traced execution order ({e}); decoding on demand instead")
-        warnings.warn(msg, stacklevel=3)
+        why = f"it needs {format_bytes(e.needed + fixed_bytes, up=True)} with this order"
+    try:
+        plan = policies.fallback_plan(trace, layers, unit_budget, costs)
+        msg = (f"nzrt: policy '{name}' does not fit the budget of {format_bytes(budget)} with the traced "
+               f"execution order ({why}); decoding one layer at a time ({plan.policy}) instead")
+    except BudgetError:  # only if the entry check was skipped: run over budget rather than fail a forward
+        plan = min((p.plan(trace, layers, None, costs) for p in policies.on_demand_fallbacks(layers, costs)),
+                   key=lambda p: p.peak_bytes)
+        msg = (f"nzrt: policy '{name}' does not fit the budget of {format_bytes(budget)} and neither does "
+               f"decoding on demand; running {plan.policy} over the budget")
+    warnings.warn(msg, stacklevel=3)
+    if note is not None:
         note(msg)
-        tier = Tier.DEVICE if device.type == "cpu" else Tier.HOST
-        fallback = Resident(0) if tier == Tier.DEVICE else Offload(0)
-        return fallback.plan(trace, layers, unit_budget, costs)
+    return plan
 
 
 def place(plan, units: dict, tensors: dict, tier_now: dict, device) -> None:
