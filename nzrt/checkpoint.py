@@ -84,8 +84,9 @@ class Writer:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.close()
-        else:
+            if not self._closed:  # close(metadata) may have been called inside the block
+                self.close()
+        elif not self._closed:
             self.abort()
 
     def __len__(self) -> int:

@@ -252,17 +252,44 @@ def compress(
         if out.exists() and out.is_dir():
             raise models.ModelError(f"{out} is a directory; give the .nzrt file to write")
         mantissa_bits = _parse_mantissa_bits(mantissa_bits)
-        lm = _load(model, dtype)
-        mantissa_bits = _check_mantissa_bits(mantissa_bits, lm)
-        prog, make = _progress()
-        with prog:
-            st = models.compress_model(lm, out, mantissa_bits=mantissa_bits, progress=make("compressing"))
+        src = Path(model).expanduser()
+        if src.is_file() and src.name == "config.json":
+            src = src.parent
+        prog, make = _compress_progress()
+        st = None
+        if src.is_dir() and (src / "config.json").is_file():
+            # a transformers directory: streamed tensor by tensor (never resolve(): that loads it whole)
+            with prog:
+                st = models.compress_transformers_dir(src, out, mantissa_bits=mantissa_bits, dtype=dtype,
+                                                      progress=make("compressing"), source=model)
+        if st is None:
+            lm = _load(model, dtype)
+            mantissa_bits = _check_mantissa_bits(mantissa_bits, lm)
+            with prog:
+                st = models.compress_model(lm, out, mantissa_bits=mantissa_bits, progress=make("compressing"))
         mode = "lossless" if mantissa_bits is None else f"lossy, {mantissa_bits} mantissa bits"
-        typer.echo(f"{lm.name}: {st.tensors} weight tensors, {st.params:,} weights ({mode})")
-        typer.echo(f"before: {_human(st.dense_bytes)} dense {str(lm.dtype).removeprefix('torch.')}")
+        typer.echo(f"{st.name}: {st.tensors} weight tensors, {st.params:,} weights ({mode})")
+        typer.echo(f"before: {_human(st.dense_bytes)} dense {st.dtype}")
         typer.echo(f"after:  {_human(st.compressed_bytes)} compressed weights "
                    f"({100 * st.ratio:.1f}%, {st.bits_per_weight:.2f} bits/weight); "
                    f"file {out} {_human(st.file_bytes)}; {st.seconds:.1f} s")
+
+
+def _compress_progress():
+    """A bar on a terminal; otherwise (a log, a pipe) one line on stderr every ~10%."""
+    if sys.stdout.isatty() and sys.stderr.isatty():
+        return _progress()
+    shown = {}
+
+    def make(label):
+        def cb(done, total, what=""):
+            step = min(10, 10 * done // max(total, 1))
+            if shown.get(label, -1) < step:
+                shown[label] = step
+                print(f"{label}: {10 * step}% ({done:,}/{total:,}) {str(what)[-60:]}", file=sys.stderr, flush=True)
+        return cb
+
+    return contextlib.nullcontext(), make
 
 
 @app.command("inspect")

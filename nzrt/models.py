@@ -595,6 +595,9 @@ class CompressStats:
     file_bytes: int
     seconds: float
     tensors: int
+    name: str = ""
+    dtype: str = ""
+    streamed: bool = False  # written tensor by tensor from safetensors (the dense model never built)
 
     @property
     def bits_per_weight(self) -> float:
@@ -605,10 +608,31 @@ class CompressStats:
         return self.compressed_bytes / max(self.dense_bytes, 1)
 
 
-def compress_model(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
-                   progress: Progress | None = None) -> CompressStats:
+def compress_model(lm, out, *, mantissa_bits: int | None = None,
+                   progress: Progress | None = None, dtype=None) -> CompressStats:
     """Write ``lm`` to ``out`` as a ``.nzrt``: every float parameter compressed (tied weights once),
-    buffers and non-float parameters dense, the config and tokenizer beside them."""
+    buffers and non-float parameters dense, the config and tokenizer beside them.
+
+    ``lm`` is a LoadedModel, or the path of a transformers directory: with safetensors weights whose
+    names are the model's parameters, that is streamed (``compress_transformers_dir``: one tensor in
+    memory at a time, the dense model never built); otherwise it is loaded whole first. ``dtype``
+    (only with a path) converts the weights, as ``--dtype`` does."""
+    if not isinstance(lm, LoadedModel):
+        path = Path(lm).expanduser()
+        if path.is_file() and path.name == "config.json":
+            path = path.parent
+        st = compress_transformers_dir(path, out, mantissa_bits=mantissa_bits, progress=progress,
+                                       dtype=dtype, source=str(lm))
+        if st is not None:
+            return st
+        lm = resolve(str(lm), dtype=dtype)
+    elif dtype is not None:
+        raise ValueError("dtype applies only when compress_model is given a path")
+    return _compress_loaded(lm, out, mantissa_bits=mantissa_bits, progress=progress)
+
+
+def _compress_loaded(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
+                     progress: Progress | None = None) -> CompressStats:
     import torch
 
     import nzrt
@@ -643,20 +667,8 @@ def compress_model(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
     for name, b in lm.model.named_buffers():
         if b.device.type != "meta":
             tensors[name] = b.detach().cpu()
-    if lm.tokenizer is not None:
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="nzrt-tok-") as tmp:
-            try:
-                lm.tokenizer.save_pretrained(tmp)
-            except Exception:
-                tmp = None
-            if tmp:
-                for f in sorted(Path(tmp).iterdir()):
-                    if f.is_file():
-                        data = bytearray(f.read_bytes())
-                        tensors[TOKENIZER_PREFIX + f.name] = torch.frombuffer(data, dtype=torch.uint8) \
-                            if data else torch.zeros(0, dtype=torch.uint8)
+    for name, t in _tokenizer_entries(lm.tokenizer):
+        tensors[name] = t
     if lm.inputs is not None:
         inputs = lm.inputs
         if isinstance(inputs, torch.Tensor):
@@ -669,7 +681,190 @@ def compress_model(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
     nzrt.save(out, tensors, metadata)
     return CompressStats(params=total, dense_bytes=dense_bytes, compressed_bytes=comp_bytes,
                          file_bytes=out.stat().st_size, seconds=time.perf_counter() - t0,
-                         tensors=len(params))
+                         tensors=len(params), name=lm.name,
+                         dtype=str(lm.dtype).removeprefix("torch."))
+
+
+def _tokenizer_entries(tokenizer):
+    """(TOKENIZER_PREFIX + file name, uint8 tensor) for each file ``tokenizer.save_pretrained`` writes."""
+    if tokenizer is None:
+        return []
+    import tempfile
+
+    import torch
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="nzrt-tok-") as tmp:
+        try:
+            tokenizer.save_pretrained(tmp)
+        except Exception:
+            return []
+        for f in sorted(Path(tmp).iterdir()):
+            if f.is_file():
+                data = bytearray(f.read_bytes())
+                out.append((TOKENIZER_PREFIX + f.name, torch.frombuffer(data, dtype=torch.uint8)
+                            if data else torch.zeros(0, dtype=torch.uint8)))
+    return out
+
+
+class _ParamsOnMeta:
+    """Build a module with its parameters on the meta device and its buffers real (computed, as
+    rotary ``inv_freq``): what accelerate's ``init_empty_weights(include_buffers=False)`` does."""
+
+    def __enter__(self):
+        import torch
+
+        self._old = torch.nn.Module.register_parameter
+        old = self._old
+
+        def register_parameter(module, name, param):
+            old(module, name, param)
+            if param is not None and param.device.type != "meta":
+                p = module._parameters[name]
+                kwargs = dict(p.__dict__)
+                kwargs["requires_grad"] = p.requires_grad
+                module._parameters[name] = type(p)(p.to("meta"), **kwargs)
+
+        torch.nn.Module.register_parameter = register_parameter
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.nn.Module.register_parameter = self._old
+
+
+def _meta_transformers_model(path: Path, dtype=None):
+    """(model with meta parameters and real buffers, config) built from ``path/config.json`` alone,
+    in the dtype ``from_pretrained(dtype=dtype or "auto")`` would give it; None where streaming
+    cannot reproduce ``from_pretrained`` (quantized, fp32-kept modules, unknown architecture)."""
+    transformers = _quiet_transformers()
+    import torch
+
+    from .safetensors_io import SafetensorsDir
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: config.json is unreadable ({str(e).splitlines()[0]}); {MODEL_HELP}") from None
+    archs = getattr(config, "architectures", None) or []
+    if not archs or getattr(config, "quantization_config", None) is not None:
+        return None
+    cls = getattr(transformers, archs[0], None)
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        return None
+    st = SafetensorsDir(path)  # every header validated here, before a data byte is read
+    if dtype is None:
+        dtype = getattr(config, "dtype", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            floats = [st.info(n)[0] for n in st if st.info(n)[0].is_floating_point]
+            dtype = floats[0] if floats else None
+    if dtype is None or not dtype.is_floating_point:
+        return None
+    if getattr(cls, "_keep_in_fp32_modules_strict", None) or (
+            dtype == torch.float16 and getattr(cls, "_keep_in_fp32_modules", None)):
+        return None
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with _ParamsOnMeta():
+            model = cls(config)
+    except Exception:  # pragma: no cover - let the dense path (and its error messages) handle it
+        return None
+    finally:
+        torch.set_default_dtype(old)
+    model.config.dtype = dtype
+    model.eval()
+    return model, st
+
+
+def compress_transformers_dir(path, out, *, mantissa_bits: int | None = None,
+                              progress: Progress | None = None, dtype=None,
+                              source: str | None = None) -> CompressStats | None:
+    """Stream a transformers directory with safetensors weights into ``out``: the config comes from
+    config.json, each tensor is read (no mmap), compressed, written and dropped before the next, so
+    memory holds about one tensor. Returns None (nothing written) where the directory cannot be
+    streamed faithfully (no safetensors, checkpoint names that are not the model's parameter names,
+    a quantized model ...): the caller loads it whole instead. The file holds what
+    ``compress_model`` writes for the loaded model, in the same order."""
+    import torch
+
+    import nzrt
+
+    from .checkpoint import Writer
+    from .evaluate import min_lossy_numel
+    from .safetensors_io import has_safetensors
+
+    path = Path(path)
+    if not (path / "config.json").is_file() or not has_safetensors(path):
+        return None
+    dtype = parse_dtype(dtype)
+    built = _meta_transformers_model(path, dtype)
+    if built is None:
+        return None
+    model, st = built
+    params = dict(model.named_parameters())
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(params)
+    buffers = dict(model.named_buffers())
+    names = set(st)
+    if not set(params) <= names or not names - set(params) <= aliases | set(buffers):
+        return None  # renamed keys (transformers' conversions): only from_pretrained knows them
+    lm = LoadedModel(model, None, _kind_of(model), name=path.name, source=source or str(path))
+    if mantissa_bits is not None:
+        from .codec import check_mantissa_bits
+
+        try:
+            check_mantissa_bits(mantissa_bits, lm.dtype)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--mantissa-bits {mantissa_bits} does not fit {lm.name}: {e}") from None
+    metadata = model_metadata(lm, mantissa_bits)
+    tokenizer = None
+    try:
+        tokenizer = _quiet_transformers().AutoTokenizer.from_pretrained(str(path))
+    except Exception:
+        tokenizer = None
+    total = sum(p.numel() for p in params.values())
+    done = dense_bytes = comp_bytes = 0
+    small = min_lossy_numel()
+    t0 = time.perf_counter()
+    out = Path(out)
+    with Writer(out, metadata) as w:
+        for name, p in params.items():  # parameter order, as compress_model writes a loaded model
+            t = st[name]
+            if tuple(t.shape) != tuple(p.shape):
+                raise ModelError(f"{path}: tensor {name!r} has shape {list(t.shape)}, "
+                                 f"{type(model).__name__} expects {list(p.shape)}")
+            if t.dtype != p.dtype and (t.is_floating_point() or p.is_floating_point()):
+                t = t.to(p.dtype)  # what from_pretrained does
+            if t.is_floating_point():
+                k = mantissa_bits if t.numel() >= small else None
+                ct = nzrt.compress(t, mantissa_bits=k)
+                comp_bytes += ct.nbytes
+            else:
+                ct = t
+                comp_bytes += t.numel() * t.element_size()
+            w.add(name, ct)
+            dense_bytes += p.numel() * p.element_size()
+            done += p.numel()
+            del ct, t
+            if progress:
+                progress(done, total, name)
+        for name, b in buffers.items():  # persistent ones from the checkpoint, the rest as built
+            if name in names:
+                t = st[name]
+                w.add(name, t.to(b.dtype) if t.dtype != b.dtype and t.is_floating_point() else t)
+                del t
+            elif b.device.type != "meta":
+                w.add(name, b.detach().cpu())
+        # checkpoint names left over are tied aliases of parameters written once above
+        for name, t in _tokenizer_entries(tokenizer):
+            w.add(name, t)
+    return CompressStats(params=total, dense_bytes=dense_bytes, compressed_bytes=comp_bytes,
+                         file_bytes=out.stat().st_size, seconds=time.perf_counter() - t0,
+                         tensors=len(params), name=lm.name, dtype=str(lm.dtype).removeprefix("torch."),
+                         streamed=True)
 
 
 # -- running ---------------------------------------------------------------------------------
