@@ -26,6 +26,11 @@ MODEL_ARG_HELP = ("a transformers directory, a .gguf file, a .nzrt checkpoint, p
                   "'minilm', or nothing for the embedded SmolLM2-135M")
 
 
+BUDGET_HELP = ('Memory budget for the weights on the device (compressed, decoded layers, uncompressed '
+               'parameters): bytes, "6GiB" or "80%". Too small: the error names the smallest that works '
+               '(rounded up) and a policy that needs less, if any.')
+
+
 # -- errors ------------------------------------------------------------------------------------
 def _one_line(e: BaseException) -> str:
     """What is wrong and what to do, on one line."""
@@ -59,17 +64,11 @@ def _one_line(e: BaseException) -> str:
 
 
 def _human(n, up: bool = False) -> str:
-    """Bytes as "12.34MiB" (``up``: rounded up, so the text is never less than ``n``)."""
-    import math
+    """Bytes as "12.34MiB" (``up``: rounded up, so that the text passed back as --budget is never
+    less than ``n``: budget.format_bytes(n, up=True) without the space)."""
+    from .budget import format_bytes
 
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            if unit == "B":
-                return f"{math.ceil(n):.0f}B"
-            return f"{(math.ceil(n * 100) / 100 if up else n):.2f}{unit}"
-        n /= 1024
-    return str(n)
+    return format_bytes(n, up=up).replace(" ", "")
 
 
 @contextlib.contextmanager
@@ -200,8 +199,11 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks ins
 def profile(
     model: Optional[str] = typer.Argument(None, help=MODEL_ARG_HELP, show_default=False),
     policy: Optional[List[str]] = typer.Option(None, "--policy", "-p",
-                                               help="Policy to run (repeatable); default: every policy that fits."),
-    budget: Optional[str] = typer.Option(None, "--budget", "-b", help='Memory budget: bytes, "6GiB" or "80%".'),
+                                               help="Policy to run (repeatable): auto, resident, offload, "
+                                                    "offload-disk (compressed weights read from the .nzrt "
+                                                    "file: the disk tier), belady, lru; default: every "
+                                                    "policy that fits."),
+    budget: Optional[str] = typer.Option(None, "--budget", "-b", help=BUDGET_HELP),
     device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, cuda, cuda:1 ... (default: cuda if any)."),
     mantissa_bits: Optional[str] = typer.Option(None, "--mantissa-bits", "-k", metavar="K",
                                                 help="Keep K mantissa bits (lossy); also measures quality."),
@@ -335,8 +337,10 @@ def generate(
     model: Optional[str] = typer.Argument(None, help=MODEL_ARG_HELP),
     prompt: str = typer.Option(..., "--prompt", help="The text to continue."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate."),
-    budget: Optional[str] = typer.Option(None, "--budget", "-b", help='Memory budget: bytes, "6GiB" or "80%".'),
-    policy: str = typer.Option("auto", "--policy", "-p", help="auto, resident, offload, belady, lru; or 'plain' (no nzrt)."),
+    budget: Optional[str] = typer.Option(None, "--budget", "-b", help=BUDGET_HELP),
+    policy: str = typer.Option("auto", "--policy", "-p", help="auto, resident, offload, offload-disk (compressed weights read "
+                                "from the .nzrt file: the disk tier, for budgets below the compressed "
+                                "size), belady, lru; or 'plain' (no nzrt)."),
     device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, cuda ... (default: cuda if any)."),
     mantissa_bits: Optional[str] = typer.Option(None, "--mantissa-bits", "-k", metavar="K", help="Keep K mantissa bits (lossy)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),

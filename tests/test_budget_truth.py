@@ -186,3 +186,171 @@ def test_format_bytes_rounds_up_and_reads_back():
     for n in [1, 1023, 1024, 1025, 2 ** 20 - 1, 2 ** 20, 2 ** 40 + 1, 2 ** 50 + 3] + \
             [rng.randrange(1, 2 ** 42) for _ in range(3000)]:
         assert parse_budget(format_bytes(n, up=True)) >= n
+
+
+# --- real models through nzrt.managed on the CPU ----------------------------------------------------
+
+def _llama(hidden, layers, vocab, seed=0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3 // 2,
+                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+                      max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def _same(a, b):
+    import torch
+    return a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def _truth_through_managed(model, policy, x, ref, **kw):
+    """The smallest budget managed() names for ``policy``: one byte less is refused at entry; it
+    and its printed text both run three forwards (trace recorded, plan installed) bit-exactly."""
+    import nzrt
+    import torch
+    with pytest.raises(BudgetError) as e:
+        with nzrt.managed(model, policy=policy, budget=1, **kw):
+            pass
+    need, text = e.value.needed, _printed(e.value)
+    assert parse_budget(text) >= need
+    with pytest.raises(BudgetError) as e:
+        with nzrt.managed(model, policy=policy, budget=need - 1, **kw):
+            pass
+    assert e.value.needed == need and _printed(e.value) == text
+    for budget in (need, text):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a fallback to on-demand decoding warns; it must not raise
+            with nzrt.managed(model, policy=policy, budget=budget, **kw) as run:
+                for _ in range(3):
+                    with torch.inference_mode():
+                        assert _same(model(x).logits, ref)
+                rep = run.report()
+        assert rep.replans >= 1
+    return need, rep
+
+
+@pytest.fixture(scope="module")
+def wide():
+    return _llama(1024, 1, 512)
+
+
+@pytest.mark.parametrize("policy", ["resident", "offload", "belady", "lru", "auto"])
+def test_managed_smallest_budget_hidden_1024(wide, policy):
+    import torch
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 512, (1, 8), generator=g)
+    with torch.inference_mode():
+        ref = wide(x).logits
+    need, rep = _truth_through_managed(wide, policy, x, ref)
+    assert need >= rep.fixed_bytes
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small Llama saved as a .nzrt; its weights come back memory-mapped (on disk)."""
+    import nzrt
+    import torch
+    src = _llama(128, 3, 1000, seed=3)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.nzrt"
+    nzrt.save(path, {n: nzrt.compress(p.detach()) if p.numel() >= 2048 else p.detach().clone()
+                     for n, p in src.named_parameters()})
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 1000, (1, 8), generator=g)
+    with torch.inference_mode():
+        ref = src(x).logits
+    return src, path, x, ref
+
+
+def _meta(src):
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM
+    with init_empty_weights():
+        meta = LlamaForCausalLM(src.config)
+    meta.to(torch.bfloat16).tie_weights()
+    return meta.eval()
+
+
+@pytest.mark.parametrize("policy", ["resident", "offload", "belady", "lru", "auto", "offload-disk"])
+def test_managed_smallest_budget_from_a_checkpoint(checkpoint, policy):
+    import nzrt
+    src, path, x, ref = checkpoint
+    weights = nzrt.load(path)
+    meta = _meta(src)
+    need, rep = _truth_through_managed(meta, policy, x, ref, weights=weights)
+    # the device tier's smallest budget: every compressed blob counted, the largest layer, fixed bytes
+    device_tier = (sum(x.compressed_bytes for x in rep.layers) + max(x.dense_bytes for x in rep.layers)
+                   + rep.fixed_bytes)
+    if policy in ("auto", "offload-disk"):  # the disk tier: the file is not counted
+        assert need == max(x.dense_bytes for x in rep.layers) + rep.fixed_bytes < device_tier
+        assert "disk" in {x.tier for x in rep.layers}
+    else:
+        assert need == device_tier
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+_FACTORY = '''
+import torch
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(100, 64)
+        self.l1 = torch.nn.Linear(64, 256)
+        self.l2 = torch.nn.Linear(256, 64)
+
+    def forward(self, ids):
+        return self.l2(torch.relu(self.l1(self.emb(ids))))
+
+def make():
+    g = torch.Generator().manual_seed(0)
+    m = Tiny()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m.to(torch.bfloat16), (torch.randint(0, 100, (2, 16), generator=g),)
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny_nzrt(tmp_path_factory):
+    import sys
+    pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    from nzrt.cli import app
+    d = tmp_path_factory.mktemp("budget_factory")
+    (d / "nzrt_budget_truth_factory.py").write_text(_FACTORY)
+    sys.path.insert(0, str(d))
+    out = d / "tiny.nzrt"
+    res = CliRunner().invoke(app, ["compress", "nzrt_budget_truth_factory:make", str(out)])
+    assert res.exit_code == 0, res.output
+    yield str(out)
+    sys.path.remove(str(d))
+
+
+@pytest.mark.parametrize("policy", ["auto", "offload-disk", "resident"])
+def test_cli_suggested_budget_works(tiny_nzrt, policy):
+    """The budget the CLI suggests, passed back as --budget, runs; --policy offload-disk is the
+    disk tier; auto on the CPU reaches it too (both suggest the same, below resident's)."""
+    from typer.testing import CliRunner
+
+    from nzrt.cli import app
+    runner = CliRunner()
+    args = ["profile", tiny_nzrt, "--policy", policy, "--device", "cpu", "--no-plain", "--repeats", "1"]
+    res = runner.invoke(app, args + ["--budget", "1KiB"])
+    assert res.exit_code == 2, res.output
+    m = re.search(r"pass --budget (\S+) or more", res.output)
+    assert m and f"'{get_policy(policy).name}'" in res.output, res.output
+    res = runner.invoke(app, args + ["--budget", m.group(1)])
+    assert res.exit_code == 0, res.output
+    test_cli_suggested_budget_works.seen[policy] = parse_budget(m.group(1))
+    seen = test_cli_suggested_budget_works.seen
+    if len(seen) == 3:
+        assert seen["auto"] == seen["offload-disk"] < seen["resident"]
+
+
+test_cli_suggested_budget_works.seen = {}
