@@ -354,3 +354,26 @@ def test_cli_suggested_budget_works(tiny_nzrt, policy):
 
 
 test_cli_suggested_budget_works.seen = {}
+
+
+def test_layer_infos_on_disk_means_a_file_and_tied_bytes_count_where_they_live():
+    """A compressed tensor the caller holds in memory is not on disk (the CPU's budget counts it);
+    a tied tensor's bytes are counted once, in the first unit, and placed in that unit's tier."""
+    from types import SimpleNamespace as NS
+
+    from nzrt.policies import Plan
+
+    def slot(nbytes, mapped):
+        ct = NS(nbytes=nbytes, source="file" if mapped else None)
+        return NS(dense_bytes=2 * nbytes, ct=ct, home=ct, on_disk=True)
+
+    tensors = {"e": slot(700, True), "h": slot(300, False), "w": slot(500, True)}
+    units = {"emb": ("e",), "head": ("e", "h"), "mlp": ("w",)}
+    layers = placement.layer_infos(units, tensors)
+    assert layers["emb"] == LayerInfo("emb", 1400, 700, True)
+    assert layers["head"] == LayerInfo("head", 2000, 300, False)  # "e" counted in emb, "h" in memory
+    assert layers["mlp"].on_disk
+    plan = Plan("x", (), (), (("emb", Tier.DISK), ("head", Tier.DEVICE), ("mlp", Tier.DISK)))
+    tier_now = {}
+    placement.place(plan, units, tensors, tier_now, NS(type="cpu"))
+    assert tier_now == {"e": Tier.DISK, "h": Tier.DEVICE, "w": Tier.DISK}

@@ -6,6 +6,7 @@ import warnings
 from .. import policies
 from ..budget import format_bytes
 from ..policies import Auto, BudgetError, Costs, LayerInfo, Offload, Tier
+from .accounting import is_mapped
 
 
 def layer_infos(units: dict, tensors: dict) -> dict:
@@ -18,7 +19,9 @@ def layer_infos(units: dict, tensors: dict) -> dict:
             if k not in seen_keys:  # tied tensors: the compressed bytes count once
                 comp += tensors[k].ct.nbytes
                 seen_keys.add(k)
-        on_disk = all(tensors[k].on_disk for k in keys)
+        # on disk only with a file behind it: a compressed tensor the caller holds in memory
+        # (not memory-mapped) is memory, and the budget counts it where the host is the device
+        on_disk = all(tensors[k].on_disk and is_mapped(tensors[k].home) for k in keys)
         out[unit] = LayerInfo(unit, dense, comp, on_disk)
     return out
 
@@ -144,15 +147,15 @@ def replan(policy, trace, layers, budget, fixed_bytes, costs, device=None, note=
 
 
 def place(plan, units: dict, tensors: dict, tier_now: dict, device) -> None:
-    """Move every compressed tensor to its tier (the best tier among the units that use it)."""
-    rank = {Tier.DENSE: 0, Tier.DEVICE: 1, Tier.HOST: 2, Tier.DISK: 3}
+    """Move every compressed tensor to its tier: the tier of the unit whose LayerInfo carries its
+    compressed bytes (the first unit using it, as in ``layer_infos``), so that a tied tensor lives
+    where the plan counts it (a unit sharing it reads it from there)."""
     tiers = plan.tier_of
     key_tier: dict = {}
     for unit, keys in units.items():
         t = tiers.get(unit, Tier.DEVICE)
         for k in keys:
-            if k not in key_tier or rank[t] < rank[key_tier[k]]:
-                key_tier[k] = t
+            key_tier.setdefault(k, t)
     cuda = device.type == "cuda"
     for k, t in key_tier.items():
         s = tensors[k]
