@@ -16,6 +16,9 @@ __all__ = [
     "load",
     "load_metadata",
     "managed",
+    "from_pretrained",
+    "report",
+    "release",
 ]
 
 _LAZY = {
@@ -28,6 +31,9 @@ _LAZY = {
     "load": "checkpoint",
     "load_metadata": "checkpoint",
     "managed": "runtime",
+    "from_pretrained": "pretrained",
+    "report": "pretrained",
+    "release": "pretrained",
 }
 
 

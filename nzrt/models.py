@@ -55,7 +55,9 @@ class LoadedModel:
     kind: str = "module"  # "causal-lm" | "encoder" | "module"
     name: str = ""
     source: str = ""  # how to load it again (the MODEL argument, or a description)
-    compressed: dict | None = None  # name -> CompressedTensor when loaded from a .nzrt (meta model)
+    # a meta model's weights: name -> CompressedTensor (a .nzrt's memory map) or a mapping that
+    # reads each dense tensor from disk when asked (nzrt.safetensors_io.SafetensorsDir)
+    compressed: Any = None
     inputs: Any = None  # example inputs of a factory model (tuple, dict or tensor)
     metadata: dict = field(default_factory=dict)
     _dematerialize: dict | None = field(default=None, repr=False)
@@ -340,6 +342,56 @@ def check_gguf(path) -> None:
                             f"{data_start + end:,}; download or copy it again")
 
 
+def load_transformers_dir_lazy(path: Path, dtype=None, source: str | None = None) -> LoadedModel:
+    """A transformers directory as a meta model whose weights are read one tensor at a time
+    (``nzrt.safetensors_io``): nothing dense exists until the runtime reads it. Falls back to
+    ``load_transformers_dir`` where the checkpoint's names are not the model's (transformers
+    renames some keys while loading) or it has no safetensors files."""
+    transformers = _quiet_transformers()
+    import torch
+
+    from .pretrained import CastWeights, parameters_on_meta
+    from .safetensors_io import SafetensorsDir
+
+    try:
+        weights = SafetensorsDir(path)
+    except FileNotFoundError:
+        return load_transformers_dir(path, dtype, source)
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: config.json is unreadable ({str(e).splitlines()[0]}); {MODEL_HELP}") from None
+    archs = getattr(cfg, "architectures", None) or []
+    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    if dtype is None:
+        dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+        if isinstance(dtype, str):
+            dtype = parse_dtype(dtype)
+        if dtype is None:
+            floats = [weights.info(k)[0] for k in weights.keys() if weights.info(k)[0].is_floating_point]
+            dtype = floats[0] if floats else torch.float32
+    try:
+        with parameters_on_meta():
+            model = auto.from_config(cfg, dtype=dtype)
+            if hasattr(model, "tie_weights"):  # transformers ties while loading, not in __init__
+                model.tie_weights()
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelError(f"{path}: transformers cannot build it ({str(e).splitlines()[0]}); {MODEL_HELP}") from None
+    names = set(weights.keys())
+    missing = [n for n, p in model.named_parameters() if n not in names]
+    if missing:  # renamed keys (old checkpoints, prefixes): let transformers load it
+        return load_transformers_dir(path, dtype, source)
+    tokenizer = None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    except Exception:
+        tokenizer = None
+    model = _finish(model)
+    return LoadedModel(model, tokenizer, _kind_of(model), name=path.name, source=source or str(path),
+                       compressed=CastWeights(weights, dtype))
+
+
 def load_gguf(path: Path, dtype=None, source: str | None = None) -> LoadedModel:
     check_gguf(path)
     transformers = _quiet_transformers()
@@ -362,15 +414,16 @@ def load_gguf(path: Path, dtype=None, source: str | None = None) -> LoadedModel:
     return LoadedModel(model, tokenizer, _kind_of(model), name=path.stem, source=source or str(path))
 
 
-def load_embedded(name: str = "smollm2", dtype=None, *, use_cache: bool = True) -> LoadedModel:
+def load_embedded(name: str = "smollm2", dtype=None, *, use_cache: bool = True, lazy: bool = False) -> LoadedModel:
     """An embedded trained model. SmolLM2 is converted from GGUF once and cached as safetensors
     (``$NZRT_CACHE_DIR`` or ``~/.cache/nzrt``): later loads take seconds instead of ~20 s."""
     import torch
 
     package, rel = EMBEDDED[name]
     where = package_dir(package) / rel
+    load_dir = load_transformers_dir_lazy if lazy else load_transformers_dir
     if name == "minilm":
-        lm = load_transformers_dir(where, dtype, source="minilm")
+        lm = load_dir(where, dtype, source="minilm")
         lm.name = "all-MiniLM-L6-v2"
         return lm
     dtype = dtype or torch.bfloat16
@@ -380,7 +433,7 @@ def load_embedded(name: str = "smollm2", dtype=None, *, use_cache: bool = True) 
     cached = cache_dir() / key
     if use_cache and (cached / "DONE").is_file():
         try:
-            lm = load_transformers_dir(cached, dtype, source="smollm2")
+            lm = load_dir(cached, dtype, source="smollm2")
             lm.name = "SmolLM2-135M-Instruct"
             return lm
         except ModelError:
@@ -458,7 +511,7 @@ def load_checkpoint(path: Path, device=None) -> LoadedModel:
     if not isinstance(info, dict):
         raise ModelError(f"{path} holds tensors but no model config (it was not written by "
                          f"`nzrt compress`); re-create it with `nzrt compress MODEL {path.name}`")
-    tensors = nzrt.load(path)
+    tensors = nzrt.load(path, verify=False)  # each blob is checked when first used: no read now
     arch = info.get("architecture")
     dtype = parse_dtype(info.get("dtype"))
     if info.get("factory"):
@@ -521,17 +574,22 @@ def _tokenizer_from_tensors(tensors: dict):
         return transformers.AutoTokenizer.from_pretrained(tmp)
 
 
-def resolve(spec: str | None = None, *, dtype=None, device=None) -> LoadedModel:
-    """Load MODEL (see the module docstring). Raises ModelError with a one-line message."""
+def resolve(spec: str | None = None, *, dtype=None, device=None, lazy: bool = False) -> LoadedModel:
+    """Load MODEL (see the module docstring). Raises ModelError with a one-line message.
+
+    ``lazy``: a transformers directory (the embedded models too) comes back as a meta model
+    whose weights are read one tensor at a time when the runtime takes them (``from_pretrained``);
+    otherwise it is loaded dense by transformers."""
     dt = parse_dtype(dtype)
+    load_dir = load_transformers_dir_lazy if lazy else load_transformers_dir
     if spec is None or spec.strip() == "" or spec.lower() in ("smollm2", "default"):
-        return load_embedded("smollm2", dt)
+        return load_embedded("smollm2", dt, lazy=lazy)
     if spec.lower() == "minilm":
-        return load_embedded("minilm", dt)
+        return load_embedded("minilm", dt, lazy=lazy)
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
-            return load_transformers_dir(path, dt, source=spec)
+            return load_dir(path, dt, source=spec)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return load_gguf(ggufs[0], dt, source=spec)
@@ -551,7 +609,7 @@ def resolve(spec: str | None = None, *, dtype=None, device=None) -> LoadedModel:
         if magic[:4] == GGUF_MAGIC or path.suffix == ".gguf":
             return load_gguf(path, dt, source=spec)  # check_gguf: empty, truncated, bad magic
         if path.name == "config.json":
-            return load_transformers_dir(path.parent, dt, source=spec)
+            return load_dir(path.parent, dt, source=spec)
         raise ModelError(f"{spec} is not a model file; {MODEL_HELP}")
     if ":" in spec and not spec.startswith((".", "/", "~")):
         return load_factory(spec, dt)

@@ -116,6 +116,10 @@ class CpuWorker:
             if job is None:
                 return
             job.run()
+            # while blocked in get() the last job must not stay referenced from this frame: it
+            # refers to the runtime (its decode), which refers to the model, which could then
+            # never be garbage-collected
+            del job
 
     def submit(self, job: _Job) -> None:
         self._q.put(job)

@@ -14,7 +14,7 @@ def test_import_initialises_nothing():
     code = ("import pynvml, torch\n"
             "calls = []\n"
             "pynvml.nvmlInit = lambda *a: calls.append(1)\n"  # torch imports pynvml itself; nobody may init it
-            "import nzrt, nzrt.memory, nzrt.budget, nzrt.report, nzrt.runtime, nzrt.scheduler\n"
+            "import nzrt, nzrt.memory, nzrt.budget, nzrt.reports, nzrt.runtime, nzrt.scheduler\n"
             "nzrt.memory.MemoryTracker('cpu').sample()\n"
             "assert not calls and not torch.cuda.is_initialized()\n")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -13,10 +13,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_public_api_is_pinned():
     assert sorted(nzrt.__all__) == sorted([
         "CompressedTensor", "FormatError", "compress", "decompress", "decode_into",
-        "save", "load", "load_metadata", "managed",
+        "save", "load", "load_metadata", "managed", "from_pretrained", "report", "release",
     ])
     for name in nzrt.__all__:
         assert getattr(nzrt, name) is not None
+
+
+def test_report_and_release_are_functions_after_every_submodule_is_imported():
+    """``nzrt.report`` once was a submodule's name: importing it replaced the function."""
+    code = ("import importlib, pkgutil, nzrt\n"
+            "for m in pkgutil.iter_modules(nzrt.__path__):\n"
+            "    importlib.import_module('nzrt.' + m.name)\n"
+            "import nzrt.runtime.accounting\n"
+            "assert callable(nzrt.report) and nzrt.report.__module__ == 'nzrt.pretrained', nzrt.report\n"
+            "assert callable(nzrt.release) and callable(nzrt.from_pretrained)\n")
+    r = _run(code, ROOT)
+    assert r.returncode == 0, r.stderr
 
 
 def test_wheel_has_only_nzrt_as_top_level(tmp_path):

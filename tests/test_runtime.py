@@ -245,7 +245,7 @@ def test_lossy_mantissa_bits_3_within_tolerance(minilm):
         with nzrt.managed(model, policy="resident", mantissa_bits=k) as run:
             with torch.inference_mode():
                 out = model(input_ids=x).last_hidden_state.float()
-            assert run.held_bytes()["restore_copies"] > 0
+            assert run.held_bytes()["restore_copies_on_disk"] > 0
         assert_restored(model, snap)  # lossy inside, exact after
         errs[k] = ((out - ref).norm() / ref.norm()).item()
         if k == 3:

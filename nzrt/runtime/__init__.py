@@ -17,7 +17,14 @@ depend on how its output is split).
 
 Entry and exit are transactions (``nzrt.runtime.transaction``): an exception or Ctrl-C during
 entry leaves the model exactly as it was; exit restores every parameter bit for bit (lossy mode
-keeps a lossless copy in host memory for that), with its device, dtype and class.
+keeps a lossless copy in an unnamed temporary file for that, ``nzrt.runtime.spill``), with its
+device, dtype and class.
+
+Memory as the operating system sees it (``nzrt.osmem``): entry compresses one weight at a time
+and frees each original as its copy is made (the file pages of a memory-mapped original are
+reclaimed at once); exit restores one weight at a time and frees its compressed copy; both end
+by giving the allocator's free memory back (``malloc_trim``). A ``weights`` mapping is read one
+entry at a time (``nzrt.safetensors_io.SafetensorsDir`` reads each tensor from disk when asked).
 
 Models without weights in memory: build the model on the meta device and pass ``weights=`` a
 mapping of parameter (or buffer) name -> CompressedTensor or tensor, e.g. ``nzrt.load(path)``.

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..memory import storage_bytes
-from ..report import LayerReport, Report
+from ..reports import LayerReport, Report
 
 
 def is_mapped(ct) -> bool:
@@ -34,14 +34,14 @@ def held_bytes(run) -> dict:
                 continue
             place = "device" if ct.device == run.device else "host"
             blobs[place] += storage_bytes([ct.data])
-    restore = storage_bytes(ct.data for ct in run.restore.values())
+    restore = run.restore.nbytes()  # on disk (a temporary file), not in RAM
     dense = run.scheduler.dense_bytes_held() if run.scheduler is not None else 0
     return {"compressed_device": blobs["device"], "compressed_host": blobs["host"],
             "compressed_mapped": blobs["mapped"],
             "dense_slots": dense,
             "uncompressed": fixed_bytes(run.model, [mp.param for mp in run.params], run.device)
             if run.attached else 0,
-            "restore_copies": restore,
+            "restore_copies_on_disk": restore,
             # what the managed parameters themselves hold: one element each (see weight.py)
             "placeholders": storage_bytes(mp.placeholder for mp in run.params if mp.active)}
 
@@ -72,5 +72,5 @@ def build_report(run, held: dict) -> Report:
         passes=s.passes if s else 0, divergences=s.divergences if s else 0,
         replans=s.replans if s else 0, mode=s.mode if s else "", entry_s=run.entry_seconds,
         warnings=list(run.warnings), fixed_bytes=run.fixed_bytes,
-        weights_dense_bytes=sum(s_.dense_bytes for s_ in run.tensors.values()),
-        weights_compressed_bytes=sum(s_.ct.nbytes for s_ in run.tensors.values()))
+        weights_dense_bytes=run.weights_dense_bytes,
+        weights_compressed_bytes=run.weights_compressed_bytes)

@@ -10,7 +10,7 @@ import weakref
 import torch
 from torch import nn
 
-from .. import codec
+from .. import codec, osmem
 from ..budget import parse_budget
 from ..format import CompressedTensor
 from ..memory import MemoryTracker
@@ -21,12 +21,24 @@ from .embedding import chunked_embedding_forward
 from .errors import ManagedError
 from .params import FLOATS, Param, chunk_spans, chunkable_embedding, find_params
 from .passes import PassLock, root_forward, unit_forward
+from .spill import RestoreSpill
 from .transaction import deferred_interrupts
 from .weight import ManagedParameter, make_placeholder, register, set_data, unregister
 
-_REGISTRY: "weakref.WeakKeyDictionary[nn.Module, Managed]" = weakref.WeakKeyDictionary()
+# model -> weakref to its entered handle. Weak both ways: a model kept managed after
+# from_pretrained (its forwards refer to the handle, the handle to the model) is freed by the
+# garbage collector as a whole once nothing else refers to it.
+_REGISTRY: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def handle_of(model) -> "Managed | None":
+    """The entered ``Managed`` handle of ``model`` (exactly that module), or None."""
+    ref = _REGISTRY.get(model)
+    run = ref() if ref is not None else None
+    return run if run is not None and run.attached else None
 DEFAULT_MIN_NUMEL = 2048
 DEFAULT_CHUNK_BYTES = 2 << 20
+_TRIM_BYTES = 1 << 20
 
 
 class Managed:
@@ -49,13 +61,14 @@ class Managed:
         self.backend = backend
         self.attached = False
         self.lock = PassLock()
+        self._finalizer = None
         self._final_report = None
         self._reset()
 
     def _reset(self):
         self.params: list = []        # committed (managed) Params, in commit order
         self.tensors: dict = {}       # key -> TensorSlot
-        self.restore: dict = {}       # key -> lossless CompressedTensor (lossy mode only)
+        self.restore = RestoreSpill()  # key -> lossless copy in a temporary file (lossy mode only)
         self.units: dict = {}         # unit -> tuple of keys
         self._module_units: dict = {}
         self._bindings: dict = {}     # module -> [(Param, key)]
@@ -70,6 +83,10 @@ class Managed:
         self.warnings: list = []
         self._tier_now: dict = {}
         self.device = torch.device("cpu")
+        self._file_maps = None        # file-backed address ranges at entry (osmem.file_mappings)
+        self._from_disk: set = set()  # id(CompressedTensor) of blobs read from their file each time
+        self.weights_dense_bytes = 0
+        self.weights_compressed_bytes = 0
 
     # -- context manager --------------------------------------------------------------------
     def __enter__(self) -> "Managed":
@@ -86,17 +103,17 @@ class Managed:
         if self.attached:
             raise ManagedError("this managed() handle is already entered")
         for m in self.model.modules():
-            if m in _REGISTRY:
+            if handle_of(m) is not None:
                 raise ManagedError("this model (or a module inside it) is already under nzrt.managed(); "
                                    "leave the first `with` block before entering another")
         for m in list(_REGISTRY.keys()):
-            if any(sub is self.model for sub in m.modules()):
+            if handle_of(m) is not None and any(sub is self.model for sub in m.modules()):
                 raise ManagedError("a module containing this model is already under nzrt.managed()")
         t0 = time.perf_counter()
         self._reset()
         self._final_report = None
         try:
-            _REGISTRY[self.model] = self
+            _REGISTRY[self.model] = weakref.ref(self)
             self.attached = True
             self._attach()
         except BaseException as e:
@@ -129,8 +146,11 @@ class Managed:
     def _attach(self) -> None:
         self.device = dev = self._resolve_device()
         self.tracker = MemoryTracker(dev)
-        weights = dict(self.weights) if self.weights is not None else {}
+        # a Mapping, read one entry at a time (nzrt.safetensors_io reads each tensor from disk
+        # only when asked): never copied into a dict, so the dense model never exists whole
+        weights = self.weights if self.weights is not None else {}
         used = set()
+        self._file_maps = osmem.file_mappings()  # where memory-mapped weights lie
         found = find_params(self.model)
         if self.mantissa_bits is not None:  # before compressing anything: one clear error
             for p, names, _ in found:
@@ -142,7 +162,11 @@ class Managed:
         self._move_buffers(weights, used, dev)
         for p, names, owners in found:
             self._take_param(p, names, owners, weights, used, dev)
-        unused = set(weights) - used
+            if p.numel() * p.element_size() >= _TRIM_BYTES:
+                # give each freed original back now: glibc would keep it in its arenas, and the
+                # peak of entry would be the dense and the compressed model together again
+                osmem.trim()
+        unused = set(weights.keys()) - used
         if unused and self.weights is not None:
             self.warnings.append(f"{len(unused)} entries of `weights` name no meta parameter or buffer "
                                  f"and were ignored, e.g. {sorted(unused)[:3]}")
@@ -152,14 +176,31 @@ class Managed:
         self.layers = placement.layer_infos(self.units, self.tensors)
         costs = placement.costs_for(dev, {})
         initial = placement.initial_plan(self.policy, self.layers, self.budget, self.fixed_bytes, costs)
+        self._verify_given()
         threads = os.environ.get("NZRT_DECODE_THREADS")  # numba threads of the CPU decode worker
         self.scheduler = Scheduler(self.units, self.tensors, dev, planner=self._planner, place=self._place,
                                    decode=self._decode, prefetch=self.prefetch,
                                    decode_threads=int(threads) if threads else None)
         self._place(initial)
         self.scheduler.plan = initial
+        worker = self.scheduler._worker
+        if worker is not None:  # collected without detach (from_pretrained): stop the thread
+            self._finalizer = weakref.finalize(self, worker._q.put, None)
         self._install_forwards()
+        self.weights_dense_bytes = sum(s.dense_bytes for s in self.tensors.values())
+        self.weights_compressed_bytes = sum(s.ct.nbytes for s in self.tensors.values())
+        self._file_maps = None
+        osmem.trim()  # the compressor's temporaries go back to the operating system
         self.tracker.sample()
+
+    def _verify_given(self) -> None:
+        """Check the caller's CompressedTensors (CRC-32 and tables); a memory-mapped blob's
+        pages go back to the operating system right after its check read them."""
+        for s in self.tensors.values():
+            if not s.ct._verified:
+                s.ct.verify()
+                if s.on_disk:
+                    osmem.release_file_pages(s.ct.data, self._file_maps)
 
     def _move_buffers(self, weights, used, dev) -> None:
         """Meta buffers from ``weights``, others moved to the device if needed."""
@@ -235,29 +276,36 @@ class Managed:
         mp.was_meta = was_meta
         lossy = self.mantissa_bits is not None
         itemsize = p.element_size()
-        chunked = chunkable_embedding(mp.shape, itemsize, owners, self.chunk_bytes)
+        # a CompressedTensor given by the caller (e.g. memory-mapped by nzrt.load) is used as it is:
+        # re-chunking it would decode it and hold the new chunks in RAM, off the file
+        chunked = not isinstance(src, CompressedTensor) and \
+            chunkable_embedding(mp.shape, itemsize, owners, self.chunk_bytes)
         spans = chunk_spans(mp.shape, itemsize, self.chunk_bytes) if chunked else \
             [(0, mp.shape[0] if mp.shape else 0)]
         dense_src = None
         if src is None:
             dense_src = p.detach()
-        elif chunked:  # a whole compressed embedding from a checkpoint, re-chunked once
-            dense_src = codec.decompress(src.to("cpu") if src.device.type != "cpu" else src,
-                                         backend=self.backend)
-        slots, restore = [], {}
+        elif isinstance(src, torch.Tensor):  # dense, e.g. read from a safetensors file just now
+            if tuple(src.shape) != tuple(mp.shape) or src.dtype != mp.dtype:
+                raise ManagedError(f"weights[{names[0]!r}] is {src.dtype} {tuple(src.shape)}, the "
+                                   f"parameter is {mp.dtype} {tuple(mp.shape)}")
+            dense_src = src.detach()
+        slots = []
         for i, (a, b) in enumerate(spans):
             key = f"{names[0]}#{i}" if chunked else names[0]
             if dense_src is None:  # given by the caller (e.g. nzrt.load's memory map)
                 ct = src
-                on_disk = ct.device.type == "cpu" or accounting.is_mapped(ct)
+                on_disk = accounting.is_mapped(ct)
             else:
                 part = dense_src[a:b] if chunked else dense_src
                 ct = codec.compress(part, mantissa_bits=self.mantissa_bits, backend=self._cbackend(part))
                 on_disk = False
-                if lossy and not was_meta:
-                    rct = codec.compress(part, backend=self._cbackend(part))
-                    restore[key] = rct.to("cpu") if rct.device.type != "cpu" else rct
-            ct.verify()
+                if lossy and not was_meta:  # the exact original, for exit: on disk, not in RAM
+                    self.restore.add(key, codec.compress(part, backend=self._cbackend(part)))
+            if dense_src is not None:
+                ct.verify()
+            # else verified in _verify_given, after the budget check: reading a .nzrt's blobs
+            # (their checksums) must wait until the plan is known to fit
             slots.append(TensorSlot(key=key, ct=ct, shape=tuple(ct.shape), dtype=ct.dtype,
                                     numel=ct.numel(), home=ct, on_disk=on_disk))
             mp.keys.append(key)
@@ -271,7 +319,6 @@ class Managed:
                 self.params.append(mp)
                 for s in slots:
                     self.tensors[s.key] = s
-                self.restore.update(restore)
                 mp.placeholder = placeholder
                 register(p, mp)
                 set_data(p, placeholder)  # frees the dense original (when nothing else holds it)
@@ -287,6 +334,11 @@ class Managed:
                 if self.params and self.params[-1] is mp:
                     self.params.pop()
                 raise
+        if not was_meta:
+            # the original may view a memory-mapped checkpoint (transformers maps safetensors):
+            # freeing it does not unmap the file while other weights view it, so its pages
+            # would stay in RSS beside the compressed copy; reclaim them now, one weight at a time
+            osmem.release_file_pages(orig, self._file_maps)
         del orig
 
     def _cbackend(self, t):
@@ -298,6 +350,8 @@ class Managed:
                 codec.decode_into(ct, buf, backend=self.backend)
         else:
             codec.decode_into(ct, buf, backend=self.backend)
+        if id(ct) in self._from_disk:  # the disk tier: its file pages go back after each read
+            osmem.release_file_pages(ct.data, trusted=True)
 
     def dense_copy(self, mp) -> torch.Tensor:
         """A fresh dense tensor with the parameter's values (what its module computes with)."""
@@ -372,6 +426,9 @@ class Managed:
 
     def _place(self, plan) -> None:
         placement.place(plan, self.units, self.tensors, self._tier_now, self.device)
+        # blobs read straight from a memory-mapped file (disk tier): ids of their CompressedTensors
+        self._from_disk = {id(s.ct) for k, s in self.tensors.items()
+                           if self._tier_now.get(k) == "disk" and s.on_disk and s.ct.device.type == "cpu"}
 
     # -- detach -----------------------------------------------------------------------------
     def detach(self) -> None:
@@ -397,7 +454,12 @@ class Managed:
                 else:
                     module.__dict__.pop("forward", None)
             self._forwards.clear()
-            failed = [mp for mp in self.params if mp.active and not self._restore_with_retry(mp, errors)]
+            failed = []
+            for mp in self.params:  # one weight at a time: restore it, then free its compressed copy
+                if mp.active and not self._restore_with_retry(mp, errors):
+                    failed.append(mp)
+                elif not mp.active:
+                    self._drop_compressed(mp)
             if not failed:
                 for kind, obj, name, orig in reversed(self._moved):
                     if kind == "buffer":
@@ -428,17 +490,30 @@ class Managed:
             except Exception:  # pragma: no cover
                 pass
             _REGISTRY.pop(self.model, None)
+            if self._finalizer is not None:
+                self._finalizer.detach()
+                self._finalizer = None
             self.attached = False
             self.params_restored = len(self.params)
             self.params = []
             self.tensors = {}
-            self.restore = {}
+            self.restore.close()
+            self.restore = RestoreSpill()
             if self.scheduler is not None:
                 self.scheduler.tensors = {}
+            osmem.trim()  # what was freed goes back to the operating system
         # everything is restored; an interrupt that came while restoring is raised now
         interrupt = next((e for e in errors if not isinstance(e, Exception)), None)
         if interrupt is not None:
             raise interrupt
+
+    def _drop_compressed(self, mp) -> None:
+        """Free a restored parameter's compressed chunks (and lossy restore copies)."""
+        for key in mp.keys:
+            s = self.tensors.pop(key, None)
+            if s is not None:
+                s.ct = s.home = None
+            self.restore.pop(key, None)
 
     def _restore_with_retry(self, mp, errors) -> bool:
         """Restore one parameter; a failed decode is tried once more with the reference backend
@@ -455,8 +530,13 @@ class Managed:
         p = mp.param
         if not mp.was_meta:  # a meta parameter's stand-in is dropped with the swaps
             out = torch.empty(mp.shape, dtype=mp.dtype, device="cpu")
-            _decode_chunks(mp, out, lambda key: self.restore[key] if key in self.restore else self.tensors[key].home,
-                           lambda ct, buf: codec.decode_into(ct, buf, backend=backend))
+            def decode(ct, buf):
+                codec.decode_into(ct, buf, backend=backend)
+                if ct.source == _SPILLED:
+                    self.restore.release(ct)
+
+            _decode_chunks(mp, out, lambda key: self.restore.get(key) if key in self.restore
+                           else self.tensors[key].home, decode)
             if mp.orig_device.type != "cpu":
                 out = out.to(mp.orig_device)
         else:
@@ -479,6 +559,7 @@ class Managed:
         return accounting.build_report(self, self.held_bytes())
 
 
+_SPILLED = RestoreSpill.SOURCE
 _DECODE_LOCK = threading.Lock()
 _SERIAL = None
 

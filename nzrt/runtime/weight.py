@@ -31,8 +31,24 @@ from torch.utils._pytree import tree_map
 
 from .errors import ManagedError
 
-# id(tensor) -> (weakref to it, _Param): which tensors stand for which managed parameter
+# id(tensor) -> (weakref to it, weakref to its _Param): which tensors stand for which managed
+# parameter. Weak to the _Param too: a strong reference from this global would keep the
+# handle, and through it the model, alive forever (from_pretrained models are freed by GC).
 _LIVE: dict = {}
+
+
+class _Gone:
+    """What ``lookup`` returns for a tensor whose managed model was freed: inactive, so every
+    read raises a clear error instead of computing with the placeholder."""
+
+    active = False
+    binds = 0
+
+    def bound_here(self) -> bool:
+        return False
+
+
+_GONE = _Gone()
 _LIVE_LOCK = threading.Lock()
 
 _META_GETTERS = frozenset({
@@ -60,7 +76,8 @@ def lookup(t):
     """The _Param a tensor stands for, or None."""
     e = _LIVE.get(id(t))
     if e is not None and e[0]() is t:
-        return e[1]
+        mp = e[1]()
+        return mp if mp is not None else _GONE
     return None
 
 
@@ -73,7 +90,7 @@ def register(t, mp) -> None:
                 del _LIVE[key]
 
     with _LIVE_LOCK:
-        _LIVE[key] = (weakref.ref(t, gone), mp)
+        _LIVE[key] = (weakref.ref(t, gone), weakref.ref(mp))
 
 
 def unregister(t) -> None:
@@ -133,7 +150,8 @@ def _write_error(mp, what: str) -> ManagedError:
 
 def _stale_error() -> ManagedError:
     return ManagedError("nzrt: this tensor came from a managed parameter's `.data` inside an "
-                        "nzrt.managed() block that has ended; read the parameter again")
+                        "nzrt.managed() block that has ended, or from a managed model that was "
+                        "released or garbage-collected; read the parameter again from a live model")
 
 
 def _torch_function(func, types, args, kwargs):

@@ -78,6 +78,55 @@ class Report:
         kw.setdefault("indent", 2)
         return json.dumps(self.to_dict(), **kw)
 
+    def summary(self) -> str:
+        """A few lines: policy, plan, compressed vs dense bytes, bytes held, decodes, stalls, peaks
+        (``str(report)`` adds a line per layer)."""
+        t = self.totals()
+        h = self.held or {}
+        lines = [
+            f"nzrt report - policy {self.policy} on {self.device}"
+            + (f", mantissa_bits={self.mantissa_bits}" if self.mantissa_bits is not None else ", lossless"),
+            f"  plan: {self.plan or '-'}",
+            f"  weights {format_bytes(t['dense_bytes'])} dense -> {format_bytes(t['compressed_bytes'])} compressed "
+            f"({100 * t['ratio']:.1f}%) in {t['layers']} layers; {format_bytes(self.fixed_bytes)} left "
+            f"uncompressed; budget {format_bytes(self.budget)}",
+        ]
+        if h:
+            comp = {k: h.get(f"compressed_{k}", 0) for k in ("device", "host", "mapped")}
+            where = ", ".join(f"{k} {format_bytes(v)}" for k, v in comp.items() if v)
+            lines.append(f"  held: compressed {format_bytes(sum(comp.values()))}" + (f" ({where})" if where else "")
+                         + f", dense slots {format_bytes(h.get('dense_slots', 0))} "
+                         f"(peak {format_bytes(self.runtime_peak_dense)}), uncompressed "
+                         f"{format_bytes(h.get('uncompressed', 0))}"
+                         + (f", restore copies on disk {format_bytes(h['restore_copies_on_disk'])}"
+                            if h.get("restore_copies_on_disk") else ""))
+        else:
+            lines.append(f"  dense slot peak {format_bytes(self.runtime_peak_dense)}")
+        lines.append(f"  decodes {t['decodes']} ({t['decode_s'] * 1e3:.1f} ms), transfer {t['transfer_s'] * 1e3:.1f} ms, "
+                     f"stalls {t['stall_s'] * 1e3:.1f} ms; hits {t['hits']}, on-demand {t['misses']}; "
+                     f"passes {self.passes}, re-plans {self.replans}")
+        p = self.peaks or {}
+        peaks = [f"host RSS {format_bytes(p['host_rss'])}"] if p.get("host_rss") is not None else []
+        dev = p.get("nvml_used", p.get("torch_max_allocated"))
+        if dev is not None:
+            peaks.append(f"device {format_bytes(dev)} ({'NVML' if 'nvml_used' in p else 'torch'})")
+        if peaks:
+            lines.append("  peaks (sampled): " + ", ".join(peaks))
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        return "\n".join(lines)
+
+    def layer_lines(self) -> list:
+        """One line per layer (with a header line)."""
+        lines = [f"  {'layer':<40} {'tier':<7} {'dense':>11} {'compr':>11} {'dec':>5} {'dec ms':>8} "
+                 f"{'stall ms':>8} {'hits':>5} {'miss':>5}"]
+        for x in self.layers:
+            name = x.name if len(x.name) <= 40 else "..." + x.name[-37:]
+            lines.append(f"  {name:<40} {x.tier:<7} {format_bytes(x.dense_bytes):>11} "
+                         f"{format_bytes(x.compressed_bytes):>11} {x.decodes:>5} {x.decode_s * 1e3:>8.2f} "
+                         f"{x.stall_s * 1e3:>8.2f} {x.hits:>5} {x.misses:>5}")
+        return lines
+
     def __str__(self) -> str:
         t = self.totals()
         lines = [
@@ -100,12 +149,5 @@ class Report:
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         lines.append("")
-        head = f"  {'layer':<40} {'tier':<7} {'dense':>11} {'compr':>11} {'dec':>5} {'dec ms':>8} " \
-               f"{'stall ms':>8} {'hits':>5} {'miss':>5}"
-        lines.append(head)
-        for x in self.layers:
-            name = x.name if len(x.name) <= 40 else "..." + x.name[-37:]
-            lines.append(f"  {name:<40} {x.tier:<7} {format_bytes(x.dense_bytes):>11} "
-                         f"{format_bytes(x.compressed_bytes):>11} {x.decodes:>5} {x.decode_s * 1e3:>8.2f} "
-                         f"{x.stall_s * 1e3:>8.2f} {x.hits:>5} {x.misses:>5}")
+        lines.extend(self.layer_lines())
         return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""Memory as the operating system sees it: give back what nzrt no longer needs.
+
+Two leaks that no Python-level ``del`` fixes (both measured as process RSS):
+
+* **File-backed pages.** transformers (and ``nzrt.load``) map checkpoints into memory; a page
+  that was read stays in the process's RSS while *any* tensor views the same file, even after
+  the tensor that read it is freed. ``release_file_pages`` asks the kernel to reclaim the pages
+  of one tensor (``madvise(MADV_PAGEOUT)``, Linux >= 5.4). That is safe whatever else views
+  them: a clean file page is read again from the file on the next access, and a page that was
+  written (copy-on-write, so anonymous) is never dropped -- at worst swapped out.
+* **The allocator's arenas.** glibc keeps freed memory for reuse; ``trim`` returns it
+  (``malloc_trim(0)``).
+
+Both are best-effort and silent no-ops where unsupported (other platforms, old kernels).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+MADV_PAGEOUT = 21
+_LIBC = None
+_PAGE = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = False
+        if sys.platform.startswith("linux"):
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                lib.madvise.restype = ctypes.c_int
+                _LIBC = lib
+            except (OSError, AttributeError):  # pragma: no cover
+                _LIBC = False
+    return _LIBC
+
+
+def page_size() -> int:
+    global _PAGE
+    if _PAGE is None:
+        _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    return _PAGE
+
+
+def file_mappings() -> list[tuple[int, int]]:
+    """[(start, end)] of this process's mappings that are backed by a file (not anonymous,
+    not the heap or stack), from ``/proc/self/maps``; empty where that file does not exist."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) < 6 or parts[4] == "0":  # inode 0: anonymous
+                    continue
+                path = parts[5].strip()
+                if not path.startswith("/"):  # [heap], [stack], [vdso] ...
+                    continue
+                lo, hi = parts[0].split("-")
+                out.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    out.sort()
+    return out
+
+
+def _inside(maps, lo: int, hi: int) -> bool:
+    for a, b in maps:
+        if a <= lo and hi <= b:
+            return True
+        if a > lo:
+            break
+    return False
+
+
+def release_file_pages(tensor, maps=None, *, trusted: bool = False) -> int:
+    """Reclaim the whole pages of ``tensor``'s bytes if they lie in a file mapping; returns the
+    bytes advised (0 when the tensor is not file-backed, on a GPU, or nothing could be done).
+    ``maps``: ``file_mappings()`` taken once for many calls; ``trusted``: the caller knows the
+    tensor views a file mapping (``nzrt.load``), skip the check."""
+    lib = _libc()
+    if not lib or tensor is None or tensor.device.type != "cpu":
+        return 0
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes <= 0:
+        return 0
+    page = page_size()
+    addr = tensor.data_ptr()
+    lo = (addr + page - 1) // page * page
+    hi = (addr + nbytes) // page * page
+    if hi <= lo:
+        return 0
+    if not trusted:
+        if maps is None:
+            maps = file_mappings()
+        if not _inside(maps, lo, hi):
+            return 0
+    if lib.madvise(lo, hi - lo, MADV_PAGEOUT) != 0:
+        return 0
+    return hi - lo
+
+
+def trim() -> bool:
+    """Give the allocator's free memory back to the operating system (glibc's ``malloc_trim``)."""
+    lib = _libc()
+    if not lib:
+        return False
+    try:
+        return bool(lib.malloc_trim(0))
+    except AttributeError:  # musl and others
+        return False
+
+
+def rss() -> dict:
+    """This process's memory now, in bytes: ``rss``, ``anon``, ``file``, ``peak`` (VmHWM)."""
+    keys = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "VmHWM": "peak"}
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in keys:
+                    out[keys[k]] = int(v.split()[0]) * 1024
+    except OSError:  # pragma: no cover
+        pass
+    if "rss" not in out:  # not Linux: psutil
+        import psutil
+
+        mi = psutil.Process().memory_info()
+        out = {"rss": mi.rss, "anon": None, "file": None, "peak": getattr(mi, "peak_wset", None)}
+    return out

@@ -1,0 +1,186 @@
+"""nzrt.from_pretrained: a transformers directory or a .nzrt to a managed model, bit-identical to
+transformers' own loading, never dense as a whole; report/release/garbage collection end it."""
+import gc
+import os
+import threading
+import weakref
+
+import pytest
+import torch
+
+import nzrt
+from nzrt import models
+from nzrt.runtime.handle import handle_of
+
+transformers = pytest.importorskip("transformers")
+
+TOKENS = 64
+
+
+def _save_llama(path, *, tied: bool, hidden=1024, layers=2, vocab=4096):
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=2816, num_hidden_layers=layers,
+                                   num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
+                                   vocab_size=vocab, tie_word_embeddings=tied, max_position_embeddings=512)
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.02)
+    m.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def llama_dir(request, tmp_path_factory):
+    return _save_llama(tmp_path_factory.mktemp("llama") / "m", tied=request.param)
+
+
+def _ids(vocab=4096, n=TOKENS):
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(1))
+
+
+def _plain(path):
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
+    return m.eval()
+
+
+def _same(a, b):
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int16), b.contiguous().view(torch.int16))
+
+
+def test_from_pretrained_dir_matches_transformers_bit_for_bit(llama_dir):
+    ids = _ids()
+    plain = _plain(llama_dir)
+    with torch.no_grad():
+        want = plain(ids).logits
+    want_gen = plain.generate(ids[:, :8], max_new_tokens=4, do_sample=False)
+    del plain
+    model = nzrt.from_pretrained(llama_dir)
+    try:
+        assert type(model).__name__ == "LlamaForCausalLM"
+        with torch.no_grad():
+            got = model(ids).logits
+        assert _same(got, want)
+        assert torch.equal(model.generate(ids[:, :8], max_new_tokens=4, do_sample=False), want_gen)
+        rep = nzrt.report(model)
+        assert rep.passes >= 1 and rep.weights_compressed_bytes < rep.weights_dense_bytes
+        # weights were read from the file into the runtime: nothing of them is memory-mapped
+        assert rep.held["compressed_mapped"] == 0
+    finally:
+        nzrt.release(model)
+    # built from a checkpoint: the parameters go back to the meta device
+    assert all(p.device.type == "meta" for p in model.parameters())
+    with pytest.raises(ValueError, match="not managed"):
+        nzrt.report(model)
+
+
+def test_from_pretrained_nzrt_keeps_blobs_in_the_file_map(llama_dir, tmp_path):
+    out = tmp_path / "m.nzrt"
+    models.compress_model(str(llama_dir), out)
+    ids = _ids()
+    plain = _plain(llama_dir)
+    with torch.no_grad():
+        want = plain(ids).logits
+    del plain
+    model = nzrt.from_pretrained(out)
+    try:
+        with torch.no_grad():
+            got = model(ids).logits
+        assert _same(got, want)
+        held = nzrt.report(model).held
+        assert held["compressed_mapped"] > 0 and held["compressed_device"] == 0  # no copy in RAM
+    finally:
+        nzrt.release(model)
+
+
+def test_a_budget_too_small_for_a_nzrt_is_refused_before_any_blob_is_read(llama_dir, tmp_path, monkeypatch):
+    out = tmp_path / "m.nzrt"
+    models.compress_model(str(llama_dir), out)
+    from nzrt.format import CompressedTensor
+
+    def no_read(self):  # reading a blob (its checksum) before the budget check fails the test
+        raise AssertionError("a blob was read before the budget was checked")
+
+    monkeypatch.setattr(CompressedTensor, "verify", no_read)
+    with pytest.raises(nzrt.managed.__globals__["BudgetError"]) as e:
+        nzrt.from_pretrained(out, policy="resident", budget=4096)
+    assert e.value.needed > 4096
+
+
+def test_lossy_from_pretrained_restores_nothing_into_ram(llama_dir):
+    model = nzrt.from_pretrained(llama_dir, mantissa_bits=3)
+    try:
+        with torch.no_grad():
+            model(_ids())
+        held = nzrt.report(model).held
+        assert held["restore_copies_on_disk"] == 0  # a meta model has nothing to restore
+    finally:
+        nzrt.release(model)
+
+
+def test_lossy_managed_keeps_restore_copies_on_disk_and_restores_exactly(llama_dir):
+    model = _plain(llama_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with nzrt.managed(model, policy="resident", mantissa_bits=3) as run:
+        with torch.no_grad():
+            model(_ids())
+        held = run.held_bytes()
+        assert held["restore_copies_on_disk"] > 0
+    for n, p in model.named_parameters():
+        assert _same(p.detach(), before[n]), n
+
+
+def _decode_threads():
+    return sum(1 for t in threading.enumerate() if t.name == "nzrt-decode" and t.is_alive())
+
+
+def test_an_unreleased_model_is_freed_by_garbage_collection(llama_dir):
+    gc.collect()
+    threads = _decode_threads()
+    model = nzrt.from_pretrained(llama_dir, policy="resident")
+    with torch.no_grad():
+        model(_ids(n=8))
+    run = weakref.ref(handle_of(model))
+    ref = weakref.ref(model)
+    assert _decode_threads() == threads + 1
+    del model
+    for _ in range(100):  # a prefetch still in flight holds the runtime until it has finished
+        gc.collect()
+        if ref() is None:
+            break
+        threading.Event().wait(0.05)
+    assert ref() is None and run() is None
+    for _ in range(100):  # the finalizer asked the decode thread to stop
+        if _decode_threads() == threads:
+            break
+        threading.Event().wait(0.05)
+    assert _decode_threads() == threads
+
+
+def test_from_pretrained_refuses_what_is_not_a_model(tmp_path):
+    with pytest.raises(TypeError):
+        nzrt.from_pretrained(123)
+    with pytest.raises(models.ModelError, match="no such file"):
+        nzrt.from_pretrained(str(tmp_path / "missing"))
+    bad = tmp_path / "bad.nzrt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(models.ModelError):
+        nzrt.from_pretrained(bad)
+
+
+def test_renamed_checkpoint_keys_fall_back_to_transformers_loading(tmp_path, llama_dir):
+    """A checkpoint whose names are not the model's (transformers renames while loading) is
+    loaded by transformers and then managed: still exact."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "renamed"
+    d.mkdir()
+    for f in os.listdir(llama_dir):
+        if f != "model.safetensors":
+            (d / f).write_bytes((llama_dir / f).read_bytes())
+    sd = load_file(str(llama_dir / "model.safetensors"))
+    save_file({"transformer." + k: v for k, v in sd.items()},
+              str(d / "model.safetensors"), metadata={"format": "pt"})
+    lm = models.resolve(str(d), lazy=True)
+    assert lm.compressed is None  # the fallback loaded it dense
