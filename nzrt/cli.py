@@ -216,7 +216,12 @@ def profile(
     plain: bool = typer.Option(True, "--plain/--no-plain",
                                help="Also run the plain dense model (for a .nzrt this decodes it whole)."),
 ):
-    """Run MODEL plainly and under each policy; print one table (JSON and PNG on request)."""
+    """Run MODEL plainly and under each policy, each run in a process of its own; print one table
+    (JSON and PNG on request). Memory per run: its own peak and steady host RSS (anonymous and
+    file-backed apart) above a baseline taken after the imports and the codec warm-up, device
+    memory from NVML on a GPU; the runtime's fixed overhead on a line of its own; `exact`: the
+    output bit-identical to the plain run's. Progress: a bar on a terminal, else one line on
+    stderr as each run starts and ends."""
     with _errors():
         from . import profile as prof
 
@@ -224,11 +229,13 @@ def profile(
         _check_policies(policy or [])
         budget = _parse_budget(budget)
         mantissa_bits = _parse_mantissa_bits(mantissa_bits)
-        lm = _load(model, dtype)
-        mantissa_bits = _check_mantissa_bits(mantissa_bits, lm)
-        prog, make = _progress()
+        if dtype is not None:
+            from .models import parse_dtype
+
+            parse_dtype(dtype)  # a bad --dtype is one line before any run starts
+        prog, make = _run_progress()
         with prog:
-            res = prof.profile(lm, policies=policy or None, budget=budget, device=device,
+            res = prof.profile(model, dtype=dtype, policies=policy or None, budget=budget, device=device,
                                mantissa_bits=mantissa_bits, tokens=tokens, repeats=repeats, gen_tokens=gen_tokens,
                                plain=plain, progress=make("profile"))
         typer.echo(prof.format_table(res))
@@ -238,6 +245,20 @@ def profile(
         if plot_out:
             prof.plot(res, plot_out)
             typer.echo(f"wrote {plot_out}")
+
+
+def _run_progress():
+    """A bar on a terminal; otherwise (a log, a pipe) each call is one line on stderr: as each run
+    starts and as it ends."""
+    if sys.stdout.isatty() and sys.stderr.isatty():
+        return _progress()
+
+    def make(label):
+        def cb(done, total, what=""):
+            print(f"{label} [{done}/{total}] {what}", file=sys.stderr, flush=True)
+        return cb
+
+    return contextlib.nullcontext(), make
 
 
 @app.command()
@@ -344,10 +365,16 @@ def generate(
     device: Optional[str] = typer.Option(None, "--device", "-d", help="cpu, cuda ... (default: cuda if any)."),
     mantissa_bits: Optional[str] = typer.Option(None, "--mantissa-bits", "-k", metavar="K", help="Keep K mantissa bits (lossy)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
-    report: bool = typer.Option(False, "--report", help="Print the runtime's report at the end."),
+    report: bool = typer.Option(False, "--report", help="Print a summary of the runtime's report at the end "
+                                "(policy, plan, compressed vs dense bytes, bytes held, decodes, stalls, "
+                                "peak RSS) on stderr."),
+    report_layers: bool = typer.Option(False, "--report-layers", help="Like --report, plus one line per "
+                                       "layer (tier, bytes, decodes, stalls)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16, float32 (default: as stored)."),
 ):
-    """Greedy generation under a memory budget; tokens are streamed, tokens/s at the end."""
+    """Greedy generation under a memory budget; tokens are streamed, tokens/s at the end. MODEL is
+    opened as nzrt.from_pretrained opens it (a transformers directory is read one tensor at a time,
+    a .nzrt memory-mapped); --policy plain loads it dense, without nzrt."""
     with _errors():
         from . import models
         from .generate import generate as gen
@@ -359,7 +386,11 @@ def generate(
             _check_policies([policy])
         budget = _parse_budget(budget)
         mantissa_bits = _parse_mantissa_bits(mantissa_bits)
-        lm = _load(model, dtype)
+        if policy == "plain":
+            lm = _load(model, dtype)
+        else:  # nzrt.from_pretrained's path: a meta model whose weights are read as they are compressed
+            with _status(f"loading {model or 'the embedded SmolLM2-135M'} ..."):
+                lm = models.resolve(model, dtype=dtype, lazy=True)
         mantissa_bits = _check_mantissa_bits(mantissa_bits, lm)
         if lm.kind != "causal-lm" or lm.tokenizer is None:
             raise models.ModelError(f"{lm.name} is not a causal language model with a tokenizer; "
@@ -372,25 +403,40 @@ def generate(
             typer.echo(text, nl=False)
             sys.stdout.flush()
 
+        rep = None
         if policy == "plain":
             if lm.compressed is not None:
                 lm.materialize()
             lm.model.to(dev)
             res = gen(lm.model, lm.tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat, on_text=echo,
                       device=dev)
-            rep = None
         else:
-            with models.managed(lm, policy=policy, budget=budget, mantissa_bits=mantissa_bits,
-                                device=dev) as run:
-                res = gen(lm.model, lm.tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat,
-                          on_text=echo, device=dev)
-                rep = run.report()
+            import nzrt
+            from .pretrained import manage_loaded
+
+            m = manage_loaded(lm, policy=policy, budget=budget, mantissa_bits=mantissa_bits, device=dev)
+            try:
+                res = gen(m, lm.tokenizer, prompt, max_new_tokens=max_new_tokens, chat=chat, on_text=echo,
+                          device=dev)
+                rep = nzrt.report(m)
+            finally:
+                nzrt.release(m)
         typer.echo("")
         sys.stdout.flush()
         typer.echo(f"[{len(res.new_tokens)} tokens in {res.seconds:.2f} s: {res.tokens_per_s:.1f} tokens/s; "
                    f"prompt {res.prompt_tokens} tokens; policy {policy}]", err=True)
-        if report and rep is not None:
-            typer.echo(str(rep), err=True)
+        if (report or report_layers) and rep is not None:
+            from .osmem import rss
+
+            text = rep.summary() if hasattr(rep, "summary") else str(rep)
+            peak = rss().get("peak")
+            if peak:
+                text += f"\n  process peak RSS (VmHWM, loading included): {_human(peak)}"
+            if report_layers and hasattr(rep, "layer_lines"):
+                text += "\n" + "\n".join(rep.layer_lines())
+            typer.echo(text, err=True)
+        elif (report or report_layers) and policy == "plain":
+            typer.echo("[no report: --policy plain runs without nzrt]", err=True)
 
 
 @app.command()

@@ -1,16 +1,27 @@
 """``nzrt profile``: run a model plainly and under each policy, side by side.
 
-One row per run: bits/weight, memory held by weights, peak device and host memory, forward time
-(and tokens/s for causal LMs), the decode / transfer / stall split summed over layers, the speed
-relative to the plain model and, with ``mantissa_bits``, quality against the lossless model.
+Every row (the plain model, then each policy) runs in a process of its own
+(``nzrt.profile_child``), so its memory is its own: peak and steady RSS, anonymous and
+file-backed apart, each minus a baseline taken in that process after the imports and the codec's
+warm-up; device memory from NVML (and torch's allocator) on a GPU, minus its baseline. The
+warm-up's own cost (numba and nzrt's compiled codec: paid once per process, whatever the model)
+is measured once in a child of its own and shown on a line of its own: the runtime's fixed
+overhead. Each managed row's output (the logits of one forward) is compared with the plain row's
+as integers: ``exact`` is bit identity, not closeness. Also per row: bits/weight, memory held by
+weights, forward time, tokens/s (with the prompt length), the decode / transfer / stall split
+summed over layers, the speed relative to the plain model and, with ``mantissa_bits``, quality.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
-import threading
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 DEFAULT_POLICIES = ("resident", "offload", "belady", "auto")
@@ -25,18 +36,30 @@ class Row:
     error: str | None = None
     bits_per_weight: float | None = None
     weights_bytes: int | None = None  # memory held by the weights during the run
-    peak_device_bytes: int | None = None
-    peak_host_bytes: int | None = None
-    setup_s: float | None = None  # entering managed(): compression, placement
+    peak_device_bytes: int | None = None  # NVML (whole device) minus its baseline, else torch's peak
+    # this run's own host memory (its own process), minus the baseline after imports + warm-up
+    peak_host_bytes: int | None = None  # RSS: max of the ~5 ms samples and VmHWM
+    peak_anon_bytes: int | None = None
+    peak_file_bytes: int | None = None
+    steady_host_bytes: int | None = None  # RSS after the run, the model still loaded
+    steady_anon_bytes: int | None = None
+    steady_file_bytes: int | None = None
+    load_s: float | None = None  # loading the model (for a managed row: as far as a meta model)
+    setup_s: float | None = None  # entering the runtime: compression, placement
     first_forward_ms: float | None = None  # the first forward (traced) under the runtime
     forward_ms: float | None = None  # best of the later forwards
     tokens_per_s: float | None = None
+    prompt_tokens: int | None = None  # the prompt the tokens/s generation started from
     decode_ms: float | None = None
     transfer_ms: float | None = None
     stall_ms: float | None = None
     speed_vs_plain: float | None = None  # plain forward time / this forward time
+    exact: bool | None = None  # the first forward's output bit-identical to the plain run's
+    mismatches: int | None = None  # elements that differ from the plain run's output
+    output_sha256: str | None = None  # of the output's integer view
     quality: dict | None = None
     plan: str | None = None
+    wall_s: float | None = None  # the child process, start to end
 
 
 @dataclass
@@ -49,113 +72,22 @@ class ProfileResult:
     gen_tokens: int
     mantissa_bits: int | None
     budget: Any
+    prompt_tokens: int | None = None
     rows: list[Row] = field(default_factory=list)
     reports: dict = field(default_factory=dict)  # run -> the runtime report (JSON dict)
-    memory: dict = field(default_factory=dict)  # run -> [[t_s, host_bytes, device_bytes], ...]
+    memory: dict = field(default_factory=dict)  # run -> [[t_s, host_bytes, device_bytes], ...] above baseline
+    details: dict = field(default_factory=dict)  # run -> the child's memory figures (baselines, VmHWM ...)
+    fixed_overhead: dict | None = None  # the codec's warm-up: {"rss", "anon", "file"} bytes
     environment: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return d
+        return asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, default=str)
 
 
-# -- measurement helpers -----------------------------------------------------------------------
-class MemorySampler:
-    """Samples host RSS (psutil) and, on CUDA, torch's allocated bytes every ``period`` seconds."""
-
-    def __init__(self, device=None, period: float = 0.01):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.period = period
-        self.cuda = device is not None and str(device).startswith("cuda")
-        self.samples: list[list[float]] = []
-        self._stop = threading.Event()
-        self._t0 = 0.0
-        self._thread = None
-
-    def _sample(self):
-        dev = 0
-        if self.cuda:
-            import torch
-
-            dev = torch.cuda.memory_allocated()
-        self.samples.append([time.perf_counter() - self._t0, self.proc.memory_info().rss, dev])
-
-    def _loop(self):
-        while not self._stop.wait(self.period):
-            self._sample()
-
-    def __enter__(self):
-        if self.cuda:
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        self._t0 = time.perf_counter()
-        self._sample()
-        self._thread = threading.Thread(target=self._loop, name="nzrt-memory-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-        return False
-
-    @property
-    def peak_host(self) -> int:
-        return int(max(s[1] for s in self.samples))
-
-    @property
-    def peak_device(self) -> int | None:
-        if not self.cuda:
-            return None
-        import torch
-
-        return int(max(max(s[2] for s in self.samples), torch.cuda.max_memory_allocated()))
-
-
-def _sync(device):
-    if device is not None and str(device).startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def run_workload(lm, inputs, *, repeats: int, gen_tokens: int, device=None) -> dict:
-    """Forward passes (the first timed apart: under the runtime it records the trace) and, for a
-    causal LM, a short greedy generation."""
-    import torch
-
-    times = []
-    with torch.no_grad():
-        for _ in range(max(repeats, 1) + 1):
-            _sync(device)
-            t = time.perf_counter()
-            if isinstance(inputs, dict):
-                lm.model(**inputs)
-            else:
-                lm.model(*inputs)
-            _sync(device)
-            times.append(time.perf_counter() - t)
-        tps = None
-        if lm.kind == "causal-lm" and gen_tokens > 0 and isinstance(inputs, dict):
-            ids = inputs["input_ids"][:, :16]
-            pad = getattr(lm.tokenizer, "eos_token_id", None) if lm.tokenizer is not None else None
-            t = time.perf_counter()
-            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_tokens,
-                                    min_new_tokens=gen_tokens, do_sample=False, pad_token_id=pad)
-            _sync(device)
-            tps = (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t)
-    # best of the repeats: other processes only ever add time (timeit's rule)
-    return {"first_ms": 1e3 * times[0], "forward_ms": 1e3 * min(times[1:]),
-            "tokens_per_s": tps}
-
-
+# -- reading the runtime's report -------------------------------------------------------------
 def _num(d: dict, *keys, default=None):
     for k in keys:
         if isinstance(d, dict) and d.get(k) is not None:
@@ -173,12 +105,13 @@ def summarize_report(rep: dict, itemsize: int = 2) -> dict:
     out["bits_per_weight"] = 8.0 * comp / (dense / itemsize) if comp and dense else None
     held = rep.get("held") or {}
     if held:
-        # what the weights need while the model runs: compressed blobs (not counting a
-        # memory-mapped file), the peak of the dense slots, parameters left uncompressed
+        # what the weights need while the model runs: compressed blobs (a memory-mapped file's
+        # by their own bytes, not the whole map), the peak of the dense slots, parameters left uncompressed
         out["weights_bytes"] = (held.get("compressed_device", 0) + held.get("compressed_host", 0)
+                                + held.get("compressed_mapped", 0)
                                 + max(held.get("dense_slots", 0), rep.get("runtime_peak_dense") or 0)
                                 + held.get("uncompressed", 0))
-        out["restore_bytes"] = held.get("restore_copies")
+        out["restore_bytes"] = held.get("restore_copies_on_disk")
     else:
         out["weights_bytes"] = None
     peaks = rep.get("peaks") or {}
@@ -217,158 +150,199 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _plain_run(lm, inputs, res, *, device, repeats, gen_tokens, mantissa_bits):
-    """The plain dense model: one row, and the reference quality when asked."""
-    import torch
+# -- running the rows, each in a child process ---------------------------------------------------
+class ChildError(RuntimeError):
+    """A profile child process that ended without a result (crashed, killed, out of memory)."""
 
-    from .evaluate import quality
 
-    had_compressed = lm.compressed is not None
-    if had_compressed:
-        lm.materialize()
-    orig_device = next(iter(lm.model.parameters())).device
-    if device != "cpu":
-        lm.model.to(device)
-    ref_quality = None
+def _child_env() -> dict:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_child(args: dict, workdir: str, timeout: float | None = None) -> dict:
+    """Run one row in ``python -m nzrt.profile_child``; its result as a dict (``"error"`` when the
+    row raised: rebuilt by ``child_error``)."""
+    tag = f"{args['mode']}-{args.get('policy') or ''}-{time.perf_counter_ns()}"
+    args = dict(args, result=os.path.join(workdir, f"result-{tag}.json"),
+                sys_path=[p for p in sys.path if p and os.path.isdir(p)])
+    arg_path = os.path.join(workdir, f"args-{tag}.json")
+    with open(arg_path, "w") as f:
+        json.dump(args, f)
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "nzrt.profile_child", arg_path], env=_child_env(),
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=timeout)
+    wall = time.perf_counter() - t
     try:
-        with MemorySampler(device) as mem:
-            w = run_workload(lm, inputs, repeats=repeats, gen_tokens=gen_tokens, device=device)
-            if mantissa_bits is not None:
-                ref_quality = quality(lm, device=device)
-    finally:
-        if device != "cpu":
-            lm.model.to(orig_device)
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-        if had_compressed:
-            # back to the meta model, so the runtime gets the memory-mapped compressed weights
-            lm.dematerialize()
-            import gc
-
-            gc.collect()
-    row = Row("plain", bits_per_weight=8.0 * (lm.dense_nbytes() / max(lm.num_params(), 1)),
-              weights_bytes=lm.dense_nbytes(), peak_device_bytes=mem.peak_device,
-              peak_host_bytes=mem.peak_host, first_forward_ms=w["first_ms"], forward_ms=w["forward_ms"],
-              tokens_per_s=w["tokens_per_s"], speed_vs_plain=1.0)
-    if ref_quality is not None:
-        row.quality = {k: v for k, v in ref_quality.items() if k != "embeddings"}
-    res.rows.append(row)
-    res.memory["plain"] = mem.samples
-    return row, ref_quality
-
-
-# -- the profile -------------------------------------------------------------------------------
-def profile(lm, *, policies=None, budget=None, device=None, mantissa_bits: int | None = None,
-            tokens: int = 128, repeats: int = 3, gen_tokens: int = 6, plain: bool = True,
-            progress: Progress | None = None) -> ProfileResult:
-    """Run ``lm`` (a models.LoadedModel) plainly, then under each policy."""
-    import torch
-
-    from . import models
-    from .evaluate import quality
-
-    device = str(device or default_device())
-    policies = list(policies or available_policies())
-    steps = int(plain) + len(policies)
-    done = 0
-
-    def tick(what):
-        nonlocal done
-        if progress:
-            progress(done, steps, what)
-
-    res = ProfileResult(model=lm.name or lm.source, device=device, params=lm.num_params(),
-                        dense_bytes=lm.dense_nbytes(), tokens=tokens, gen_tokens=gen_tokens,
-                        mantissa_bits=mantissa_bits, budget=budget)
-    res.environment = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "cores": os.cpu_count(), "backend": os.environ.get("NZRT_BACKEND"),
-                       "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    inputs = models.example_inputs(lm, tokens=tokens, device=device)
-    res.tokens = int(inputs["input_ids"].shape[1]) if isinstance(inputs, dict) and "input_ids" in inputs else 0
-
-    # plain: the dense model (a .nzrt is decoded whole for this baseline only)
-    ref_quality = None
-    plain_row = None
-    if plain:
-        tick("plain")
-        plain_row, ref_quality = _plain_run(lm, inputs, res, device=device, repeats=repeats,
-                                            gen_tokens=gen_tokens, mantissa_bits=mantissa_bits)
-    elif mantissa_bits is not None:
-        raise ValueError("--mantissa-bits measures quality against the plain model; drop --no-plain")
-    done += int(plain)
-
-    budget_errors = []
-    for policy in policies:
-        tick(str(policy))
-        row = Row(str(policy))
-        try:
-            with MemorySampler(device) as mem:
-                t = time.perf_counter()
-                with models.managed(lm, policy=policy, budget=budget, mantissa_bits=mantissa_bits,
-                                    device=device) as run:
-                    row.setup_s = time.perf_counter() - t
-                    w = run_workload(lm, inputs, repeats=repeats, gen_tokens=gen_tokens, device=device)
-                    if mantissa_bits is not None:
-                        q = quality(lm, reference=ref_quality, device=device)
-                        row.quality = {k: v for k, v in q.items() if k != "embeddings"}
-                    rep = run.report()
-            repd = json.loads(rep.to_json()) if hasattr(rep, "to_json") else dict(rep)
-            res.reports[row.run] = repd
-            s = summarize_report(repd, itemsize=lm.dtype.itemsize if lm.dtype is not None else 2)
-            row.first_forward_ms, row.forward_ms, row.tokens_per_s = w["first_ms"], w["forward_ms"], w["tokens_per_s"]
-            row.speed_vs_plain = plain_row.forward_ms / w["forward_ms"] if plain_row and w["forward_ms"] else None
-            row.bits_per_weight = _bits_per_weight(lm, repd) or s.get("bits_per_weight")
-            row.weights_bytes = s.get("weights_bytes")
-            if lm.compressed is not None:
-                # weights from a memory-mapped .nzrt: count the blobs themselves (a slice of a mapped
-                # file would otherwise be counted as the whole file's storage)
-                held = repd.get("held") or {}
-                row.weights_bytes = (sum(v.nbytes if hasattr(v, "header") else v.numel() * v.element_size()
-                                         for v in lm.compressed.values())
-                                     + max(held.get("dense_slots", 0), repd.get("runtime_peak_dense") or 0))
-            row.peak_device_bytes = s.get("peak_device_bytes") or mem.peak_device
-            row.peak_host_bytes = max(filter(None, [s.get("peak_host_bytes"), mem.peak_host]))
-            row.decode_ms, row.transfer_ms, row.stall_ms = s.get("decode_ms"), s.get("transfer_ms"), s.get("stall_ms")
-            row.plan = s.get("plan")
-            res.memory[row.run] = mem.samples
-        except Exception as e:  # a policy that does not fit the budget is a row, not a failure
-            from .policies import BudgetError
-
-            if not isinstance(e, BudgetError) and not _is_budget_error(e):
-                raise
-            row.ok, row.error = False, str(e).splitlines()[0]
-            budget_errors.append(e)
-        res.rows.append(row)
-        done += 1
-    if progress:
-        progress(done, steps, "done")
-    if budget_errors and len(budget_errors) == len(policies):
-        # nothing fits: the smallest budget any policy needs
-        raise min(budget_errors, key=lambda e: getattr(e, "needed", float("inf")))
+        with open(args["result"]) as f:
+            res = json.load(f)
+    except (OSError, ValueError):
+        tail = (p.stderr or b"").decode(errors="replace").strip().splitlines()[-15:]
+        why = f"exit code {p.returncode}" if p.returncode >= 0 else f"killed by signal {-p.returncode}"
+        if p.returncode in (-9, 137):
+            why += " (out of memory?)"
+        raise ChildError(f"the profile's {args['mode']} {args.get('policy') or ''} run ended without a "
+                         f"result ({why})" + ("; its last output:\n" + "\n".join(tail) if tail else "")) from None
+    res["wall_s"] = wall
     return res
 
 
-def _bits_per_weight(lm, rep: dict) -> float | None:
-    """Compressed bits per compressed weight, from measured blob bytes (tied weights once)."""
-    try:
-        from .runtime import DEFAULT_MIN_NUMEL
-    except ImportError:  # pragma: no cover
-        DEFAULT_MIN_NUMEL = 2048
-    params = [(n, p) for n, p in lm.model.named_parameters()
-              if p.is_floating_point() and p.numel() >= DEFAULT_MIN_NUMEL]
-    numel = sum(p.numel() for _, p in params)
-    if lm.compressed is not None:
-        blobs = sum(lm.compressed[n].nbytes for n, _ in params
-                    if n in lm.compressed and hasattr(lm.compressed[n], "header"))
+def child_error(err: dict) -> BaseException:
+    """The child's exception, rebuilt in this process (same class where it can be imported, the
+    message, ``needed`` for budget errors); its traceback is attached as a note."""
+    name, module, msg = err.get("type") or "Error", err.get("module") or "builtins", err.get("message") or ""
+    e = None
+    if name == "BudgetError":
+        from .policies import BudgetError
+
+        e = BudgetError(msg, int(err.get("needed") or 0))
     else:
-        held = rep.get("held") or {}
-        blobs = held.get("compressed_device", 0) + held.get("compressed_host", 0)
-    return 8.0 * blobs / numel if blobs and numel else None
+        try:
+            cls = getattr(importlib.import_module(module), name)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                e = cls(msg)
+        except Exception:  # noqa: BLE001 - any failure: the generic stand-in below
+            e = None
+    if e is None:
+        e = type(name, (RuntimeError,), {"__module__": module})(msg)
+    if err.get("needed") is not None and not hasattr(e, "needed"):
+        e.needed = err["needed"]
+    if err.get("traceback") and hasattr(e, "add_note"):
+        e.add_note("in the profile's child process:\n" + err["traceback"].rstrip())
+    return e
 
 
-def _is_budget_error(e: Exception) -> bool:
+def _is_budget_error(e: BaseException) -> bool:
     return type(e).__name__ == "BudgetError" or hasattr(e, "needed")
 
+
+def _fill_row(row: Row, r: dict, res: ProfileResult, plain_row: Row | None) -> None:
+    mem = r.get("memory") or {}
+    peak, steady = mem.get("peak") or {}, mem.get("steady") or {}
+    row.peak_host_bytes, row.peak_anon_bytes, row.peak_file_bytes = peak.get("rss"), peak.get("anon"), peak.get("file")
+    row.steady_host_bytes, row.steady_anon_bytes, row.steady_file_bytes = (steady.get("rss"), steady.get("anon"),
+                                                                            steady.get("file"))
+    dev = mem.get("device") or {}
+    row.peak_device_bytes = dev.get("nvml_peak") if dev.get("nvml_peak") is not None else dev.get("torch_peak")
+    row.load_s, row.setup_s, row.wall_s = r.get("load_s"), r.get("setup_s"), r.get("wall_s")
+    row.first_forward_ms, row.forward_ms = r.get("first_ms"), r.get("forward_ms")
+    row.tokens_per_s, row.prompt_tokens = r.get("tokens_per_s"), r.get("prompt_tokens")
+    out = r.get("output") or {}
+    row.exact, row.mismatches, row.output_sha256 = out.get("exact"), out.get("mismatches"), out.get("sha256")
+    if plain_row is not None and plain_row.forward_ms and row.forward_ms:
+        row.speed_vs_plain = plain_row.forward_ms / row.forward_ms
+    if r.get("quality"):
+        row.quality = r["quality"]
+    res.memory[row.run] = r.get("samples") or []
+    res.details[row.run] = dict(mem, startup_s=r.get("startup_s"), warmup=r.get("warmup"), lazy=r.get("lazy"),
+                                pid=r.get("pid"))
+    rep = r.get("report")
+    if rep:
+        res.reports[row.run] = rep
+        itemsize = {"float32": 4, "float64": 8}.get(r.get("dtype"), 2)
+        s = summarize_report(rep, itemsize=itemsize)
+        row.bits_per_weight = r.get("bits_per_weight") or s.get("bits_per_weight")
+        row.weights_bytes = s.get("weights_bytes")
+        row.decode_ms, row.transfer_ms, row.stall_ms = s.get("decode_ms"), s.get("transfer_ms"), s.get("stall_ms")
+        row.plan = s.get("plan")
+    else:  # the plain model: dense weights
+        row.bits_per_weight = 8.0 * r["dense_bytes"] / max(r["params"], 1) if r.get("params") else None
+        row.weights_bytes = r.get("dense_bytes")
+    if not res.params and r.get("params"):
+        res.model, res.params, res.dense_bytes = r.get("name") or res.model, r["params"], r.get("dense_bytes") or 0
+        res.tokens = r.get("tokens") or 0
+    if res.prompt_tokens is None:
+        res.prompt_tokens = r.get("prompt_tokens")
+
+
+# -- the profile -------------------------------------------------------------------------------
+def profile(model=None, *, dtype=None, policies=None, budget=None, device=None, mantissa_bits: int | None = None,
+            tokens: int = 128, repeats: int = 3, gen_tokens: int = 6, plain: bool = True,
+            overhead: bool = True, progress: Progress | None = None, timeout: float | None = None) -> ProfileResult:
+    """Run ``model`` plainly, then under each policy, each run in a child process of its own.
+
+    ``model``: a MODEL spec (``models.resolve``'s: a path, 'minilm', package.module:factory, None
+    for the embedded SmolLM2) or a ``models.LoadedModel`` (its ``source`` is loaded again in each
+    child). The plain row loads it as ``models.resolve(spec, dtype=dtype)`` (dense); a managed row
+    as ``nzrt.from_pretrained`` does (``resolve(..., lazy=True)`` then ``manage_loaded``).
+    ``overhead``: also measure the runtime's fixed overhead in a child of its own.
+    ``progress(done, total, what)`` is called as each run starts and as it ends.
+    """
+    spec = model
+    if model is not None and not isinstance(model, str):
+        spec = getattr(model, "source", None) or None
+        if dtype is None and getattr(model, "dtype", None) is not None:
+            dtype = str(model.dtype).removeprefix("torch.")
+    if dtype is not None and not isinstance(dtype, str):
+        dtype = str(dtype).removeprefix("torch.")
+    device = str(device or default_device())
+    policies = [str(p) for p in (policies or available_policies())]
+    if mantissa_bits is not None and not plain:
+        raise ValueError("--mantissa-bits measures quality against the plain model; drop --no-plain")
+    steps = int(plain) + len(policies) + int(overhead)
+    done = 0
+
+    def tick(what):
+        if progress:
+            progress(done, steps, what)
+
+    res = ProfileResult(model=str(spec or "SmolLM2-135M-Instruct"), device=device, params=0, dense_bytes=0,
+                        tokens=tokens, gen_tokens=gen_tokens, mantissa_bits=mantissa_bits, budget=budget)
+    import torch
+
+    res.environment = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "cores": os.cpu_count(), "backend": os.environ.get("NZRT_BACKEND"),
+                       "isolation": "one child process per run",
+                       "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    common = {"spec": spec, "dtype": dtype, "device": device, "mantissa_bits": mantissa_bits, "tokens": tokens,
+              "repeats": repeats, "gen_tokens": gen_tokens, "budget": budget}
+    with tempfile.TemporaryDirectory(prefix="nzrt-profile-") as work:
+        common["logits_path"] = os.path.join(work, "plain-output.bin")
+        common["quality_path"] = os.path.join(work, "plain-embeddings.pt")
+        plain_row = None
+        if plain:
+            tick("plain: started")
+            r = run_child(dict(common, mode="plain"), work, timeout)
+            if "error" in r:
+                raise child_error(r["error"])
+            plain_row = Row("plain", speed_vs_plain=1.0)
+            _fill_row(plain_row, r, res, None)
+            res.rows.append(plain_row)
+            done += 1
+            tick(f"plain: done in {r['wall_s']:.1f} s, peak host {_mb(plain_row.peak_host_bytes)} MiB")
+        budget_errors = []
+        for policy in policies:
+            tick(f"{policy}: started")
+            row = Row(policy)
+            r = run_child(dict(common, mode="managed", policy=policy), work, timeout)
+            if "error" in r:
+                e = child_error(r["error"])
+                if not _is_budget_error(e):  # a policy that does not fit is a row, not a failure
+                    raise e
+                row.ok, row.error = False, str(e).splitlines()[0]
+                budget_errors.append(e)
+                what = "does not fit the budget"
+            else:
+                _fill_row(row, r, res, plain_row)
+                what = (f"done in {r['wall_s']:.1f} s, peak host {_mb(row.peak_host_bytes)} MiB"
+                        + ("" if row.exact is None else f", exact {'yes' if row.exact else 'no'}"))
+            res.rows.append(row)
+            done += 1
+            tick(f"{policy}: {what}")
+        if budget_errors and len(budget_errors) == len(policies):
+            # nothing fits: the smallest budget any policy needs
+            raise min(budget_errors, key=lambda e: getattr(e, "needed", float("inf")))
+        if overhead:
+            tick("fixed overhead: started")
+            r = run_child(dict(common, mode="overhead"), work, timeout)
+            if "error" not in r:
+                res.fixed_overhead = r.get("warmup")
+            done += 1
+            tick(f"fixed overhead: {_mb((res.fixed_overhead or {}).get('rss'))} MiB")
+    return res
 
 # -- output ------------------------------------------------------------------------------------
 def _mb(n) -> str:
@@ -382,36 +356,66 @@ def _f(x, fmt="{:.1f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _exact(r: Row) -> str:
+    if r.run == "plain":
+        return "ref"
+    return "-" if r.exact is None else "yes" if r.exact else "no"
+
+
 def format_table(res: ProfileResult) -> str:
     q_head = ""
     metric = next((r.quality.get("metric") for r in res.rows if r.quality), None)
     if metric:
         q_head = f" {'ppl' if metric == 'perplexity' else 'cosine':>8}"
-    head = (f"{'run':<10} {'bits/w':>6} {'weights MiB':>11} {'peak dev MiB':>12} {'peak host MiB':>13} "
-            f"{'fwd ms':>8} {'tok/s':>6} {'decode ms':>9} {'xfer ms':>7} {'stall ms':>8} {'speed':>6}{q_head}")
+    head = (f"{'run':<12} {'bits/w':>6} {'weights':>8} {'peak dev':>8} {'peak':>7} {'anon':>7} {'file':>7} "
+            f"{'steady':>7} {'anon':>7} {'file':>7} {'fwd ms':>8} {'tok/s':>6} {'dec ms':>8} {'xfer ms':>7} "
+            f"{'stall ms':>8} {'speed':>6} {'exact':>5}{q_head}")
+    group = (f"{'':<12} {'':>6} {'MiB':>8} {'MiB':>8} {' host RSS of this run (MiB): peak | steady ':-^47}")
     title = (f"{res.model} on {res.device}: {res.params:,} parameters, {_mb(res.dense_bytes)} MiB dense; "
              + (f"forward = {res.tokens} tokens" if res.tokens else "forward = the example inputs"))
     if any(r.tokens_per_s for r in res.rows):
         title += f", tok/s = greedy generation of {res.gen_tokens} tokens"
+        if res.prompt_tokens:
+            title += f" after a {res.prompt_tokens}-token prompt"
     if res.mantissa_bits is not None:
         title += f"; mantissa bits {res.mantissa_bits}"
     if res.budget:
         title += f"; budget {res.budget}"
-    lines = [title, head, "-" * len(head)]
+    lines = [title, group, head, "-" * len(head)]
     for r in res.rows:
         if not r.ok:
-            lines.append(f"{r.run:<10} does not fit: {r.error}")
+            lines.append(f"{r.run:<12} does not fit: {r.error}")
             continue
         q = ""
         if q_head:
             v = r.quality.get("value") if r.quality else None
             q = f" {_f(v, '{:.4f}' if metric == 'cosine' else '{:.3f}'):>8}"
-        lines.append(f"{r.run:<10} {_f(r.bits_per_weight, '{:.2f}'):>6} {_mb(r.weights_bytes):>11} "
-                     f"{_mb(r.peak_device_bytes):>12} {_mb(r.peak_host_bytes):>13} {_f(r.forward_ms):>8} "
-                     f"{_f(r.tokens_per_s):>6} {_f(r.decode_ms):>9} {_f(r.transfer_ms):>7} {_f(r.stall_ms):>8} "
-                     f"{_f(r.speed_vs_plain, '{:.2f}x'):>6}{q}")
-    lines.append("fwd ms: best of the forwards after the first (which records the trace); decode/xfer/stall: "
+        lines.append(f"{r.run:<12} {_f(r.bits_per_weight, '{:.2f}'):>6} {_mb(r.weights_bytes):>8} "
+                     f"{_mb(r.peak_device_bytes):>8} {_mb(r.peak_host_bytes):>7} {_mb(r.peak_anon_bytes):>7} "
+                     f"{_mb(r.peak_file_bytes):>7} {_mb(r.steady_host_bytes):>7} {_mb(r.steady_anon_bytes):>7} "
+                     f"{_mb(r.steady_file_bytes):>7} {_f(r.forward_ms):>8} {_f(r.tokens_per_s):>6} "
+                     f"{_f(r.decode_ms):>8} {_f(r.transfer_ms):>7} {_f(r.stall_ms):>8} "
+                     f"{_f(r.speed_vs_plain, '{:.2f}x'):>6} {_exact(r):>5}{q}")
+    fo = res.fixed_overhead
+    if fo and fo.get("rss") is not None:
+        parts = ", ".join(f"{k} {_mb(fo[k])}" for k in ("anon", "file") if fo.get(k) is not None)
+        lines.append(f"runtime fixed overhead (numba + nzrt's compiled codec, once per process, in no row above): "
+                     f"{_mb(fo['rss'])} MiB RSS" + (f" ({parts})" if parts else ""))
+    lines.append("host memory: each run in its own process, minus a baseline taken there after the imports and the "
+                 "codec warm-up; peak = max of 5 ms samples and VmHWM; steady = after the run, the model loaded; "
+                 "anon = anonymous, file = file-backed pages (memory-mapped weights)")
+    if res.device.startswith("cuda"):
+        lines.append("peak dev: NVML used memory of the device above its baseline (after the CUDA context); "
+                     "torch's allocator peak where NVML is unavailable")
+    lines.append("exact: the first forward's output (logits) bit-identical to the plain run's, compared as integers; "
+                 "fwd ms: best of the forwards after the first (which records the trace); decode/xfer/stall: "
                  "summed over layers for the whole run; speed: plain forward time / this one")
+    dense_first = [run for run, d in res.details.items() if run != "plain" and d.get("lazy") is False]
+    if dense_first:
+        lines.append(f"note: {', '.join(dense_first)} loaded the model dense before compressing it (it is not read "
+                     f"tensor by tensor: a factory or a GGUF, or models.resolve(lazy=True) fell back to "
+                     f"transformers' loader); their peaks "
+                     f"include the dense weights")
     load, cores = res.environment.get("load_average_at_start"), res.environment.get("cores") or 1
     if res.device == "cpu" and load is not None and load > 0.5 * cores:
         lines.append(f"note: other work was running (load average {load:.1f} on {cores} cores): CPU timings, "

@@ -59,11 +59,12 @@ def _ok(result):
 
 
 def _err(result):
-    """One line on stderr, exit code 2, no traceback."""
+    """One line on stderr, exit code 2, no traceback (``nzrt profile``'s progress lines aside: off a
+    terminal it prints one as each run starts and ends)."""
     assert result.exit_code == 2, (result.output, result.exception)
     text = result.output.strip()
     assert "Traceback" not in text
-    lines = [ln for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("profile [")]
     assert len(lines) == 1 and lines[0].startswith("error: "), text
     return lines[0]
 
@@ -148,8 +149,12 @@ def test_budget_too_small_and_corrupted_checkpoint(tiny, tmp_path):
     data[-3000] ^= 0xFF  # inside a weight's blob
     bad = tmp_path / "bad.nzrt"
     bad.write_bytes(bytes(data))
-    for cmd in (["inspect", str(bad)], ["profile", str(bad)], ["generate", str(bad), "--prompt", "x"]):
+    for cmd in (["inspect", str(bad)], ["profile", str(bad)]):
         assert "corrupted" in _err(runner.invoke(app, cmd))
+    # generate: the blobs are verified when the runtime takes them (after the budget check); this
+    # model is no causal LM, which is found out first
+    line = _err(runner.invoke(app, ["generate", str(bad), "--prompt", "x"]))
+    assert "corrupted" in line or "not a causal language model" in line
 
 
 def test_factory_compress_inspect_profile(tiny, tmp_path):
@@ -187,6 +192,13 @@ def test_factory_compress_inspect_profile(tiny, tmp_path):
     data = json.loads(j.read_text())
     assert [r["run"] for r in data["rows"]] == ["plain", "resident", "offload"]
     assert all(r["ok"] for r in data["rows"])
+    assert [r["exact"] for r in data["rows"]] == [None, True, True]
+    assert data["fixed_overhead"]["rss"] > 0 and "runtime fixed overhead" in text
+    # not a terminal: one progress line as each run starts and ends (no bar, no carriage returns)
+    progress = [ln for ln in text.splitlines() if ln.startswith("profile [")]
+    assert progress[0] == "profile [0/4] plain: started" and progress[-1].startswith("profile [4/4] fixed overhead")
+    assert any(ln.startswith("profile [2/4] resident: done in") and "exact yes" in ln for ln in progress)
+    assert len(progress) == 8 and "\r" not in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -204,6 +216,20 @@ def test_generate_same_tokens_as_transformers(smol):
         out = _ok(res)
         assert out.startswith(want), (policy, out, want)
         assert "tokens/s" in out
+
+
+def test_generate_report_is_a_summary():
+    """--report: a summary (not a line per layer); --report-layers: the layers too."""
+    args = ["generate", "--prompt", "Hello", "--max-new-tokens", "2", "--policy", "resident"]
+    res = runner.invoke(app, args + ["--report"])
+    _ok(res)
+    err = res.stderr
+    assert "nzrt report - policy resident" in err and "compressed" in err and "decodes" in err
+    assert "stalls" in err and "peak RSS" in err and "held:" in err
+    assert len(res.output.splitlines()) < 40, res.output
+    res = runner.invoke(app, args + ["--report-layers"])
+    _ok(res)
+    assert len(res.output.splitlines()) > 60 and "layer" in res.stderr and "model.layers.0" in res.stderr
 
 
 def test_compress_load_run_bit_identical(smol, smol_nzrt):
