@@ -77,6 +77,15 @@ def _inside(maps, lo: int, hi: int) -> bool:
     return False
 
 
+def is_file_backed(tensor, maps=None) -> bool:
+    """Whether ``tensor``'s bytes lie in a file mapping (e.g. transformers' memory-mapped
+    safetensors), not in anonymous memory."""
+    if tensor is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return False
+    lo = tensor.data_ptr()
+    return _inside(file_mappings() if maps is None else maps, lo, lo + tensor.numel() * tensor.element_size())
+
+
 def release_file_pages(tensor, maps=None, *, trusted: bool = False) -> int:
     """Reclaim the whole pages of ``tensor``'s bytes if they lie in a file mapping; returns the
     bytes advised (0 when the tensor is not file-backed, on a GPU, or nothing could be done).

@@ -268,7 +268,12 @@ class Auto:
         trace = validate_inputs(trace, layers)
         costs = _costs(costs)
         if budget is None:
-            budget = Resident(1).plan(trace, layers, None, costs).peak_bytes
+            # no budget: the memory of Resident() -- its tier, no dense cache, no promotion. (A
+            # "free" budget would be spent on dense copies: on the CPU the disk tier frees the
+            # compressed bytes from the count, and a cache would fill them with dense weights.)
+            return min((_build(f"auto:resident(lookahead={k})", trace, layers, {u: Tier.DEVICE for u in layers},
+                               costs, k, 0, "min") for k in range(min(self.max_lookahead, 1) + 1)),
+                       key=lambda c: (c.est_seconds, c.peak_bytes, c.policy))
         uses: dict = {}
         for u in trace:
             uses[u] = uses.get(u, 0) + 1

@@ -121,6 +121,9 @@ def test_lossy_from_pretrained_restores_nothing_into_ram(llama_dir):
 
 def test_lossy_managed_keeps_restore_copies_on_disk_and_restores_exactly(llama_dir):
     model = _plain(llama_dir)
+    with torch.no_grad():
+        for p in model.parameters():  # in anonymous memory, not the checkpoint's file map
+            p.data = p.data.clone()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with nzrt.managed(model, policy="resident", mantissa_bits=3) as run:
         with torch.no_grad():
@@ -184,3 +187,19 @@ def test_renamed_checkpoint_keys_fall_back_to_transformers_loading(tmp_path, lla
               str(d / "model.safetensors"), metadata={"format": "pt"})
     lm = models.resolve(str(d), lazy=True)
     assert lm.compressed is None  # the fallback loaded it dense
+
+
+def test_a_memory_mapped_original_is_kept_and_given_back_without_a_copy(llama_dir):
+    """transformers maps safetensors: entry reclaims the original's file pages and keeps it;
+    exit points each parameter back at its own storage (lossy mode needs no restore file)."""
+    model = _plain(llama_dir)
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    want = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with nzrt.managed(model, policy="resident", mantissa_bits=3) as run:
+        with torch.no_grad():
+            model(_ids())
+        assert run.held_bytes()["restore_copies_on_disk"] == 0
+    for n, p in model.named_parameters():
+        assert _same(p.detach(), want[n]), n
+        if p.numel() >= 2048:
+            assert p.data_ptr() == ptrs[n], n

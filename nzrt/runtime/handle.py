@@ -290,6 +290,9 @@ class Managed:
                 raise ManagedError(f"weights[{names[0]!r}] is {src.dtype} {tuple(src.shape)}, the "
                                    f"parameter is {mp.dtype} {tuple(mp.shape)}")
             dense_src = src.detach()
+        # an original that views a memory-mapped file is kept (its pages are reclaimed below and
+        # cost nothing while managed): exit points the parameter back at it, no decode, no copy
+        keep_original = src is None and not was_meta and osmem.is_file_backed(p.detach(), self._file_maps)
         slots = []
         for i, (a, b) in enumerate(spans):
             key = f"{names[0]}#{i}" if chunked else names[0]
@@ -300,7 +303,7 @@ class Managed:
                 part = dense_src[a:b] if chunked else dense_src
                 ct = codec.compress(part, mantissa_bits=self.mantissa_bits, backend=self._cbackend(part))
                 on_disk = False
-                if lossy and not was_meta:  # the exact original, for exit: on disk, not in RAM
+                if lossy and not was_meta and not keep_original:  # the exact original: on disk, not in RAM
                     self.restore.add(key, codec.compress(part, backend=self._cbackend(part)))
             if dense_src is not None:
                 ct.verify()
@@ -324,6 +327,7 @@ class Managed:
                 set_data(p, placeholder)  # frees the dense original (when nothing else holds it)
                 p.__class__ = ManagedParameter
                 mp.active = True
+                mp.file_original = orig if keep_original else None
             except BaseException:
                 unregister(p)
                 p.__class__ = mp.orig_class
@@ -528,7 +532,9 @@ class Managed:
 
     def _restore_param(self, mp, backend) -> None:
         p = mp.param
-        if not mp.was_meta:  # a meta parameter's stand-in is dropped with the swaps
+        if mp.file_original is not None:  # its own memory-mapped storage again
+            out = mp.file_original
+        elif not mp.was_meta:  # a meta parameter's stand-in is dropped with the swaps
             out = torch.empty(mp.shape, dtype=mp.dtype, device="cpu")
             def decode(ct, buf):
                 codec.decode_into(ct, buf, backend=backend)
@@ -545,6 +551,7 @@ class Managed:
         set_data(p, out)
         p.__class__ = mp.orig_class
         mp.active = False
+        mp.file_original = None
 
     # -- report -----------------------------------------------------------------------------
     def held_bytes(self) -> dict:

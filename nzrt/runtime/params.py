@@ -29,6 +29,7 @@ class Param:
         self.active = False         # True from commit (entry) to restore (exit)
         self.binds = 0              # > 0 while its data is a dense slot (inside a forward)
         self.bind_thread = None
+        self.file_original = None   # a memory-mapped original kept to restore without a copy
 
     def bound_here(self) -> bool:
         """Inside its module's forward, in the thread running that forward."""
