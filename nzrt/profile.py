@@ -440,8 +440,8 @@ def plot(res: ProfileResult, path) -> None:
             if any(s[2] for s in samples):
                 ax.plot([s[0] for s in samples], [s[2] / 2**20 for s in samples], "--", label=f"{run} device")
     ax.set_xlabel("seconds since the run started")
-    ax.set_ylabel("MiB")
-    ax.set_title(f"{res.model} on {res.device}: memory over time")
+    ax.set_ylabel("MiB above the run's baseline")
+    ax.set_title(f"{res.model} on {res.device}: memory over time (each run in its own process)")
     ax.legend(fontsize=7, ncol=2)
     for i, run in enumerate(managed or [None]):
         ax = axes[i + 1][0]

@@ -2,8 +2,8 @@
 
 The parent (``nzrt.profile.profile``) writes the arguments as JSON and reads the result as JSON
 from the path named in them (``"result"``); nothing is read from this process's stdout. Memory
-is measured against a **baseline** taken after the imports (torch, transformers, nzrt) and the
-warm-up of nzrt's codec (a small tensor compressed and decompressed, so numba's code is loaded):
+is measured against a **baseline** taken after the imports (torch, transformers and the model's
+architecture module, nzrt) and the warm-up of nzrt's codec (a small tensor compressed and decompressed, so numba's code is loaded):
 
 * peak: the maximum over the run of the RSS (anonymous and file-backed apart), sampled every
   ~5 ms by a thread, and the kernel's own high-water mark (VmHWM, reset to the current RSS by
@@ -240,6 +240,59 @@ def _warm(device) -> None:
         torch.cuda.synchronize()
 
 
+def _model_type(spec) -> str | None:
+    """The transformers ``model_type`` of MODEL, read from its config only (no weights)."""
+    from pathlib import Path
+
+    from . import models
+
+    if spec is None or str(spec).strip().lower() in ("", "smollm2", "default"):
+        return "llama"  # SmolLM2
+    if str(spec).lower() == "minilm":
+        return "bert"
+    path = Path(spec).expanduser()
+    try:
+        if path.is_file() and path.name == "config.json":
+            path = path.parent
+        if path.is_dir() and (path / "config.json").is_file():
+            with open(path / "config.json") as f:
+                return json.load(f).get("model_type")
+        if path.is_file():
+            with open(path, "rb") as f:
+                if f.read(8) != models.NZRT_MAGIC:
+                    return None
+            from .checkpoint import load_metadata
+
+            info = load_metadata(path).get(models.MODEL_META_KEY) or {}
+            return (info.get("config") or {}).get("model_type")
+    except Exception:  # noqa: BLE001 - only a warm-up: the run itself reports a bad MODEL
+        return None
+    return None
+
+
+def _import_transformers(spec) -> None:
+    """Import transformers' model code before the baseline (for a Llama that is ~170 MiB of RSS:
+    code and module objects, the same for every run and no part of the model's memory)."""
+    import transformers
+    import transformers.generation.utils  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+
+    kind = _model_type(spec)
+    if not kind:
+        return
+    from transformers.models.auto import modeling_auto
+
+    for table in ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_MAPPING_NAMES"):
+        name = getattr(modeling_auto, table, {}).get(kind)
+        if isinstance(name, (tuple, list)):
+            name = name[0] if name else None
+        if name:
+            try:
+                getattr(transformers, name)  # imports the architecture's module
+            except Exception:  # noqa: BLE001
+                pass
+
+
 def _settle():
     gc.collect()
     osmem.trim()
@@ -255,11 +308,12 @@ def run(args: dict) -> dict:
     from . import models
 
     models._quiet_transformers()
-    import transformers  # noqa: F401
+    _import_transformers(args.get("spec"))
 
     mode, device = args["mode"], args.get("device") or "cpu"
     if args.get("threads"):
         torch.set_num_threads(int(args["threads"]))
+    dev = _Device(device)  # on a GPU the CUDA context exists before any figure: it is torch's, not nzrt's
     _settle()
     before_warm = _mem()
     _warm(device)
@@ -270,7 +324,6 @@ def run(args: dict) -> dict:
     if mode == "overhead":
         return res
 
-    dev = _Device(device)
     _settle()
     base = _mem()
     base_nvml, _ = dev.now()
