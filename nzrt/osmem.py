@@ -124,6 +124,16 @@ def trim() -> bool:
         return False
 
 
+def reset_peak() -> bool:
+    """Reset VmHWM (the peak RSS) to the current RSS (Linux >= 4.0); False where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def rss() -> dict:
     """This process's memory now, in bytes: ``rss``, ``anon``, ``file``, ``peak`` (VmHWM)."""
     keys = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "VmHWM": "peak"}

@@ -46,12 +46,9 @@ def _minus(a: dict, b: dict) -> dict:
 
 def reset_hwm() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0); False where not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    from .osmem import reset_peak
+
+    return reset_peak()
 
 
 class _Device:

@@ -80,15 +80,6 @@ class Sampler:
         self.sample()
 
 
-def _reset_hwm():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _child(args: dict) -> dict:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
@@ -111,7 +102,9 @@ def _child(args: dict) -> dict:
         from nzrt.memory import MemoryTracker
 
         nvml = MemoryTracker(torch.device("cuda"))
-    hwm_reset = _reset_hwm()
+    from nzrt.osmem import reset_peak
+
+    hwm_reset = reset_peak()
     ids = torch.randint(0, VOCAB, (1, args["tokens"]), generator=torch.Generator().manual_seed(0)).to(device)
     out = {"mode": mode}
     t_load = time.perf_counter()
