@@ -120,6 +120,12 @@ class CastWeights(Mapping):
     def __contains__(self, key):
         return key in self.inner
 
+    def mapped(self, key):
+        """The inner mapping's memory-mapped tensor, when it has the wanted dtype already."""
+        fn = getattr(self.inner, "mapped", None)
+        t = fn(key) if fn is not None else None
+        return t if t is not None and (not t.is_floating_point() or t.dtype == self.dtype) else None
+
     def __iter__(self):
         return iter(self.inner)
 

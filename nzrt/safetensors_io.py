@@ -244,6 +244,23 @@ class SafetensorsDir(Mapping):
     def __repr__(self) -> str:
         return f"SafetensorsDir({str(self.path)!r}, {len(self)} tensors, {self.total_bytes()} bytes)"
 
+    def mapped(self, name: str) -> torch.Tensor | None:
+        """``name`` memory-mapped from its file (copy-on-write, so writes never reach the file),
+        with a storage of its own bytes: only the pages read become resident (an embedding's
+        looked-up rows, say). None where the bytes are not aligned for their dtype."""
+        import numpy as np
+
+        e = self._entries[name]
+        np_dtype = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32,
+                    torch.float64: np.float64}.get(e.dtype)
+        if np_dtype is None or e.nbytes == 0 or e.begin % np.dtype(np_dtype).itemsize:
+            return None
+        arr = np.memmap(e.file, dtype=np_dtype, mode="c", offset=e.begin, shape=(e.nbytes // np.dtype(np_dtype).itemsize,))
+        t = torch.from_numpy(arr)
+        if e.dtype == torch.bfloat16:
+            t = t.view(torch.bfloat16)
+        return t.reshape(e.shape)
+
     def info(self, name: str) -> tuple[torch.dtype, tuple, int]:
         """(dtype, shape, nbytes) of ``name``, from the header only."""
         e = self._entries[name]

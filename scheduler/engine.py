@@ -237,6 +237,7 @@ class Scheduler:
         pinned = {u for u, t in tiers.items() if t == "dense"}
         pinned_keys = {k for u in pinned for k in self.units[u]}
         best: dict = {}
+        peak = [0]  # the most dense bytes held at once: the pool's cap on the CPU
 
         def count(units):
             keys = {k for u in units for k in self.units[u]} - pinned_keys
@@ -247,6 +248,7 @@ class Scheduler:
                 c[pk] = c.get(pk, 0) + 1
             for pk, n in c.items():
                 best[pk] = max(best.get(pk, 0), n)
+            peak[0] = max(peak[0], sum(self.tensors[k].dense_bytes for k in keys))
 
         if self.prefetch_enabled:
             for _ in range(2):
@@ -257,6 +259,12 @@ class Scheduler:
         else:
             for s in plan.steps:
                 count({s.unit} - pinned)
+        # on the CPU the pool holds no more than the plan's dense peak (a buffer freed there is
+        # gone at once; on a GPU a freed buffer may still be read by the other stream)
+        if not self.cuda:
+            largest = max((self.tensors[k].dense_bytes for u in self.units for k in self.units[u]
+                           if u not in pinned), default=0)
+            self.pool.cap = max(peak[0], largest)
         self.pool.reserve(best)
 
     # -- per unit -------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """SlotPool: dense buffers reused across layers, keyed by (device, dtype, numel).
 
 After the plan is known, ``reserve`` sizes the pool to the most buffers of each kind the plan
-ever holds at once and frees the rest, so the steady state allocates nothing. Buffers released
+ever holds at once and frees the rest, so the steady state allocates nothing. With a byte
+``cap`` (the plan's dense peak; the CPU sets it) the pool never holds more than that: the most
+buffers of each kind are not all needed at the same time, and keeping them all would hold more
+than the plan counts, so before an allocation would pass the cap the free buffers released
+longest ago are freed. Buffers released
 on a CUDA device carry the event after which the compute stream is done with them; the next
 writer waits on it (no host synchronisation).
 """
@@ -12,19 +16,41 @@ from collections import defaultdict
 
 class SlotPool:
     def __init__(self):
-        self._free: dict = defaultdict(list)   # key -> [(tensor, ready_event|None)]
+        self._free: dict = defaultdict(list)   # key -> [(tensor, ready_event|None, release stamp)]
         self.allocations = 0                    # buffers ever allocated
         self.allocated_bytes = 0                # bytes ever allocated
         self.held_bytes = 0                     # bytes of buffers that exist (free or in use)
         self.peak_bytes = 0
         self.in_use = 0
+        self.cap: int | None = None             # bytes held at most (free and busy), when set
+        self._stamp = 0
 
     @staticmethod
     def key(device, dtype, numel: int):
         return (str(device), dtype, int(numel))
 
+    @staticmethod
+    def _nbytes(key) -> int:
+        import torch
+        return int(key[2]) * torch.empty(0, dtype=key[1]).element_size()
+
+    def _make_room(self, need: int) -> None:
+        """Free free buffers, the one released longest ago first, until ``need`` more bytes fit
+        under the cap (or nothing free is left)."""
+        while self.cap is not None and self.held_bytes + need > self.cap:
+            oldest = None
+            for key, bufs in self._free.items():
+                for i, (_, _, stamp) in enumerate(bufs):
+                    if oldest is None or stamp < oldest[2]:
+                        oldest = (key, i, stamp)
+            if oldest is None:
+                return
+            t, _, _ = self._free[oldest[0]].pop(oldest[1])
+            self.held_bytes -= t.numel() * t.element_size()
+
     def _alloc(self, key):
         import torch
+        self._make_room(self._nbytes(key))
         device, dtype, numel = key
         with torch.inference_mode(False), torch.no_grad():
             t = torch.empty(numel, dtype=dtype, device=device)
@@ -41,12 +67,15 @@ class SlotPool:
         self.in_use += 1
         free = self._free.get(key)
         if free:
-            return free.pop()
+            t, ev, _ = free.pop()
+            return t, ev
         return self._alloc(key), None
 
     def release(self, key, tensor, event=None) -> None:
         self.in_use -= 1
-        self._free[key].append((tensor, event))
+        self._stamp += 1
+        self._free[key].append((tensor, event, self._stamp))
+        self._make_room(0)  # over the cap (the busy buffers exceeded it): give free ones back
 
     def reserve(self, counts: dict) -> None:
         """Hold exactly ``counts[key]`` free-or-busy buffers of each kind the plan uses: allocate
@@ -54,17 +83,19 @@ class SlotPool:
         for key, bufs in list(self._free.items()):
             keep = counts.get(key, 0)
             while len(bufs) > keep:
-                t, _ = bufs.pop()
+                t, _, _ = bufs.pop()
                 self.held_bytes -= t.numel() * t.element_size()
-        for key, n in counts.items():
-            while len(self._free[key]) < n:
-                self._free[key].append((self._alloc(key), None))
+        for key, n in counts.items():  # under a cap: only what fits now, the rest when needed
+            while len(self._free[key]) < n and (self.cap is None or
+                                                self.held_bytes + self._nbytes(key) <= self.cap):
+                self._stamp += 1
+                self._free[key].append((self._alloc(key), None, self._stamp))
 
     def free_count(self) -> int:
         return sum(len(v) for v in self._free.values())
 
     def clear(self) -> None:
         for bufs in self._free.values():
-            for t, _ in bufs:
+            for t, _, _ in bufs:
                 self.held_bytes -= t.numel() * t.element_size()
         self._free.clear()

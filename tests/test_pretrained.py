@@ -203,3 +203,29 @@ def test_a_memory_mapped_original_is_kept_and_given_back_without_a_copy(llama_di
         assert _same(p.detach(), want[n]), n
         if p.numel() >= 2048:
             assert p.data_ptr() == ptrs[n], n
+
+
+def test_a_lookup_only_embedding_stays_in_its_file_map_on_the_cpu(tmp_path):
+    """Only the looked-up rows' pages are ever read, as with plain PyTorch; compressing it would
+    hold all of it. A tied embedding (also the head, a GEMM) is compressed as usual."""
+    from nzrt import osmem
+
+    for tied in (False, True):
+        d = _save_llama(tmp_path / f"m{tied}", tied=tied)
+        model = nzrt.from_pretrained(d)
+        try:
+            run = handle_of(model)
+            emb = model.model.embed_tokens.weight
+            if tied:
+                assert run.kept_mapped == [] and type(emb).__name__ == "ManagedParameter"
+            else:
+                assert run.kept_mapped == ["model.embed_tokens.weight"]
+                assert type(emb) is torch.nn.Parameter and osmem.is_file_backed(emb.detach())
+            ids = _ids()
+            with torch.no_grad():
+                got = model(ids).logits
+            plain = _plain(d)
+            with torch.no_grad():
+                assert _same(got, plain(ids).logits)
+        finally:
+            nzrt.release(model)

@@ -84,6 +84,7 @@ class Managed:
         self._tier_now: dict = {}
         self.device = torch.device("cpu")
         self._file_maps = None        # file-backed address ranges at entry (osmem.file_mappings)
+        self.kept_mapped: list = []   # lookup-only embeddings left dense in their file map
         self._from_disk: set = set()  # id(CompressedTensor) of blobs read from their file each time
         self.weights_dense_bytes = 0
         self.weights_compressed_bytes = 0
@@ -247,6 +248,19 @@ class Managed:
                 raise ManagedError(f"weights[{src_name!r}] is {src.dtype} {tuple(src.shape)}, the "
                                    f"parameter is {p.dtype} {tuple(p.shape)}")
             compressible = True
+        # a lookup-only embedding that lies in a file map stays there on the CPU: a lookup reads
+        # only its rows' pages, so it costs what plain PyTorch pays; compressed, it would be held whole
+        keep_mapped = compressible and dev.type == "cpu" and not isinstance(src, CompressedTensor) and \
+            chunkable_embedding(tuple(p.shape), p.element_size(), owners, self.chunk_bytes)
+        if keep_mapped and is_meta:
+            finder = getattr(self.weights, "mapped", None)
+            mapped = finder(src_name) if finder is not None else None
+            if mapped is not None and tuple(mapped.shape) == tuple(p.shape) and mapped.dtype == p.dtype:
+                src, compressible = mapped, False
+                self.kept_mapped.append(names[0])
+        elif keep_mapped and osmem.is_file_backed(p.detach(), self._file_maps):
+            self.kept_mapped.append(names[0])
+            return
         if is_meta:
             # a meta parameter cannot take data of another device in place: a new Parameter
             # stands in for it in every module that owns it, the meta one comes back on exit

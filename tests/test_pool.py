@@ -1,0 +1,79 @@
+"""SlotPool invariants on fake timelines: reuse without a cap; under a cap, never more bytes held
+than max(cap, bytes in use), and the buffer released longest ago goes first."""
+import random
+
+import pytest
+import torch
+
+from nzrt.scheduler.pool import SlotPool
+
+KEYS = [SlotPool.key("cpu", torch.bfloat16, n) for n in (1, 1000, 4096, 65536)]
+
+
+def _nbytes(key):
+    return key[2] * 2
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("cap", [None, 1, 70000, 140000, 10 ** 9], ids=lambda c: f"cap={c}")
+def test_random_timelines_respect_the_cap(seed, cap):
+    rng = random.Random(seed)
+    pool = SlotPool()
+    pool.cap = cap
+    busy = []  # (key, tensor)
+    for _ in range(300):
+        if busy and rng.random() < 0.5:
+            key, t = busy.pop(rng.randrange(len(busy)))
+            pool.release(key, t)
+        else:
+            key = rng.choice(KEYS)
+            t, ev = pool.acquire(key)
+            assert ev is None and t.numel() == key[2] and t.dtype == key[1]
+            assert all(t.data_ptr() != b.data_ptr() for _, b in busy)  # never handed out twice
+            busy.append((key, t))
+        in_use = sum(_nbytes(k) for k, _ in busy)
+        assert pool.in_use == len(busy)
+        if cap is not None:
+            # at most one allocation beyond the cap: the one that nothing free could make room for
+            assert pool.held_bytes <= max(cap, in_use), (pool.held_bytes, cap, in_use)
+        assert pool.held_bytes >= in_use
+
+
+def test_without_a_cap_a_repeating_timeline_allocates_nothing_after_the_first_pass():
+    pool = SlotPool()
+    timeline = [KEYS[3], KEYS[2], KEYS[3], KEYS[1]]
+    for rep in range(3):
+        before = pool.allocations
+        for key in timeline:
+            t, _ = pool.acquire(key)
+            pool.release(key, t)
+        if rep:
+            assert pool.allocations == before
+
+
+def test_under_a_cap_the_oldest_free_buffer_is_freed_first():
+    pool = SlotPool()
+    a, _ = pool.acquire(KEYS[2])
+    b, _ = pool.acquire(KEYS[1])
+    pool.release(KEYS[2], a)  # released first: freed first
+    pool.release(KEYS[1], b)
+    pool.cap = _nbytes(KEYS[2]) + _nbytes(KEYS[1])
+    pool.acquire(KEYS[3])  # needs room: both go (a first), then the allocation
+    assert pool.free_count() == 0 and pool.held_bytes == _nbytes(KEYS[3])
+    pool2 = SlotPool()
+    a, _ = pool2.acquire(KEYS[2])
+    b, _ = pool2.acquire(KEYS[1])
+    pool2.release(KEYS[2], a)
+    pool2.release(KEYS[1], b)
+    pool2.cap = _nbytes(KEYS[1]) + _nbytes(KEYS[1])
+    pool2.acquire(KEYS[1])  # reuses b, allocates nothing
+    assert pool2.allocations == 2
+    pool2.acquire(KEYS[1])  # needs 2000 more bytes: frees a (the oldest, 8192), not b
+    assert pool2.free_count() == 0 and pool2.held_bytes == 2 * _nbytes(KEYS[1])
+
+
+def test_reserve_under_a_cap_allocates_only_what_fits():
+    pool = SlotPool()
+    pool.cap = _nbytes(KEYS[3])
+    pool.reserve({KEYS[3]: 1, KEYS[2]: 2})
+    assert pool.held_bytes <= pool.cap
