@@ -148,6 +148,8 @@ class Scheduler:
         self.prefetch_enabled = prefetch
         self.pool = SlotPool()
         self.stage_pool = SlotPool()  # compressed staging buffers for host/disk tiers on CUDA
+        if self.device.type != "cuda":  # before a plan: one unit at a time (on demand), so its size
+            self.pool.cap = self._largest_unit_bytes()
         self.store: dict = {}         # key -> _Dense
         self.held: set = set()        # units the scheduler holds dense (by plan or on demand)
         self.stats = {u: UnitStats() for u in units}
@@ -227,6 +229,10 @@ class Scheduler:
         else:
             self.mode = RECORD  # nothing ran in that pass: trace the next one
 
+    def _largest_unit_bytes(self, skip=()) -> int:
+        return max((sum(self.tensors[k].dense_bytes for k in keys) for u, keys in self.units.items()
+                    if u not in skip), default=0)
+
     def _reserve(self, plan) -> None:
         """Size the pool from the plan: the most buffers of each kind held at once."""
         if self.cuda:  # buffers about to be freed may still be written by the side stream
@@ -262,9 +268,7 @@ class Scheduler:
         # on the CPU the pool holds no more than the plan's dense peak (a buffer freed there is
         # gone at once; on a GPU a freed buffer may still be read by the other stream)
         if not self.cuda:
-            largest = max((self.tensors[k].dense_bytes for u in self.units for k in self.units[u]
-                           if u not in pinned), default=0)
-            self.pool.cap = max(peak[0], largest)
+            self.pool.cap = max(peak[0], self._largest_unit_bytes(skip=pinned))
         self.pool.reserve(best)
 
     # -- per unit -------------------------------------------------------------------------------

@@ -14,6 +14,21 @@ from __future__ import annotations
 from collections import defaultdict
 
 
+_OWN_MAP_BYTES = 1 << 20
+
+
+def _mapped_buffer(numel: int, dtype):
+    """A CPU buffer in an anonymous memory map of its own: freeing it unmaps it, so the memory
+    goes back to the operating system at once (from malloc, glibc would keep it in its arenas
+    and a pool that frees buffers to stay under its cap would not shrink the process)."""
+    import mmap
+
+    import torch
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(m, dtype=dtype, count=numel)  # the tensor keeps the map alive
+
+
 class SlotPool:
     def __init__(self):
         self._free: dict = defaultdict(list)   # key -> [(tensor, ready_event|None, release stamp)]
@@ -53,7 +68,10 @@ class SlotPool:
         self._make_room(self._nbytes(key))
         device, dtype, numel = key
         with torch.inference_mode(False), torch.no_grad():
-            t = torch.empty(numel, dtype=dtype, device=device)
+            if device == "cpu" and self._nbytes(key) >= _OWN_MAP_BYTES:
+                t = _mapped_buffer(numel, dtype)
+            else:
+                t = torch.empty(numel, dtype=dtype, device=device)
         nbytes = t.numel() * t.element_size()
         self.allocations += 1
         self.allocated_bytes += nbytes

@@ -14,8 +14,8 @@ into --workdir), one child process per row:
                compressed size: the disk tier)
 and `nzrt compress dir out.nzrt` (streaming).
 
-Every child imports torch, transformers and nzrt and loads nzrt's CPU codec (a small compress and
-decompress) before its baseline; that fixed cost is measured once on its own line. Peak RSS is
+Every child imports torch, transformers (with the Llama modelling and generation code) and nzrt
+and loads nzrt's CPU codec (a small compress and decompress) before its baseline; that fixed cost is measured once on its own line. Peak RSS is
 the growth over the baseline (VmHWM reset through /proc/self/clear_refs, plus a 5 ms sampler for
 anonymous and file-backed apart); steady RSS is after the run. Each row runs a 64-token forward
 (its logits' int16 view is hashed: exact = same hash as plain) and a short greedy generate().
@@ -87,6 +87,9 @@ def _child(args: dict) -> dict:
 
     import nzrt
     from nzrt.osmem import rss
+
+    import transformers.generation.utils  # noqa: F401  (imports, not model memory: in the baseline,
+    import transformers.models.llama.modeling_llama  # noqa: F401  as nzrt profile does, ~170 MiB)
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
