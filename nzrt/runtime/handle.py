@@ -15,6 +15,7 @@ from ..budget import parse_budget
 from ..format import CompressedTensor
 from ..memory import MemoryTracker
 from ..policies import get_policy
+from ..rowchunks import RowChunks
 from ..scheduler import Scheduler, TensorSlot
 from . import accounting, placement
 from .embedding import chunked_embedding_forward
@@ -243,14 +244,14 @@ class Managed:
         compressible = large_float and type(p) is nn.Parameter
         if large_float and not compressible and not is_meta:
             self.warnings.append(f"{names[0]!r} is a {type(p).__name__}, not a plain nn.Parameter: kept dense")
-        if isinstance(src, CompressedTensor):
+        if isinstance(src, (CompressedTensor, RowChunks)):
             if tuple(src.shape) != tuple(p.shape) or src.dtype != p.dtype:
                 raise ManagedError(f"weights[{src_name!r}] is {src.dtype} {tuple(src.shape)}, the "
                                    f"parameter is {p.dtype} {tuple(p.shape)}")
             compressible = True
         # a lookup-only embedding that lies in a file map stays there on the CPU: a lookup reads
         # only its rows' pages, so it costs what plain PyTorch pays; compressed, it would be held whole
-        keep_mapped = compressible and dev.type == "cpu" and not isinstance(src, CompressedTensor) and \
+        keep_mapped = compressible and dev.type == "cpu" and not isinstance(src, (CompressedTensor, RowChunks)) and \
             chunkable_embedding(tuple(p.shape), p.element_size(), owners, self.chunk_bytes)
         if keep_mapped and is_meta:
             finder = getattr(self.weights, "mapped", None)
@@ -292,10 +293,14 @@ class Managed:
         itemsize = p.element_size()
         # a CompressedTensor given by the caller (e.g. memory-mapped by nzrt.load) is used as it is:
         # re-chunking it would decode it and hold the new chunks in RAM, off the file
-        chunked = not isinstance(src, CompressedTensor) and \
-            chunkable_embedding(mp.shape, itemsize, owners, self.chunk_bytes)
-        spans = chunk_spans(mp.shape, itemsize, self.chunk_bytes) if chunked else \
-            [(0, mp.shape[0] if mp.shape else 0)]
+        lookup_only = chunkable_embedding(mp.shape, itemsize, owners, self.chunk_bytes or 1)
+        if isinstance(src, RowChunks) and not lookup_only:  # a GEMM needs the weight whole
+            src = src.decompress(backend=self.backend)
+        given = src.parts if isinstance(src, RowChunks) else None  # stored as row chunks (.nzrt)
+        chunked = given is not None or (not isinstance(src, CompressedTensor) and
+                                        chunkable_embedding(mp.shape, itemsize, owners, self.chunk_bytes))
+        spans = src.spans if given is not None else chunk_spans(mp.shape, itemsize, self.chunk_bytes) \
+            if chunked else [(0, mp.shape[0] if mp.shape else 0)]
         dense_src = None
         if src is None:
             dense_src = p.detach()
@@ -311,7 +316,7 @@ class Managed:
         for i, (a, b) in enumerate(spans):
             key = f"{names[0]}#{i}" if chunked else names[0]
             if dense_src is None:  # given by the caller (e.g. nzrt.load's memory map)
-                ct = src
+                ct = given[i] if given is not None else src
                 on_disk = accounting.is_mapped(ct)
             else:
                 part = dense_src[a:b] if chunked else dense_src
@@ -447,6 +452,11 @@ class Managed:
         # blobs read straight from a memory-mapped file (disk tier): ids of their CompressedTensors
         self._from_disk = {id(s.ct) for k, s in self.tensors.items()
                            if self._tier_now.get(k) == "disk" and s.on_disk and s.ct.device.type == "cpu"}
+        # a lookup-only embedding's row chunks in a file are read from it each time, whatever the
+        # tier: ids fall all over the table, so their pages would soon hold all of it, where plain
+        # PyTorch keeps only the rows it read
+        self._from_disk |= {id(self.tensors[k].ct) for mp in self.params if mp.chunked for k in mp.keys
+                            if self.tensors[k].on_disk and self.tensors[k].ct.device.type == "cpu"}
 
     # -- detach -----------------------------------------------------------------------------
     def detach(self) -> None:
@@ -619,6 +629,8 @@ def _check_mantissa_bits(k):
 def _dense_from(src, like, device, name) -> torch.Tensor:
     if isinstance(src, CompressedTensor):
         src = codec.decompress(src)
+    elif isinstance(src, RowChunks):
+        src = src.decompress()
     if not isinstance(src, torch.Tensor):
         raise ManagedError(f"weights[{name!r}] is a {type(src).__name__}, not a tensor or CompressedTensor")
     if tuple(src.shape) != tuple(like.shape) or src.dtype != like.dtype:
