@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import rowchunks
+from . import osmem, rowchunks
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED = {
@@ -891,6 +891,7 @@ def compress_transformers_dir(path, out, *, mantissa_bits: int | None = None,
             dense_bytes += p.numel() * p.element_size()
             done += p.numel()
             del ct, t
+            osmem.trim()  # the tensor and its temporaries leave the process, not glibc's arenas
             if progress:
                 progress(done, total, name)
         for name, b in buffers.items():  # persistent ones from the checkpoint, the rest as built

@@ -1,11 +1,11 @@
 """SlotPool: dense buffers reused across layers, keyed by (device, dtype, numel).
 
 After the plan is known, ``reserve`` sizes the pool to the most buffers of each kind the plan
-ever holds at once and frees the rest, so the steady state allocates nothing. With a byte
+ever holds at once and frees the rest, so without a cap the steady state allocates nothing. With a byte
 ``cap`` (the plan's dense peak; the CPU sets it) the pool never holds more than that: the most
 buffers of each kind are not all needed at the same time, and keeping them all would hold more
-than the plan counts, so before an allocation would pass the cap the free buffers released
-longest ago are freed. Buffers released
+than the plan counts, so before an allocation would pass the cap free buffers (the largest
+first) are freed, and a pass re-makes a few buffers (measured: about one per kind). Buffers released
 on a CUDA device carry the event after which the compute stream is done with them; the next
 writer waits on it (no host synchronisation).
 """
@@ -50,17 +50,20 @@ class SlotPool:
         return int(key[2]) * torch.empty(0, dtype=key[1]).element_size()
 
     def _make_room(self, need: int) -> None:
-        """Free free buffers, the one released longest ago first, until ``need`` more bytes fit
-        under the cap (or nothing free is left)."""
+        """Free free buffers, the largest first (then the one released longest ago), until
+        ``need`` more bytes fit under the cap (or nothing free is left). Largest first: the
+        large kinds are few (an output head) and the small ones many and soon needed again, so
+        this frees the fewest buffers and re-makes the fewest later."""
         while self.cap is not None and self.held_bytes + need > self.cap:
-            oldest = None
+            best = None
             for key, bufs in self._free.items():
-                for i, (_, _, stamp) in enumerate(bufs):
-                    if oldest is None or stamp < oldest[2]:
-                        oldest = (key, i, stamp)
-            if oldest is None:
+                for i, (t, _, stamp) in enumerate(bufs):
+                    rank = (-t.numel() * t.element_size(), stamp)
+                    if best is None or rank < best[2]:
+                        best = (key, i, rank)
+            if best is None:
                 return
-            t, _, _ = self._free[oldest[0]].pop(oldest[1])
+            t, _, _ = self._free[best[0]].pop(best[1])
             self.held_bytes -= t.numel() * t.element_size()
 
     def _alloc(self, key):

@@ -1,5 +1,5 @@
 """SlotPool invariants on fake timelines: reuse without a cap; under a cap, never more bytes held
-than max(cap, bytes in use), and the buffer released longest ago goes first."""
+than max(cap, bytes in use), and the largest free buffer goes first."""
 import random
 
 import pytest
@@ -51,25 +51,18 @@ def test_without_a_cap_a_repeating_timeline_allocates_nothing_after_the_first_pa
             assert pool.allocations == before
 
 
-def test_under_a_cap_the_oldest_free_buffer_is_freed_first():
+def test_under_a_cap_the_largest_free_buffer_is_freed_first():
     pool = SlotPool()
-    a, _ = pool.acquire(KEYS[2])
-    b, _ = pool.acquire(KEYS[1])
-    pool.release(KEYS[2], a)  # released first: freed first
-    pool.release(KEYS[1], b)
+    a, _ = pool.acquire(KEYS[2])   # 8192 bytes
+    b, _ = pool.acquire(KEYS[1])   # 2000 bytes
+    pool.release(KEYS[1], b)       # released first, but smaller
+    pool.release(KEYS[2], a)
     pool.cap = _nbytes(KEYS[2]) + _nbytes(KEYS[1])
-    pool.acquire(KEYS[3])  # needs room: both go (a first), then the allocation
-    assert pool.free_count() == 0 and pool.held_bytes == _nbytes(KEYS[3])
-    pool2 = SlotPool()
-    a, _ = pool2.acquire(KEYS[2])
-    b, _ = pool2.acquire(KEYS[1])
-    pool2.release(KEYS[2], a)
-    pool2.release(KEYS[1], b)
-    pool2.cap = _nbytes(KEYS[1]) + _nbytes(KEYS[1])
-    pool2.acquire(KEYS[1])  # reuses b, allocates nothing
-    assert pool2.allocations == 2
-    pool2.acquire(KEYS[1])  # needs 2000 more bytes: frees a (the oldest, 8192), not b
-    assert pool2.free_count() == 0 and pool2.held_bytes == 2 * _nbytes(KEYS[1])
+    pool.acquire(KEYS[1])          # reuses b: nothing allocated, nothing freed
+    assert pool.allocations == 2 and pool.held_bytes == pool.cap
+    pool.acquire(KEYS[1])          # 2000 more bytes: a (the largest free) goes, not more
+    assert pool.allocations == 3 and pool.free_count() == 0
+    assert pool.held_bytes == 2 * _nbytes(KEYS[1])
 
 
 def test_reserve_under_a_cap_allocates_only_what_fits():

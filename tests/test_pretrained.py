@@ -272,3 +272,22 @@ def test_a_lookup_only_embedding_is_stored_in_row_chunks_and_read_chunk_by_chunk
     nzrt.save(broken, dict(entries), meta)
     with pytest.raises(FormatError, match="row chunks"):
         models.resolve(str(broken))
+
+
+def test_from_pretrained_gguf_matches_the_dense_model_it_compresses():
+    """A GGUF goes through transformers (de-quantized, dense) and is compressed on entry."""
+    path = models.package_dir(models.EMBEDDED["smollm2"][0]) / models.SMOLLM2_GGUF
+    plain = models.load_gguf(path).model
+    ids = torch.randint(0, 49152, (1, TOKENS), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = plain(ids).logits
+    del plain
+    model = nzrt.from_pretrained(path)
+    try:
+        assert handle_of(model) is not None and nzrt.report(model).weights_compressed_bytes > 0
+        with torch.no_grad():
+            assert _same(model(ids).logits, want)
+    finally:
+        nzrt.release(model)
+    # a loaded model gets its dense weights back (not the meta device)
+    assert all(p.device.type == "cpu" for p in model.parameters())

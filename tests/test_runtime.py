@@ -175,7 +175,11 @@ def test_smollm_bf16_resident_identical_generate_and_memory(smollm):
         assert held["dense_slots"] < 1.2 * head, held
         assert total - held["dense_slots"] <= 0.70 * plain_bytes, (total / plain_bytes, held)
         rep = run.report()
-        assert rep.pool_allocations <= 16  # the slot pool was sized once, not per layer
+        # not per layer (212 steps a pass): on the CPU the pool stays under the plan's dense peak
+        # by freeing and re-making a few buffers a pass (about one per kind)
+        kinds = len({(t.dtype, t.numel) for t in run.tensors.values()})
+        assert rep.pool_allocations <= 16 + 2 * kinds * (rep.passes + 1), (rep.pool_allocations, kinds, rep.passes)
+        assert run.scheduler.pool.held_bytes <= run.scheduler.pool.cap
     assert_restored(model, snap)
     assert "nzrt report" in str(rep)
 
@@ -415,10 +419,14 @@ def test_report_contents(llama):
     with nzrt.managed(llama, policy="resident", chunk_bytes=SMALL_CHUNKS) as run:
         with torch.inference_mode():
             llama(ids_for(1000))  # traced; the plan sizes the slot pool
-            allocs = run.scheduler.pool.allocations
+            allocated = run.scheduler.pool.allocated_bytes
             for _ in range(4):
                 llama(ids_for(1000))
-        assert run.scheduler.pool.allocations == allocs  # steady state: no allocation per layer
+        # steady state: no allocation per layer; on the CPU the pool stays under the plan's dense
+        # peak by freeing and re-making buffers: at most twice that peak in bytes a pass
+        pool = run.scheduler.pool
+        assert pool.held_bytes <= pool.cap
+        assert (pool.allocated_bytes - allocated) <= 4 * 2 * pool.cap, (pool.allocated_bytes - allocated, pool.cap)
         rep = run.report()
     import json
     d = json.loads(rep.to_json())
