@@ -142,7 +142,11 @@ def _swap_parameters(model, replace: dict) -> None:
 def _quiet_transformers():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    import transformers
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError("loading a model by path needs transformers: pip install 'nzrt[hf]' "
+                         "(or pip install transformers gguf)") from None
 
     transformers.utils.logging.set_verbosity_error()
     try:
