@@ -78,15 +78,17 @@ class Report:
         kw.setdefault("indent", 2)
         return json.dumps(self.to_dict(), **kw)
 
+    def _head(self) -> list:
+        return [f"nzrt report - policy {self.policy} on {self.device}"
+                + (f", mantissa_bits={self.mantissa_bits}" if self.mantissa_bits is not None else ", lossless"),
+                f"  plan: {self.plan or '-'}"]
+
     def summary(self) -> str:
         """A few lines: policy, plan, compressed vs dense bytes, bytes held, decodes, stalls, peaks
         (``str(report)`` adds a line per layer)."""
         t = self.totals()
         h = self.held or {}
-        lines = [
-            f"nzrt report - policy {self.policy} on {self.device}"
-            + (f", mantissa_bits={self.mantissa_bits}" if self.mantissa_bits is not None else ", lossless"),
-            f"  plan: {self.plan or '-'}",
+        lines = self._head() + [
             f"  weights {format_bytes(t['dense_bytes'])} dense -> {format_bytes(t['compressed_bytes'])} compressed "
             f"({100 * t['ratio']:.1f}%) in {t['layers']} layers; {format_bytes(self.fixed_bytes)} left "
             f"uncompressed; budget {format_bytes(self.budget)}",
@@ -129,10 +131,7 @@ class Report:
 
     def __str__(self) -> str:
         t = self.totals()
-        lines = [
-            f"nzrt report - policy {self.policy} on {self.device}"
-            + (f", mantissa_bits={self.mantissa_bits}" if self.mantissa_bits is not None else ", lossless"),
-            f"  plan: {self.plan or '-'}",
+        lines = self._head() + [
             f"  budget {format_bytes(self.budget)}; weights {format_bytes(t['dense_bytes'])} dense -> "
             f"{format_bytes(t['compressed_bytes'])} compressed ({100 * t['ratio']:.1f}%); "
             f"{format_bytes(self.fixed_bytes)} left uncompressed",

@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS from /proc")
@@ -63,19 +62,14 @@ CHILD = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rss") / "llama"
-    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                                   num_attention_heads=16, num_key_value_heads=4, vocab_size=4096,
-                                   tie_word_embeddings=False, max_position_embeddings=512)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        m = transformers.LlamaForCausalLM(cfg)
-    m = m.to_empty(device="cpu").to(torch.bfloat16)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.02) if p.dim() >= 2 else p.fill_(1.0)
-    m.save_pretrained(str(d))
-    return d
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_memory", Path(__file__).resolve().parents[1] / "tools" / "bench_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.save_llama(tmp_path_factory.mktemp("rss") / "llama", 1024, 2816, 8, vocab=4096)
 
 
 def _child(mode, path):

@@ -186,13 +186,17 @@ def _run_child(args: dict) -> dict:
 def make_model(where: Path, size: str) -> Path:
     if (where / "config.json").is_file():
         return where
+    return save_llama(where, *SIZES[size], vocab=VOCAB)
+
+
+def save_llama(where: Path, h: int, inter: int, layers: int, *, vocab: int = VOCAB) -> Path:
+    """A Llama with std-0.02 bf16 weights (untied head) written with save_pretrained."""
     import torch
     import transformers
 
-    h, inter, layers = SIZES[size]
     cfg = transformers.LlamaConfig(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
                                    num_attention_heads=h // 64, num_key_value_heads=max(1, h // 256),
-                                   vocab_size=VOCAB, tie_word_embeddings=False, max_position_embeddings=2048)
+                                   vocab_size=vocab, tie_word_embeddings=False, max_position_embeddings=2048)
     torch.manual_seed(0)
     with torch.device("meta"):
         m = transformers.LlamaForCausalLM(cfg)
