@@ -211,6 +211,11 @@ class Injector:
 
 def inject(policy, exc_name):
     exc = {"KeyboardInterrupt": KeyboardInterrupt, "MemoryError": MemoryError, "SIGINT": "SIGINT"}[exc_name]
+    if exc == "SIGINT":
+        # Ctrl-C as an interactive Python has it: a process started in the background by a
+        # non-interactive shell inherits SIGINT ignored, and then no KeyboardInterrupt ever comes
+        import signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     torch.manual_seed(0)
     m = llama()
     # a large embedding so entry compresses it in several row chunks
