@@ -44,14 +44,7 @@ def _minus(a: dict, b: dict) -> dict:
             for k in ("rss", "anon", "file")}
 
 
-def reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not permitted."""
-    from .osmem import reset_peak
-
-    return reset_peak()
-
-
-class _Device:
+class DeviceMemory:
     """Device memory now: NVML's used bytes (the device torch runs on) and torch's allocator."""
 
     def __init__(self, device):
@@ -90,7 +83,7 @@ class _Device:
 class Sampler:
     """A thread that reads the RSS (and device memory) every ``period`` seconds; peaks of each."""
 
-    def __init__(self, dev: _Device, period: float = SAMPLE_PERIOD_S):
+    def __init__(self, dev: DeviceMemory, period: float = SAMPLE_PERIOD_S):
         self.dev, self.period = dev, period
         self.samples: list = []  # [t_s, rss, anon, file, nvml_used, torch_allocated]
         self.peak = {"rss": 0, "anon": 0, "file": 0, "nvml": None, "torch": None}
@@ -158,12 +151,12 @@ def int_view(t):
     return t
 
 
-def _sync(dev: _Device):
+def _sync(dev: DeviceMemory):
     if dev.cuda:
         dev.torch.cuda.synchronize(dev.device)
 
 
-def workload(lm, inputs, *, repeats: int, gen_tokens: int, dev: _Device) -> dict:
+def workload(lm, inputs, *, repeats: int, gen_tokens: int, dev: DeviceMemory) -> dict:
     """Forward passes (the first timed apart: under the runtime it records the trace), the first
     forward's output kept for the bit-identity check, and for a causal LM a short greedy generation."""
     import torch
@@ -310,7 +303,7 @@ def run(args: dict) -> dict:
     mode, device = args["mode"], args.get("device") or "cpu"
     if args.get("threads"):
         torch.set_num_threads(int(args["threads"]))
-    dev = _Device(device)  # on a GPU the CUDA context exists before any figure: it is torch's, not nzrt's
+    dev = DeviceMemory(device)  # on a GPU the CUDA context exists before any figure: it is torch's, not nzrt's
     _settle()
     before_warm = _mem()
     _warm(device)
@@ -324,7 +317,7 @@ def run(args: dict) -> dict:
     _settle()
     base = _mem()
     base_nvml, _ = dev.now()
-    hwm_ok = reset_hwm()
+    hwm_ok = osmem.reset_peak()
     dev.reset_peak()
     sampler = Sampler(dev)
     sampler.start()

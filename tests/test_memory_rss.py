@@ -15,21 +15,18 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RS
 MiB = 2 ** 20
 
 CHILD = textwrap.dedent("""
-    import hashlib, json, os, sys, threading, time
+    import hashlib, json, os, sys
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     import torch, transformers, nzrt
     import transformers.models.llama.modeling_llama, transformers.generation.utils
     from nzrt.osmem import rss, reset_peak
+    from nzrt.profile_child import DeviceMemory, Sampler
     transformers.utils.logging.disable_progress_bar()
     nzrt.decompress(nzrt.compress(torch.randn(1 << 16).to(torch.bfloat16)))
     mode, path = sys.argv[1], sys.argv[2]
+    sampler = Sampler(DeviceMemory("cpu"))
     base = rss(); reset_peak()
-    peak = [0]
-    stop = threading.Event()
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss()["rss"]); time.sleep(0.004)
-    threading.Thread(target=sample, daemon=True).start()
+    sampler.start()
     ids = torch.randint(0, 4096, (1, 64), generator=torch.Generator().manual_seed(0))
     out = {}
     if mode == "from_pretrained":
@@ -53,8 +50,8 @@ CHILD = textwrap.dedent("""
         run.detach()
         out["after_exit"] = rss()["rss"] - base["rss"]
     m.generate(ids[:, :8], max_new_tokens=4, do_sample=False)
-    stop.set(); time.sleep(0.01)
-    out["peak"] = max(peak[0], rss()["peak"]) - base["rss"]
+    sampler.stop()
+    out["peak"] = max(sampler.peak["rss"], rss()["peak"]) - base["rss"]
     out["hash"] = hashlib.sha256(logits.view(torch.int16).numpy().tobytes()).hexdigest()
     print(json.dumps(out))
 """)

@@ -29,7 +29,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -46,72 +45,36 @@ MiB = 2 ** 20
 
 
 # -- the child ----------------------------------------------------------------------------------
-class Sampler:
-    """Peak anonymous and file-backed RSS, sampled every 5 ms."""
-
-    def __init__(self, nvml=None):
-        from nzrt.osmem import rss
-
-        self.rss = rss
-        self.nvml = nvml  # a nzrt.memory.MemoryTracker on a GPU: NVML sampled with RSS
-        self.peak = {"rss": 0, "anon": 0, "file": 0}
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(0.005)
-
-    def sample(self):
-        r = self.rss()
-        if self.nvml is not None:
-            self.nvml.sample()
-        for k in self.peak:
-            self.peak[k] = max(self.peak[k], r.get(k) or 0)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.sample()
-
-
 def _child(args: dict) -> dict:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     import transformers
 
     import nzrt
-    from nzrt.osmem import rss
+    from nzrt.osmem import reset_peak, rss
 
     import transformers.generation.utils  # noqa: F401  (imports, not model memory: in the baseline,
     import transformers.models.llama.modeling_llama  # noqa: F401  as nzrt profile does, ~170 MiB)
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    from nzrt.profile_child import DeviceMemory, Sampler
+
     mode, path, device = args["mode"], args["dir"], args["device"]
+    dev = DeviceMemory(device)  # on a GPU the CUDA context exists before any figure (torch's, not nzrt's)
     pre = rss()
     nzrt.decompress(nzrt.compress(torch.randn(1 << 16).to(torch.bfloat16)))  # the codec's fixed cost
     base = rss()
     if mode == "imports":
         return {"fixed": base["rss"] - pre["rss"], "fixed_anon": base["anon"] - pre["anon"],
                 "fixed_file": base["file"] - pre["file"]}
-    nvml = None
-    if device == "cuda":
-        from nzrt.memory import MemoryTracker
-
-        nvml = MemoryTracker(torch.device("cuda"))
-    from nzrt.osmem import reset_peak
-
+    s = Sampler(dev)  # RSS (and NVML on a GPU) every 5 ms, peaks of each
     hwm_reset = reset_peak()
     ids = torch.randint(0, VOCAB, (1, args["tokens"]), generator=torch.Generator().manual_seed(0)).to(device)
     out = {"mode": mode}
     t_load = time.perf_counter()
-    with Sampler(nvml) as s:
+    s.start()
+    try:
         if mode == "compress":
             from nzrt import models
 
@@ -161,14 +124,15 @@ def _child(args: dict) -> dict:
                 run.detach()
                 out["after_exit"] = rss()["rss"] - base["rss"]
             out["steady"] = rss()["rss"] - base["rss"]
+    finally:
+        s.stop()
     end = rss()
     out["peak"] = max((end["peak"] if hwm_reset else 0), s.peak["rss"]) - base["rss"]
     out["peak_anon"] = s.peak["anon"] - base["anon"]
     out["peak_file"] = s.peak["file"] - base["file"]
     out["base"] = base["rss"]
-    if nvml is not None:
-        nvml.sample()
-        out["nvml_peak"] = nvml.peaks.get("nvml_used")
+    if s.peak["nvml"] is not None:
+        out["nvml_peak"] = s.peak["nvml"]
     return out
 
 

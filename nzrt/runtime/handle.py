@@ -235,13 +235,23 @@ class Managed:
         if is_meta and src_name is None:
             raise ManagedError(f"parameter {names[0]!r} is on the meta device and `weights` has no "
                                f"entry for it")
-        src = weights[src_name] if src_name is not None else None
-        if src_name is not None:
-            used.add(src_name)
         if type(p) is ManagedParameter:
             raise ManagedError(f"parameter {names[0]!r} is already managed by another nzrt.managed() block")
         large_float = p.dtype in FLOATS and p.numel() >= self.min_numel
         compressible = large_float and type(p) is nn.Parameter
+        # a lookup-only embedding that lies in a file map stays there on the CPU: a lookup reads
+        # only its rows' pages, so it costs what plain PyTorch pays; compressed, it would be held whole
+        lookup_in_file = compressible and dev.type == "cpu" and \
+            chunkable_embedding(tuple(p.shape), p.element_size(), owners, self.chunk_bytes)
+        mapped = None
+        if src_name is not None:
+            used.add(src_name)
+            if lookup_in_file:  # mapped from the caller's file (SafetensorsDir): never read whole
+                finder = getattr(weights, "mapped", None)
+                mapped = finder(src_name) if finder is not None else None
+                if mapped is not None and (tuple(mapped.shape) != tuple(p.shape) or mapped.dtype != p.dtype):
+                    mapped = None
+        src = mapped if mapped is not None else weights[src_name] if src_name is not None else None
         if large_float and not compressible and not is_meta:
             self.warnings.append(f"{names[0]!r} is a {type(p).__name__}, not a plain nn.Parameter: kept dense")
         if isinstance(src, (CompressedTensor, RowChunks)):
@@ -249,17 +259,10 @@ class Managed:
                 raise ManagedError(f"weights[{src_name!r}] is {src.dtype} {tuple(src.shape)}, the "
                                    f"parameter is {p.dtype} {tuple(p.shape)}")
             compressible = True
-        # a lookup-only embedding that lies in a file map stays there on the CPU: a lookup reads
-        # only its rows' pages, so it costs what plain PyTorch pays; compressed, it would be held whole
-        keep_mapped = compressible and dev.type == "cpu" and not isinstance(src, (CompressedTensor, RowChunks)) and \
-            chunkable_embedding(tuple(p.shape), p.element_size(), owners, self.chunk_bytes)
-        if keep_mapped and is_meta:
-            finder = getattr(self.weights, "mapped", None)
-            mapped = finder(src_name) if finder is not None else None
-            if mapped is not None and tuple(mapped.shape) == tuple(p.shape) and mapped.dtype == p.dtype:
-                src, compressible = mapped, False
-                self.kept_mapped.append(names[0])
-        elif keep_mapped and osmem.is_file_backed(p.detach(), self._file_maps):
+        if mapped is not None:
+            compressible = False
+            self.kept_mapped.append(names[0])
+        elif lookup_in_file and not is_meta and osmem.is_file_backed(p.detach(), self._file_maps):
             self.kept_mapped.append(names[0])
             return
         if is_meta:
