@@ -476,6 +476,27 @@ class Scheduler:
                     d.job.unit = None
             self.pool.release(d.pool_key, d.buf, ev)
 
+    def refresh(self, key: str, flat) -> None:
+        """``key``'s weight changed (a training step): a dense copy held now takes the new values
+        (``flat``: the new dense values, flat, on the device). A decode in flight into it finishes
+        first; the next decode reads the tensor's new compressed copy."""
+        d = self.store.get(key)
+        if d is None:
+            return
+        if self.cuda:
+            import torch
+            if d.event is not None:
+                torch.cuda.current_stream(self.device).wait_event(d.event)
+        elif d.job is not None:
+            d.job.wait()
+            if d.job.unit is not None:
+                self.stats[d.job.unit].decode_s += d.job.seconds
+                d.job.unit = None
+            d.job = None
+        import torch
+        with torch.no_grad():
+            d.buf.copy_(flat)
+
     def _account(self) -> None:
         held = self.pool.held_bytes + self.stage_pool.held_bytes
         held += sum(d.buf.numel() * d.buf.element_size() for d in self.store.values() if d.pinned)

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_public_api_is_pinned():
     assert sorted(nzrt.__all__) == sorted([
         "CompressedTensor", "FormatError", "compress", "decompress", "decode_into",
-        "save", "load", "load_metadata", "managed", "from_pretrained", "report", "release",
+        "save", "load", "load_metadata", "managed", "OptimizerConfig", "from_pretrained", "report", "release",
     ])
     for name in nzrt.__all__:
         assert getattr(nzrt, name) is not None

@@ -26,6 +26,15 @@ reclaimed at once); exit restores one weight at a time and frees its compressed 
 by giving the allocator's free memory back (``malloc_trim``). A ``weights`` mapping is read one
 entry at a time (``nzrt.safetensors_io.SafetensorsDir`` reads each tensor from disk when asked).
 
+Autograd works through managed weights (``nzrt.runtime.saved``): the backward decodes each weight
+again, so a frozen compressed base under trainable adapters (LoRA) gets exact gradients, and
+``optimizer=`` trains the weights themselves, bit-identical to plain PyTorch with per-parameter
+optimizers stepped in the backward (``nzrt.runtime.training``):
+
+    with nzrt.managed(model, optimizer=functools.partial(torch.optim.AdamW, lr=1e-4)) as run:
+        for batch in loader:
+            model(**batch).loss.backward()   # each weight updated as its gradient is complete
+
 Models without weights in memory: build the model on the meta device and pass ``weights=`` a
 mapping of parameter (or buffer) name -> CompressedTensor or tensor, e.g. ``nzrt.load(path)``.
 
@@ -38,13 +47,15 @@ from __future__ import annotations
 from ..policies import BudgetError
 from .errors import ManagedError
 from .handle import DEFAULT_CHUNK_BYTES, DEFAULT_MIN_NUMEL, Managed
+from .training import OptimizerConfig
 
-__all__ = ["managed", "Managed", "BudgetError", "ManagedError"]
+__all__ = ["managed", "Managed", "BudgetError", "ManagedError", "OptimizerConfig"]
 
 
 def managed(model, *, policy="auto", budget=None, mantissa_bits: int | None = None,
             device=None, weights=None, prefetch: bool = True, min_numel: int = DEFAULT_MIN_NUMEL,
-            chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, backend: str | None = None) -> Managed:
+            chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, backend: str | None = None,
+            optimizer=None) -> Managed:
     """Keep ``model``'s weights compressed inside a ``with`` block; see the module docstring.
 
     policy: "auto" | "resident" | "offload" | "belady" | "lru" or a policy object
@@ -56,7 +67,10 @@ def managed(model, *, policy="auto", budget=None, mantissa_bits: int | None = No
     prefetch: False decodes every layer on demand in the calling thread (for comparisons).
     min_numel: smaller parameters stay dense. chunk_bytes: row-chunk size for large plain
         embeddings (None: no chunking). backend: the codec backend (default: automatic).
+    optimizer: train: a callable taking a list of parameters and returning a torch.optim
+        optimizer (one per trainable parameter, stepped in the backward as each gradient is
+        complete), or an ``OptimizerConfig``. Lossless only. See ``nzrt.runtime.training``.
     """
     return Managed(model, policy=policy, budget=budget, mantissa_bits=mantissa_bits, device=device,
                    weights=weights, prefetch=prefetch, min_numel=min_numel, chunk_bytes=chunk_bytes,
-                   backend=backend)
+                   backend=backend, optimizer=optimizer)

@@ -2,6 +2,10 @@
 
 Exact whatever the split: a lookup copies rows. Which chunks a batch hits depends on the data,
 so these units stay out of the trace and are decoded on demand.
+
+With autograd on and the weight trainable, the lookup is an autograd Function whose backward is
+``aten::embedding_backward``, the very formula PyTorch's ``F.embedding`` uses: the gradient is
+plain's, bit for bit, and reaches the parameter (and its optimizer-step hook) as usual.
 """
 from __future__ import annotations
 
@@ -14,10 +18,8 @@ def chunked_embedding_forward(run, mp, chunk_units):
     rows_per_chunk = chunk_units[0][2][1]
     lock = run.lock
 
-    def forward(input):
+    def lookup(input):
         with lock:
-            if torch.is_grad_enabled():
-                run.no_grad_check([(mp, None)], (input,))
             s = run.scheduler
             flat = input.reshape(-1)  # ids: int[n]
             if flat.numel() and (bool((flat < 0).any()) or bool((flat >= num).any())):
@@ -35,4 +37,29 @@ def chunked_embedding_forward(run, mp, chunk_units):
                 finally:
                     s.exit(unit)
             return out.view(*input.shape, dim)
+
+    module = next(m for m, _ in mp.owners)
+
+    def forward(input):
+        if torch.is_grad_enabled() and mp.param.requires_grad:
+            return _Lookup.apply(input, mp.param, lookup, module)
+        return lookup(input)
     return forward
+
+
+class _Lookup(torch.autograd.Function):
+    """rows = weight[ids], the rows gathered from the decoded chunks; d weight as plain's."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, lookup, module):
+        ctx.save_for_backward(ids)
+        ctx.num = weight.shape[0]
+        ctx.padding_idx = -1 if module.padding_idx is None else module.padding_idx
+        ctx.scale, ctx.sparse = module.scale_grad_by_freq, module.sparse
+        return lookup(ids)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        dw = torch.ops.aten.embedding_backward(grad, ids, ctx.num, ctx.padding_idx, ctx.scale, ctx.sparse)
+        return None, dw, None, None

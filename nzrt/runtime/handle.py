@@ -14,7 +14,7 @@ from .. import codec, osmem
 from ..budget import parse_budget
 from ..format import CompressedTensor
 from ..memory import MemoryTracker
-from ..policies import get_policy
+from ..policies import Tier, get_policy
 from ..rowchunks import RowChunks
 from ..scheduler import Scheduler, TensorSlot
 from . import accounting, placement
@@ -23,6 +23,7 @@ from .errors import ManagedError
 from .params import FLOATS, Param, chunk_spans, chunkable_embedding, find_params
 from .passes import PassLock, root_forward, unit_forward
 from .spill import RestoreSpill
+from .training import LRSchedulers, Trainer, as_config
 from .transaction import deferred_interrupts
 from .weight import ManagedParameter, make_placeholder, register, set_data, unregister
 
@@ -47,13 +48,19 @@ class Managed:
 
     def __init__(self, model: nn.Module, *, policy="auto", budget=None, mantissa_bits=None, device=None,
                  weights=None, prefetch: bool = True, min_numel: int = DEFAULT_MIN_NUMEL,
-                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, backend: str | None = None):
+                 chunk_bytes: int | None = DEFAULT_CHUNK_BYTES, backend: str | None = None, optimizer=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"managed() takes a torch.nn.Module, got {type(model).__name__}")
+        self.training = as_config(optimizer)
         self.model = model
         self.policy = get_policy(policy)
         self._budget_arg = budget
         self.mantissa_bits = _check_mantissa_bits(mantissa_bits)
+        if self.training is not None and self.mantissa_bits is not None:
+            raise ValueError("nzrt: training with mantissa_bits (lossy weights) is not supported: each "
+                             "update would be rounded to the kept mantissa bits, so small steps would be "
+                             "lost. Train losslessly (mantissa_bits=None), or freeze the lossy base "
+                             "(requires_grad_(False)) and train adapters on it without `optimizer`")
         self._device_arg = device
         self.weights = weights
         self.prefetch = prefetch
@@ -89,6 +96,7 @@ class Managed:
         self._from_disk: set = set()  # id(CompressedTensor) of blobs read from their file each time
         self.weights_dense_bytes = 0
         self.weights_compressed_bytes = 0
+        self.trainer = None           # per-parameter optimizers (optimizer=...)
 
     # -- context manager --------------------------------------------------------------------
     def __enter__(self) -> "Managed":
@@ -189,6 +197,9 @@ class Managed:
         if worker is not None:  # collected without detach (from_pretrained): stop the thread
             self._finalizer = weakref.finalize(self, worker._q.put, None)
         self._install_forwards()
+        if self.training is not None:
+            self.trainer = Trainer(self, self.training)
+            self.trainer.attach()
         self.weights_dense_bytes = sum(s.dense_bytes for s in self.tensors.values())
         self.weights_compressed_bytes = sum(s.ct.nbytes for s in self.tensors.values())
         self._file_maps = None
@@ -242,6 +253,7 @@ class Managed:
         # a lookup-only embedding that lies in a file map stays there on the CPU: a lookup reads
         # only its rows' pages, so it costs what plain PyTorch pays; compressed, it would be held whole
         lookup_in_file = compressible and dev.type == "cpu" and \
+            not (self.training is not None and p.requires_grad) and \
             chunkable_embedding(tuple(p.shape), p.element_size(), owners, self.chunk_bytes)
         mapped = None
         if src_name is not None:
@@ -323,10 +335,10 @@ class Managed:
                 on_disk = accounting.is_mapped(ct)
             else:
                 part = dense_src[a:b] if chunked else dense_src
-                ct = codec.compress(part, mantissa_bits=self.mantissa_bits, backend=self._cbackend(part))
+                ct = codec.compress(part, mantissa_bits=self.mantissa_bits, backend=self.compress_backend(part))
                 on_disk = False
                 if lossy and not was_meta and not keep_original:  # the exact original: on disk, not in RAM
-                    self.restore.add(key, codec.compress(part, backend=self._cbackend(part)))
+                    self.restore.add(key, codec.compress(part, backend=self.compress_backend(part)))
             if dense_src is not None:
                 ct.verify()
             # else verified in _verify_given, after the budget check: reading a .nzrt's blobs
@@ -367,8 +379,28 @@ class Managed:
             osmem.release_file_pages(orig, self._file_maps)
         del orig
 
-    def _cbackend(self, t):
+    def compress_backend(self, t):
         return self.backend if self.backend is not None or t.device.type != "cuda" else None
+
+    def update_weight(self, mp, dense) -> None:
+        """A training step changed ``mp``'s weight to ``dense`` (exact, on the device): compress
+        each chunk again (lossless), put it on its tier, and give held dense copies the new values."""
+        rows = dense.view(mp.shape[0], -1) if dense.dim() else dense.view(1)
+        cuda = self.device.type == "cuda"
+        for key, (a, b) in zip(mp.keys, mp.rows):
+            part = rows[a:b].reshape((b - a,) + tuple(mp.shape[1:])) if mp.chunked else dense
+            ct = codec.compress(part, backend=self.compress_backend(part))
+            s = self.tensors[key]
+            tier = self._tier_now.get(key)
+            if cuda and tier not in (None, Tier.DEVICE):  # host tiers: pinned host memory
+                ct = ct.to("cpu").pin_memory()
+            self.weights_compressed_bytes += ct.nbytes - s.ct.nbytes
+            self._from_disk.discard(id(s.ct))
+            s.ct = s.home = ct
+            s.on_disk = False
+            self.scheduler.refresh(key, part.reshape(-1))
+        mp.file_original = None  # the trained values are in the compressed copy now
+        mp.version += 1
 
     def _decode(self, ct, buf):
         if _serial_decode():
@@ -423,20 +455,6 @@ class Managed:
                            unit_forward(self, u, b, inner))
         self._wrap(self.model, lambda inner: root_forward(self, inner))
 
-    def no_grad_check(self, bindings, args=()) -> None:
-        """Autograd would keep references to weights whose buffers are reused: refuse it."""
-        for mp, _ in bindings:
-            if mp.param.requires_grad:
-                raise ManagedError(
-                    f"nzrt.managed runs inference: {mp.names[0]!r} requires grad and autograd is on. Call "
-                    f"the model under torch.no_grad() or torch.inference_mode() (generate() already does), "
-                    f"or call model.requires_grad_(False) first")
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.requires_grad:
-                raise ManagedError(
-                    f"nzrt.managed runs inference: an input of {bindings[0][0].names[0]!r}'s module requires "
-                    f"grad; gradients through managed weights are not supported (use torch.no_grad())")
-
     # -- planning -------------------------------------------------------------------------------
     def _measured_decode_bps(self) -> float | None:
         s = self.scheduler
@@ -474,6 +492,8 @@ class Managed:
     def _detach(self, report: bool) -> None:
         with deferred_interrupts():
             errors: list = []
+            if self.trainer is not None:
+                self.trainer.detach()
             if self.scheduler is not None:
                 try:
                     self.scheduler.shutdown()
@@ -579,6 +599,46 @@ class Managed:
         p.__class__ = mp.orig_class
         mp.active = False
         mp.file_original = None
+
+    # -- training (optimizer=...; nzrt.runtime.training) -----------------------------------------
+    def _trainer(self) -> Trainer:
+        if self.trainer is None or not self.attached:
+            raise ManagedError("this needs an entered nzrt.managed(model, optimizer=...) block")
+        return self.trainer
+
+    @property
+    def optimizers(self) -> dict:
+        """{parameter name: its torch.optim.Optimizer} (one per trainable parameter)."""
+        return self._trainer().optimizers
+
+    def step(self) -> None:
+        """Apply every parameter's optimizer to its stored gradient, one weight at a time
+        (``OptimizerConfig(in_backward=False)``; with the step in the backward there is nothing left)."""
+        self._trainer().step_all()
+
+    def zero_grad(self) -> None:
+        self._trainer().zero_grad()
+
+    def lr_scheduler(self, factory) -> "LRSchedulers":
+        """One learning-rate scheduler per optimizer, ``factory(optimizer)`` each (e.g.
+        ``lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup)``); step them all with the
+        returned object's ``step()``. Kept in ``state_dict()``."""
+        return self._trainer().lr_scheduler(factory)
+
+    def state_dict(self) -> dict:
+        """Optimizer (and LR scheduler) states for resuming; compressed states stay compressed.
+        The weights are written by ``save(path)``."""
+        return self._trainer().state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._trainer().load_state_dict(sd)
+
+    def save(self, path) -> None:
+        """Write the model's current weights as a ``.nzrt`` straight from their compressed copies
+        (nothing is densified but small parameters and buffers, which are stored as they are)."""
+        from .saving import save_run
+        with self.lock:
+            save_run(self, path)
 
     # -- report -----------------------------------------------------------------------------
     def held_bytes(self) -> dict:

@@ -30,6 +30,7 @@ class Param:
         self.binds = 0              # > 0 while its data is a dense slot (inside a forward)
         self.bind_thread = None
         self.file_original = None   # a memory-mapped original kept to restore without a copy
+        self.version = 0            # + 1 at each update (training): saved tokens check it
 
     def bound_here(self) -> bool:
         """Inside its module's forward, in the thread running that forward."""

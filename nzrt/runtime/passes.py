@@ -6,6 +6,9 @@ and unbinds in a ``finally`` -- so an exception of any kind, KeyboardInterrupt i
 no parameter bound and no pass half open (forward hooks would not: ``nn.Module`` calls
 ``always_call`` hooks on ``Exception`` only). The root module's forward brackets a pass.
 
+With autograd on, ``nzrt.runtime.saved`` keeps what the graph saves of a weight as a token that
+the backward decodes again (the slot is reused by the next layer).
+
 Passes are serialised: a re-entrant lock is held from a module's entry to its exit, so two
 threads calling one managed model run one forward at a time and each gets exact outputs.
 """
@@ -15,6 +18,7 @@ import threading
 
 import torch
 
+from .saved import weight_hooks
 from .weight import set_data
 
 
@@ -66,8 +70,6 @@ def unit_forward(run, unit, bindings, inner):
 
     def forward(*args, **kwargs):
         with lock:
-            if torch.is_grad_enabled():
-                run.no_grad_check(bindings, args)
             s = run.scheduler
             bufs = s.enter(unit)
             bound = []
@@ -75,6 +77,9 @@ def unit_forward(run, unit, bindings, inner):
                 for mp, key in bindings:
                     bind(mp, bufs[key])
                     bound.append(mp)
+                if torch.is_grad_enabled():  # autograd keeps tokens of the slots, not the slots
+                    with weight_hooks(bound):
+                        return inner(*args, **kwargs)
                 return inner(*args, **kwargs)
             finally:
                 for mp in bound:

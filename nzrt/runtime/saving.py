@@ -1,0 +1,64 @@
+"""``run.save(path)``: a managed model's current weights as a ``.nzrt``, from their compressed copies.
+
+A trained model is written without densifying it: each managed weight's blobs go to the file as
+they are (a row-chunked embedding as its chunks, listed under the model metadata's
+``row_chunks``), small parameters and buffers as dense entries. A transformers model gets the
+metadata ``nzrt.from_pretrained(path)`` and ``nzrt generate`` rebuild it from; any other model
+is written as plain entries for ``nzrt.managed(meta_model, weights=nzrt.load(path))``, its
+row-chunked weights compressed again whole, one at a time.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import codec, rowchunks
+from ..checkpoint import Writer
+from .weight import lookup
+
+
+def _metadata(run, chunk_spans: dict) -> dict | None:
+    from .. import models
+
+    model = run.model
+    if not (hasattr(model, "config") and hasattr(model.config, "to_dict")):
+        return None
+    kind = models._kind_of(model)
+    if kind == "module":
+        return None
+    name = getattr(model.config, "name_or_path", "") or type(model).__name__
+    lm = models.LoadedModel(model, None, kind, name=str(name).rsplit("/", 1)[-1],
+                            source=f"nzrt.managed run of {type(model).__name__}")
+    meta = models.model_metadata(lm, None)
+    if chunk_spans:
+        meta[models.MODEL_META_KEY][rowchunks.META_KEY] = {n: [list(s) for s in sp]
+                                                          for n, sp in chunk_spans.items()}
+    return meta
+
+
+def save_run(run, path) -> None:
+    model = run.model
+    params = list(model.named_parameters())  # each parameter once, under its first name
+    chunked = {}
+    for name, p in params:
+        mp = lookup(p)
+        if mp is not None and mp.active and mp.chunked:
+            chunked[name] = list(mp.rows)
+    metadata = _metadata(run, chunked)
+    with Writer(path, metadata) as w:
+        for name, p in params:
+            mp = lookup(p)
+            if mp is None or not mp.active:
+                with torch._C.DisableTorchFunctionSubclass():
+                    w.add(name, p.detach().cpu())
+                continue
+            cts = [run.tensors[k].home for k in mp.keys]
+            if not mp.chunked:
+                w.add(name, cts[0].to("cpu"))
+            elif metadata is not None:
+                for (a, b), ct in zip(mp.rows, cts):
+                    w.add(rowchunks.entry_name(name, a, b), ct.to("cpu"))
+            else:
+                w.add(name, codec.compress(mp.dense_copy().cpu()))
+        for name, b in model.named_buffers():
+            if b.device.type != "meta":
+                w.add(name, b.detach().cpu())

@@ -1,0 +1,281 @@
+"""Training on compressed weights: one optimizer per parameter, stepped as its gradient is complete.
+
+PyTorch's "optimizer step in backward" pattern (``register_post_accumulate_grad_hook``): when a
+parameter's gradient has been accumulated (a tied weight: once, from the summed gradient), its
+own optimizer steps and the gradient is freed, so no full set of gradients ever exists. For a
+managed weight the step runs on a *shadow* parameter: the weight is decoded into it (exact), the
+optimizer state is decoded beside it, the optimizer steps, and the new weight and state are
+compressed again (lossless) before the dense copies are dropped. The arithmetic is the optimizer's
+own on the same values, shapes and layout, so the run is bit-identical to plain PyTorch with the
+same per-parameter optimizers in the backward.
+
+``OptimizerConfig(in_backward=False)`` keeps the gradients instead (accumulation over
+micro-batches, global-norm clipping): ``run.step()`` then applies each optimizer in turn, one
+weight decoded at a time, and ``run.zero_grad()`` frees the gradients. It costs one dense
+gradient per trainable weight until the step, as plain PyTorch does.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import codec
+from ..format import CompressedTensor
+from .errors import ManagedError
+from .params import FLOATS, find_params
+from .weight import lookup, set_data
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """How ``nzrt.managed(model, optimizer=...)`` trains.
+
+    factory: takes a list of parameters, returns a ``torch.optim.Optimizer`` (e.g.
+        ``functools.partial(torch.optim.AdamW, lr=1e-4)``); called once per trainable parameter.
+    in_backward: step each parameter's optimizer as soon as its gradient is complete (the
+        gradient is freed at once). False: gradients are kept; call ``run.step()`` and
+        ``run.zero_grad()`` (for gradient accumulation and global-norm clipping).
+    compress_states: keep optimizer state tensors (AdamW's ``exp_avg``, ``exp_avg_sq``,
+        momentum buffers) compressed losslessly between steps.
+    """
+
+    factory: Callable
+    in_backward: bool = True
+    compress_states: bool = True
+
+    def __post_init__(self):
+        if not callable(self.factory):
+            raise TypeError(f"optimizer must be a callable taking a list of parameters and returning a "
+                            f"torch.optim.Optimizer (e.g. functools.partial(torch.optim.AdamW, lr=1e-4)), "
+                            f"got {type(self.factory).__name__}")
+        for name in ("in_backward", "compress_states"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"OptimizerConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+
+def as_config(optimizer) -> OptimizerConfig | None:
+    if optimizer is None or isinstance(optimizer, OptimizerConfig):
+        return optimizer
+    return OptimizerConfig(optimizer)
+
+
+class _Entry:
+    """One trainable parameter: its optimizer, and for a managed weight its shadow and packed state."""
+
+    __slots__ = ("name", "param", "mp", "shadow", "opt", "packed", "hook")
+
+    def __init__(self, name, param, mp, shadow, opt):
+        self.name = name
+        self.param = param
+        self.mp = mp              # the runtime's Param, or None for a parameter left dense
+        self.shadow = shadow      # the Parameter the optimizer steps (managed weights only)
+        self.opt = opt
+        self.packed: dict = {}    # state name -> CompressedTensor between steps
+        self.hook = None
+
+
+class Trainer:
+    """The per-parameter optimizers of one managed run (built at entry, dropped at exit)."""
+
+    def __init__(self, run, config: OptimizerConfig):
+        self.run = run
+        self.config = config
+        self.entries: dict = {}   # name -> _Entry (a tied weight: under its first name)
+        self._by_param: dict = {}  # id(parameter) -> _Entry
+        self.steps = 0
+        self.schedulers = None    # LRSchedulers, once lr_scheduler() was called
+        self.lock = threading.RLock()
+
+    # -- building -------------------------------------------------------------------------------
+    def attach(self) -> None:
+        for p, names, _ in find_params(self.run.model):
+            if not p.requires_grad:
+                continue
+            mp = lookup(p)
+            if mp is not None:
+                with torch.no_grad():
+                    shadow = nn.Parameter(mp.placeholder, requires_grad=True)
+                target = shadow
+            else:
+                shadow, target = None, p
+            opt = self.config.factory([target])
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"optimizer factory returned a {type(opt).__name__}, not a torch.optim.Optimizer")
+            e = _Entry(names[0], p, mp, shadow, opt)
+            self.entries[names[0]] = e
+            self._by_param[id(p)] = e
+        if self.config.in_backward:
+            for e in self.entries.values():
+                e.hook = e.param.register_post_accumulate_grad_hook(self._hook)
+
+    def detach(self) -> None:
+        for e in self.entries.values():
+            if e.hook is not None:
+                e.hook.remove()
+                e.hook = None
+
+    @property
+    def optimizers(self) -> dict:
+        return {n: e.opt for n, e in self.entries.items()}
+
+    # -- stepping -------------------------------------------------------------------------------
+    def _hook(self, p) -> None:
+        e = self._by_param.get(id(p))
+        if e is not None:
+            self.step_one(e)
+
+    def step_all(self) -> None:
+        for e in self.entries.values():
+            if e.param.grad is not None:
+                self.step_one(e)
+
+    def zero_grad(self) -> None:
+        for e in self.entries.values():
+            e.param.grad = None
+
+    def step_one(self, e: _Entry) -> None:
+        with self.run.lock, self.lock:
+            if e.mp is None:
+                e.opt.step()
+                e.opt.zero_grad(set_to_none=True)
+                return
+            mp, shadow = e.mp, e.shadow
+            if not mp.active:
+                raise ManagedError(f"nzrt: {e.name!r} is no longer managed (the block has ended)")
+            grad = e.param.grad
+            dense = mp.dense_copy()          # the weight, exact: [shape] of its dtype
+            set_data(shadow, dense)
+            shadow.grad = grad
+            try:
+                self._unpack_state(e)
+                e.opt.step()
+                e.param.grad = None
+                shadow.grad = None
+                del grad
+                self._pack_state(e)
+                self.run.update_weight(mp, dense)
+            finally:
+                shadow.grad = None
+                set_data(shadow, mp.placeholder)
+            self.steps += 1
+
+    # -- optimizer state ------------------------------------------------------------------------
+    def _state_of(self, e) -> dict:
+        return e.opt.state[e.shadow if e.shadow is not None else e.param]
+
+    def _unpack_state(self, e) -> None:
+        if not e.packed:
+            return
+        st = self._state_of(e)
+        for name, ct in e.packed.items():
+            st[name] = codec.decompress(ct, backend=self.run.backend)
+        e.packed = {}
+
+    def _pack_state(self, e) -> None:
+        if e.mp is None or not self.config.compress_states:  # a dense parameter's state stays dense
+            return
+        st = self._state_of(e)
+        for name, v in list(st.items()):
+            if isinstance(v, CompressedTensor):  # loaded from a state_dict as it was saved
+                e.packed[name] = v
+                del st[name]
+            elif isinstance(v, torch.Tensor) and v.dtype in FLOATS and v.numel() >= self.run.min_numel:
+                ct = codec.compress(v, backend=self.run.compress_backend(v))
+                ct.verify()
+                e.packed[name] = ct
+                del st[name]
+
+    def state_bytes(self) -> tuple[int, int]:
+        """(compressed bytes, dense bytes) of the optimizer states held now."""
+        comp = dense = 0
+        for e in self.entries.values():
+            comp += sum(ct.nbytes for ct in e.packed.values())
+            for v in e.opt.state.get(e.shadow if e.shadow is not None else e.param, {}).values():
+                if isinstance(v, torch.Tensor):
+                    dense += v.numel() * v.element_size()
+        return comp, dense
+
+    # -- saving and resuming --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """{"optimizers": {name: optimizer state_dict}, "lr_schedulers": ...}; compressed states
+        as CompressedTensor (no dense copy; ``torch.save`` pickles them)."""
+        out = {}
+        with self.lock:
+            for n, e in self.entries.items():
+                sd = e.opt.state_dict()
+                if e.packed:
+                    st = sd["state"].setdefault(0, {})
+                    st.update(e.packed)
+                out[n] = sd
+        return {"optimizers": out, "lr_schedulers": self.schedulers.state_dict() if self.schedulers else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or "optimizers" not in state:
+            raise ManagedError("expected a dict from run.state_dict() (with an 'optimizers' entry)")
+        if state.get("lr_schedulers") is not None:
+            if self.schedulers is None:
+                raise ManagedError("this state_dict has LR scheduler states: call run.lr_scheduler(...) "
+                                   "before run.load_state_dict(...)")
+            self.schedulers.load_state_dict(state["lr_schedulers"])
+        self._load_optimizers(state["optimizers"])
+
+    def _load_optimizers(self, sd: dict) -> None:
+        missing = set(self.entries) - set(sd)
+        extra = set(sd) - set(self.entries)
+        if missing or extra:
+            raise ManagedError(f"optimizer state_dict does not match this model's trainable parameters: "
+                               f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+        with self.lock:
+            for n, e in self.entries.items():
+                st = sd[n].get("state", {}).get(0, {})
+                packed = {k: v for k, v in st.items() if isinstance(v, CompressedTensor)}
+                for k, ct in packed.items():
+                    ref = e.mp.shape if e.mp is not None else tuple(e.param.shape)
+                    if tuple(ct.shape) != tuple(ref):
+                        raise ManagedError(f"optimizer state {k!r} of {n!r} has shape {tuple(ct.shape)}, "
+                                           f"the parameter {tuple(ref)}")
+                plain = dict(sd[n], state={0: {k: v for k, v in st.items() if k not in packed}}
+                             if st else sd[n].get("state", {}))
+                e.opt.load_state_dict(plain)
+                e.packed = dict(packed)
+                if e.mp is None:  # a dense parameter keeps its state dense
+                    self._unpack_state(e)
+                self._pack_state(e)
+
+    # -- learning-rate schedulers ---------------------------------------------------------------
+    def lr_scheduler(self, factory) -> "LRSchedulers":
+        scheds = {}
+        for n, e in self.entries.items():
+            sch = factory(e.opt)
+            if not hasattr(sch, "step") or not hasattr(sch, "state_dict"):
+                raise TypeError(f"lr_scheduler factory returned a {type(sch).__name__}, not an LR scheduler")
+            scheds[n] = sch
+        self.schedulers = LRSchedulers(scheds)
+        return self.schedulers
+
+
+class LRSchedulers:
+    """The LR schedulers of all per-parameter optimizers, stepped together."""
+
+    def __init__(self, schedulers: dict):
+        self.schedulers = schedulers
+
+    def step(self) -> None:
+        for s in self.schedulers.values():
+            s.step()
+
+    def get_last_lr(self) -> dict:
+        return {n: s.get_last_lr() for n, s in self.schedulers.items()}
+
+    def state_dict(self) -> dict:
+        return {n: s.state_dict() for n, s in self.schedulers.items()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if set(sd) != set(self.schedulers):
+            raise ManagedError("LR scheduler state_dict does not match this run's parameters")
+        for n, s in self.schedulers.items():
+            s.load_state_dict(sd[n])
