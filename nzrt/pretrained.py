@@ -34,7 +34,8 @@ def from_pretrained(path, *, policy="auto", budget=None, device=None, mantissa_b
 
     policy, budget, device, mantissa_bits: as ``nzrt.managed``. dtype: the dtype of the weights
     (default: the checkpoint's; a ``.nzrt`` keeps its own). ``options`` go to ``nzrt.managed``
-    (``prefetch``, ``min_numel``, ``chunk_bytes``, ``backend``).
+    (``prefetch``, ``min_numel``, ``chunk_bytes``, ``backend``, ``optimizer``: with an optimizer
+    every parameter is made trainable and the model is put in train mode).
     """
     from . import models
 
@@ -43,6 +44,9 @@ def from_pretrained(path, *, policy="auto", budget=None, device=None, mantissa_b
     if not isinstance(path, str):
         raise TypeError(f"from_pretrained takes a path (str or Path), got {type(path).__name__}")
     lm = models.resolve(path, dtype=dtype, lazy=True)
+    if options.get("optimizer") is not None:  # to be trained: every parameter, in train mode
+        lm.model.requires_grad_(True)
+        lm.model.train()
     return manage_loaded(lm, policy=policy, budget=budget, device=device, mantissa_bits=mantissa_bits,
                          **options)
 

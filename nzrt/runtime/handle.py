@@ -97,6 +97,7 @@ class Managed:
         self.weights_dense_bytes = 0
         self.weights_compressed_bytes = 0
         self.trainer = None           # per-parameter optimizers (optimizer=...)
+        self._keep_trainable = False  # adapters (trainable beside frozen weights) stay dense
 
     # -- context manager --------------------------------------------------------------------
     def __enter__(self) -> "Managed":
@@ -162,6 +163,10 @@ class Managed:
         used = set()
         self._file_maps = osmem.file_mappings()  # where memory-mapped weights lie
         found = find_params(self.model)
+        # an adapter setup (some parameters frozen, e.g. peft's LoRA) without `optimizer`: the
+        # trainable ones stay dense, for the caller's optimizer to write
+        trainable = [p.requires_grad for p, _, _ in found]
+        self._keep_trainable = self.training is None and any(trainable) and not all(trainable)
         if self.mantissa_bits is not None:  # before compressing anything: one clear error
             for p, names, _ in found:
                 if p.dtype in FLOATS and p.numel() >= self.min_numel:
@@ -249,7 +254,7 @@ class Managed:
         if type(p) is ManagedParameter:
             raise ManagedError(f"parameter {names[0]!r} is already managed by another nzrt.managed() block")
         large_float = p.dtype in FLOATS and p.numel() >= self.min_numel
-        compressible = large_float and type(p) is nn.Parameter
+        compressible = large_float and type(p) is nn.Parameter and not (self._keep_trainable and p.requires_grad)
         # a lookup-only embedding that lies in a file map stays there on the CPU: a lookup reads
         # only its rows' pages, so it costs what plain PyTorch pays; compressed, it would be held whole
         lookup_in_file = compressible and dev.type == "cpu" and \
@@ -264,7 +269,7 @@ class Managed:
                 if mapped is not None and (tuple(mapped.shape) != tuple(p.shape) or mapped.dtype != p.dtype):
                     mapped = None
         src = mapped if mapped is not None else weights[src_name] if src_name is not None else None
-        if large_float and not compressible and not is_meta:
+        if large_float and type(p) is not nn.Parameter and not is_meta:
             self.warnings.append(f"{names[0]!r} is a {type(p).__name__}, not a plain nn.Parameter: kept dense")
         if isinstance(src, (CompressedTensor, RowChunks)):
             if tuple(src.shape) != tuple(p.shape) or src.dtype != p.dtype:

@@ -1,0 +1,220 @@
+"""Child process for tests/test_training.py: train a model plainly and under nzrt, print digests.
+
+    python tests/_train_child.py CASE MODEL STEPS
+
+Prints one JSON line: for "plain" and "nzrt", the loss of every step (its float32 bits), a
+SHA-256 of every final weight's integer view and of every optimizer state tensor, so that the
+parent compares them bit for bit. CASE: adamw | sgd | checkpointing | lora | accumulate |
+resume. MODEL: tied1024 (a Llama, hidden 1024, tied head), untied1024 (its embedding row-chunked
+and trained), smollm2 (the embedded SmolLM2-135M in bf16).
+"""
+import copy
+import functools
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import nzrt
+from nzrt.runtime.handle import handle_of
+
+TOKENS = 64
+ADAMW = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1)
+SGD = functools.partial(torch.optim.SGD, lr=1e-2, momentum=0.9)
+
+
+def digest(t: torch.Tensor) -> str:
+    t = t.detach()
+    if t.is_floating_point():
+        t = t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def eval_ids():
+    from nzrt import models
+    lm = models.resolve(None)
+    text = (Path(nzrt.__file__).parent / "data" / "eval.txt").read_text()
+    return lm, lm.tokenizer(text, return_tensors="pt")["input_ids"][0]
+
+
+def build(model_name: str, lm):
+    if model_name == "smollm2":
+        return copy.deepcopy(lm.model).to(torch.bfloat16).requires_grad_(True)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                      num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=256,
+                      tie_word_embeddings=model_name == "tied1024")
+    return LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+
+
+def batches(ids, vocab, steps, micro=1):
+    out = []
+    for i in range(steps * micro):
+        a = (i * TOKENS) % (ids.numel() - TOKENS - 1)
+        out.append((ids[a:a + TOKENS] % vocab).unsqueeze(0))
+    return out
+
+
+def bits(loss) -> int:
+    return int(loss.detach().float().view(torch.int32).item())
+
+
+def in_backward(params, factory):
+    """PyTorch's optimizer step in backward: one optimizer per parameter, stepped from its hook."""
+    opts = {p: factory([p]) for p in params}
+
+    def hook(p):
+        opts[p].step()
+        opts[p].zero_grad(set_to_none=True)
+    handles = [p.register_post_accumulate_grad_hook(hook) for p in opts]
+    return opts, handles
+
+
+def weights(model) -> dict:
+    return {n: digest(p) for n, p in model.named_parameters()}
+
+
+def plain_states(model, opts) -> dict:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {f"{names[id(p)]}.{k}": digest(v) for p, o in opts.items() for k, v in o.state[p].items()
+            if isinstance(v, torch.Tensor)}
+
+
+def nzrt_states(model, run) -> dict:
+    out = {}
+    for n, sd in run.state_dict()["optimizers"].items():
+        for k, v in sd["state"].get(0, {}).items():
+            if isinstance(v, nzrt.CompressedTensor):
+                v = nzrt.decompress(v)
+            if isinstance(v, torch.Tensor):
+                out[f"{n}.{k}"] = digest(v)
+    return out
+
+
+def run_plain(case, model, data, factory):
+    losses = []
+    if case == "lora":
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        for x in data:
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(bits(loss))
+        return losses, weights(model), {}
+    if case == "accumulate":
+        opts = {p: factory([p]) for p in model.parameters()}
+        for i in range(0, len(data), 2):
+            for x in data[i:i + 2]:
+                loss = model(input_ids=x, labels=x).loss / 2
+                loss.backward()
+                losses.append(bits(loss))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for o in opts.values():
+                o.step()
+                o.zero_grad(set_to_none=True)
+        return losses, weights(model), plain_states(model, opts)
+    opts, handles = in_backward(model.parameters(), factory)
+    for x in data:
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        losses.append(bits(loss))
+    for h in handles:
+        h.remove()
+    return losses, weights(model), plain_states(model, opts)
+
+
+def run_nzrt(case, model, data, factory, model_name):
+    losses = []
+    if case == "lora":
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        with nzrt.managed(model) as run:
+            assert run.params, "the frozen base must be compressed"
+            for x in data:
+                loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(bits(loss))
+            compressed = len(run.params)
+        return losses, weights(model), {}, {"managed": compressed}
+    if case == "accumulate":
+        with nzrt.managed(model, optimizer=nzrt.OptimizerConfig(factory, in_backward=False)) as run:
+            for i in range(0, len(data), 2):
+                for x in data[i:i + 2]:
+                    loss = model(input_ids=x, labels=x).loss / 2
+                    loss.backward()
+                    losses.append(bits(loss))
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                run.step()
+                run.zero_grad()
+            states = nzrt_states(model, run)
+        return losses, weights(model), states, {}
+    if case == "resume":
+        half = len(data) // 2
+        with tempfile.TemporaryDirectory() as d:
+            with nzrt.managed(model, optimizer=factory) as run:
+                for x in data[:half]:
+                    loss = model(input_ids=x, labels=x).loss
+                    loss.backward()
+                    losses.append(bits(loss))
+                run.save(f"{d}/model.nzrt")
+                torch.save(run.state_dict(), f"{d}/optim.pt")
+            del model, run
+            model = nzrt.from_pretrained(f"{d}/model.nzrt", optimizer=factory)
+            run = handle_of(model)
+            run.load_state_dict(torch.load(f"{d}/optim.pt", weights_only=False))
+            for x in data[half:]:
+                loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                losses.append(bits(loss))
+            states, w = nzrt_states(model, run), weights(model)
+            nzrt.release(model)
+            return losses, w, states, {}
+    with nzrt.managed(model, optimizer=factory) as run:
+        for x in data:
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            losses.append(bits(loss))
+        states = nzrt_states(model, run)
+        info = {"managed": len(run.params), "chunked": sum(mp.chunked for mp in run.params),
+                "state_bytes": run.trainer.state_bytes()}
+    return losses, weights(model), states, info
+
+
+def main():
+    case, model_name, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.manual_seed(0)
+    lm, ids = eval_ids()
+    factory = SGD if case == "sgd" else ADAMW
+    micro = 2 if case == "accumulate" else 1
+    out = {}
+    for who in ("plain", "nzrt"):
+        model = build(model_name, lm)
+        vocab = model.config.vocab_size
+        data = batches(ids, vocab, steps, micro)
+        model.train()
+        if case == "checkpointing":
+            model.gradient_checkpointing_enable()
+        if case == "lora":
+            import peft
+            torch.manual_seed(1)
+            model = peft.get_peft_model(model, peft.LoraConfig(
+                r=16, lora_alpha=32, lora_dropout=0.0,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        if who == "plain":
+            losses, w, st = run_plain(case, model, data, factory)
+            info = {}
+        else:
+            losses, w, st, info = run_nzrt(case, model, data, factory, model_name)
+        out[who] = {"losses": losses, "weights": w, "states": st, "info": info}
+    print(json.dumps(out, default=str))
+
+
+if __name__ == "__main__":
+    main()
