@@ -387,6 +387,19 @@ class Managed:
     def compress_backend(self, t):
         return self.backend if self.backend is not None or t.device.type != "cuda" else None
 
+    def compress_lossless(self, t):
+        """``t`` compressed losslessly now (a training step), never beside a decode of the worker
+        where numba's threading layer forbids two parallel kernels at once."""
+        if _serial_decode():
+            with _DECODE_LOCK:
+                return codec.compress(t, backend=self.compress_backend(t))
+        return codec.compress(t, backend=self.compress_backend(t))
+
+    def decompress(self, ct):
+        out = torch.empty(ct.shape, dtype=ct.dtype, device=ct.device)
+        self._decode(ct, out)
+        return out
+
     def update_weight(self, mp, dense) -> None:
         """A training step changed ``mp``'s weight to ``dense`` (exact, on the device): compress
         each chunk again (lossless), put it on its tier, and give held dense copies the new values."""
@@ -394,7 +407,7 @@ class Managed:
         cuda = self.device.type == "cuda"
         for key, (a, b) in zip(mp.keys, mp.rows):
             part = rows[a:b].reshape((b - a,) + tuple(mp.shape[1:])) if mp.chunked else dense
-            ct = codec.compress(part, backend=self.compress_backend(part))
+            ct = self.compress_lossless(part)
             s = self.tensors[key]
             tier = self._tier_now.get(key)
             if cuda and tier not in (None, Tier.DEVICE):  # host tiers: pinned host memory

@@ -23,7 +23,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import codec
 from ..format import CompressedTensor
 from .errors import ManagedError
 from .params import FLOATS, find_params
@@ -172,7 +171,7 @@ class Trainer:
             return
         st = self._state_of(e)
         for name, ct in e.packed.items():
-            st[name] = codec.decompress(ct, backend=self.run.backend)
+            st[name] = self.run.decompress(ct)
         e.packed = {}
 
     def _pack_state(self, e) -> None:
@@ -184,8 +183,7 @@ class Trainer:
                 e.packed[name] = v
                 del st[name]
             elif isinstance(v, torch.Tensor) and v.dtype in FLOATS and v.numel() >= self.run.min_numel:
-                ct = codec.compress(v, backend=self.run.compress_backend(v))
-                ct.verify()
+                ct = self.run.compress_lossless(v)
                 e.packed[name] = ct
                 del st[name]
 
