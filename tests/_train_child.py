@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import nzrt
-from nzrt.runtime.handle import handle_of
+from nzrt.runtime import handle_of
 
 TOKENS = 64
 ADAMW = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1)

@@ -46,10 +46,10 @@ from __future__ import annotations
 
 from ..policies import BudgetError
 from .errors import ManagedError
-from .handle import DEFAULT_CHUNK_BYTES, DEFAULT_MIN_NUMEL, Managed
+from .handle import DEFAULT_CHUNK_BYTES, DEFAULT_MIN_NUMEL, Managed, handle_of
 from .training import OptimizerConfig
 
-__all__ = ["managed", "Managed", "BudgetError", "ManagedError", "OptimizerConfig"]
+__all__ = ["managed", "Managed", "BudgetError", "ManagedError", "OptimizerConfig", "handle_of"]
 
 
 def managed(model, *, policy="auto", budget=None, mantissa_bits: int | None = None,

@@ -92,6 +92,9 @@ def _unpack(h):
             from .weight import _stale_error
             raise _stale_error()
         dense = mp.dense_copy()
+        trainer = mp.manager.trainer
+        if trainer is not None:  # its optimizer step, right after this node, reuses the decode
+            trainer.remember_unpacked(mp, dense)
         return dense.as_strided(h.size, h.stride, h.offset)
     if isinstance(h, _Outer):
         return h.unpack(h.packed)

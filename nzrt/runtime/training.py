@@ -87,6 +87,9 @@ class Trainer:
         self._by_param: dict = {}  # id(parameter) -> _Entry
         self.steps = 0
         self.schedulers = None    # LRSchedulers, once lr_scheduler() was called
+        # (Param, version, dense): the weight the backward decoded last, for its step to reuse
+        # (a weight's AccumulateGrad runs right after the node that unpacked it); one at most
+        self._unpacked = None
         self.lock = threading.RLock()
 
     # -- building -------------------------------------------------------------------------------
@@ -111,7 +114,12 @@ class Trainer:
             for e in self.entries.values():
                 e.hook = e.param.register_post_accumulate_grad_hook(self._hook)
 
+    def remember_unpacked(self, mp, dense) -> None:
+        e = self._by_param.get(id(mp.param))
+        self._unpacked = (mp, mp.version, dense) if e is not None and self.config.in_backward else None
+
     def detach(self) -> None:
+        self._unpacked = None
         for e in self.entries.values():
             if e.hook is not None:
                 e.hook.remove()
@@ -146,7 +154,12 @@ class Trainer:
             if not mp.active:
                 raise ManagedError(f"nzrt: {e.name!r} is no longer managed (the block has ended)")
             grad = e.param.grad
-            dense = mp.dense_copy()          # the weight, exact: [shape] of its dtype
+            cached, self._unpacked = self._unpacked, None
+            if cached is not None and cached[0] is mp and cached[1] == mp.version:
+                dense = cached[2]            # decoded by the backward just now (its node is done)
+            else:
+                dense = mp.dense_copy()      # the weight, exact: [shape] of its dtype
+            del cached
             set_data(shadow, dense)
             shadow.grad = grad
             try:
