@@ -97,6 +97,7 @@ class Managed:
         self.weights_dense_bytes = 0
         self.weights_compressed_bytes = 0
         self.trainer = None           # per-parameter optimizers (optimizer=...)
+        self.last_saved = None        # weakref to the weight token autograd saved last (saved.py)
         self._keep_trainable = False  # adapters (trainable beside frozen weights) stay dense
 
     # -- context manager --------------------------------------------------------------------

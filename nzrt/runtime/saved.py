@@ -10,6 +10,11 @@ strides and offset, so the backward computes with bit-identical operands and the
 plain PyTorch's. Every other saved tensor goes to the hooks that were active outside the
 forward (non-reentrant activation checkpointing installs its own), or is kept as autograd would.
 
+The backward runs the forward's layers in reverse, so unpacking one weight starts the decode of
+the weight saved just before it (on the CPU decode worker), and that weight's unpack usually
+finds it done: decode overlaps the backward's compute and the optimizer steps. A guess that
+misses costs one decode and is dropped; the values never depend on it.
+
 A weight updated after its forward (the optimizer step in the backward) and unpacked later
 raises as PyTorch does for a saved tensor modified in place, instead of computing with the new
 values.
@@ -17,19 +22,52 @@ values.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
 
 class _Saved:
-    __slots__ = ("mp", "size", "stride", "offset", "version")
+    __slots__ = ("mp", "size", "stride", "offset", "version", "prev", "ahead", "__weakref__")
 
-    def __init__(self, mp, size, stride, offset, version):
+    def __init__(self, mp, size, stride, offset, version, prev):
         self.mp = mp
         self.size = size
         self.stride = stride
         self.offset = offset
         self.version = version
+        self.prev = prev      # weakref to the _Saved packed before this one (the backward's next)
+        self.ahead = None     # (job, dense, version): its decode, started by the unpack before
+
+
+def _prefetch(h) -> None:
+    """Start decoding ``h``'s weight on the runtime's CPU decode worker (nothing on a GPU)."""
+    mp = h.mp
+    run = mp.manager
+    worker = getattr(run.scheduler, "_worker", None)
+    if worker is None or h.ahead is not None or not mp.active or run.device.type != "cpu" \
+            or not worker._thread.is_alive():
+        return
+    from ..scheduler.engine import _Job
+    dense = torch.empty(mp.shape, dtype=mp.dtype)
+    rows = dense.view(mp.shape[0], -1) if dense.dim() else dense.view(1)
+    items = [(run.tensors[k].ct, rows[a:b].reshape(-1) if mp.chunked else dense.view(-1))
+             for k, (a, b) in zip(mp.keys, mp.rows)]
+    job = _Job(items, None, run._decode)
+    h.ahead = (job, dense, mp.version)
+    worker.submit(job)
+
+
+def _decoded(h) -> torch.Tensor:
+    """``h``'s weight, dense: the decode started ahead if it is of this version, else now."""
+    mp = h.mp
+    ahead, h.ahead = h.ahead, None
+    if ahead is not None:
+        job, dense, version = ahead
+        job.wait()
+        if version == mp.version:
+            return dense
+    return mp.dense_copy()
 
 
 class _Outer:
@@ -71,7 +109,11 @@ def weight_hooks(bound):
                     item = t.element_size()
                     if t.dtype != mp.dtype or (p - start) % item:
                         return t.clone()  # another reading of the slot's bytes: a copy, exact
-                    return _Saved(mp, tuple(t.shape), tuple(t.stride()), (p - start) // item, mp.version)
+                    run = mp.manager
+                    h = _Saved(mp, tuple(t.shape), tuple(t.stride()), (p - start) // item, mp.version,
+                               run.last_saved)
+                    run.last_saved = weakref.ref(h)  # weak: no chain of graphs kept alive
+                    return h
         if outer is not None:
             return _Outer(outer[1], outer[0](t))
         return t
@@ -91,7 +133,10 @@ def _unpack(h):
         if not mp.active:
             from .weight import _stale_error
             raise _stale_error()
-        dense = mp.dense_copy()
+        dense = _decoded(h)
+        prev = h.prev() if h.prev is not None else None
+        if prev is not None and prev.mp is not mp:
+            _prefetch(prev)  # the backward's next weight, most likely
         trainer = mp.manager.trainer
         if trainer is not None:  # its optimizer step, right after this node, reuses the decode
             trainer.remember_unpacked(mp, dense)
