@@ -79,12 +79,15 @@ def test_untied_llama_1024_row_chunked_embedding_trains_bit_identically():
     assert res["nzrt"]["info"]["chunked"] == 1  # the input embedding, in row chunks, trained
 
 
-@pytest.mark.parametrize("case", ["adamw", "sgd"])
+@pytest.mark.parametrize("case", ["adamw", "sgd", "lora"])
 def test_smollm2_trains_bit_identically(case):
+    """The embedded SmolLM2-135M (real trained weights, bf16): AdamW, SGD with momentum, and peft
+    LoRA on its frozen compressed base against plain peft."""
     res = train_child(case, "smollm2")
     assert_identical(res, case)
-    comp, dense = res["nzrt"]["info"]["state_bytes"]
-    assert comp > 0 and dense < comp / 100  # the states are held compressed between steps
+    if case != "lora":
+        comp, dense = res["nzrt"]["info"]["state_bytes"]
+        assert comp > 0 and dense < comp / 100  # the states are held compressed between steps
 
 
 # -- in-process checks (small models) -----------------------------------------------------------
