@@ -45,6 +45,7 @@ class Report:
     fixed_bytes: int = 0
     weights_dense_bytes: int = 0         # every managed tensor once (tied weights once)
     weights_compressed_bytes: int = 0
+    training: str = ""                   # optimizers and their states (optimizer=...)
 
     # -- totals -------------------------------------------------------------------------------
     @property
@@ -114,6 +115,8 @@ class Report:
             peaks.append(f"device {format_bytes(dev)} ({'NVML' if 'nvml_used' in p else 'torch'})")
         if peaks:
             lines.append("  peaks (sampled): " + ", ".join(peaks))
+        if self.training:
+            lines.append(f"  {self.training}")
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         return "\n".join(lines)
@@ -145,6 +148,8 @@ class Report:
         if self.peaks:
             lines.append("  peaks: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.peaks.items())))
         lines.append(f"  NVML: {self.nvml}")
+        if self.training:
+            lines.append(f"  {self.training}")
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         lines.append("")

@@ -73,4 +73,5 @@ def build_report(run, held: dict) -> Report:
         replans=s.replans if s else 0, mode=s.mode if s else "", entry_s=run.entry_seconds,
         warnings=list(run.warnings), fixed_bytes=run.fixed_bytes,
         weights_dense_bytes=run.weights_dense_bytes,
-        weights_compressed_bytes=run.weights_compressed_bytes)
+        weights_compressed_bytes=run.weights_compressed_bytes,
+        training=run.trainer.summary() if run.trainer is not None else "")

@@ -210,6 +210,18 @@ class Trainer:
                     dense += v.numel() * v.element_size()
         return comp, dense
 
+    def summary(self) -> str:
+        """One line for the report: optimizers, steps, what the states take."""
+        from ..budget import format_bytes
+        comp, dense = self.state_bytes()
+        packed_dense = sum(ct.numel() * ct.dtype.itemsize for e in self.entries.values() for ct in e.packed.values())
+        kinds = sorted({type(e.opt).__name__ for e in self.entries.values()})
+        ratio = f" ({100 * comp / packed_dense:.1f}%)" if packed_dense else ""
+        return (f"training: {len(self.entries)} optimizers ({', '.join(kinds) or '-'}), "
+                f"{'in the backward' if self.config.in_backward else 'run.step()'}, {self.steps} steps; "
+                f"states {format_bytes(packed_dense)} -> {format_bytes(comp)} compressed{ratio}, "
+                f"{format_bytes(dense)} dense")
+
     # -- saving and resuming --------------------------------------------------------------------
     def state_dict(self) -> dict:
         """{"optimizers": {name: optimizer state_dict}, "lr_schedulers": ...}; compressed states
