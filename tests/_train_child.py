@@ -187,7 +187,51 @@ def run_nzrt(case, model, data, factory, model_name):
     return losses, weights(model), states, info
 
 
+def interrupts(steps: int) -> dict:
+    """Ctrl-C at random moments of training: after each one, every managed weight's optimizer
+    has taken exactly as many steps as the weight has been updated (a step is whole or not at
+    all), and the block still exits with every parameter restored."""
+    import random
+    import signal
+    import threading
+    import time
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background child inherits SIG_IGN
+    from test_runtime import tiny_llama
+    m = tiny_llama(hidden=256, vocab=2048, layers=2).train()
+    x = torch.randint(0, 2048, (1, 64), generator=torch.Generator().manual_seed(0))
+    rng = random.Random(0)
+    caught, mismatched, completed = 0, [], 0
+    with nzrt.managed(m, optimizer=ADAMW) as run:
+        t0 = time.perf_counter()
+        m(x, labels=x).loss.backward()
+        step_s = time.perf_counter() - t0
+        for _ in range(steps):
+            timer = threading.Timer(rng.uniform(0, step_s), os.kill, (os.getpid(), signal.SIGINT))
+            timer.start()
+            try:
+                m(x, labels=x).loss.backward()
+                completed += 1
+                timer.join()
+                time.sleep(0.01)  # a signal sent late lands here, not in the next step
+            except KeyboardInterrupt:
+                caught += 1
+            timer.cancel()
+            for e in run.trainer.entries.values():
+                if e.mp is not None:
+                    st = e.opt.state.get(e.shadow, {})
+                    n = int(st["step"].item()) if "step" in st else 0
+                    if n != e.mp.version:
+                        mismatched.append((e.name, n, e.mp.version))
+            m.zero_grad(set_to_none=True)
+    restored = all(type(p) is torch.nn.Parameter and bool(torch.isfinite(p).all()) for p in m.parameters())
+    return {"caught": caught, "completed": completed, "mismatched": mismatched[:5], "restored": restored}
+
+
 def main():
+    if sys.argv[1] == "interrupts":
+        print(json.dumps(interrupts(int(sys.argv[3]))))
+        return
     case, model_name, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.manual_seed(0)
     lm, ids = eval_ids()

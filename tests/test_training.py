@@ -288,3 +288,10 @@ def test_every_policy_trains_like_plain(policy):
     if policy.endswith("-roomy"):
         assert held >= len(run.units) // 2, (held, len(run.units))
     assert all(same(p, q) for p, q in zip(m.parameters(), ref.parameters()))
+
+
+def test_ctrl_c_during_training_never_splits_a_step():
+    res = train_child("interrupts", "tiny", steps=40)
+    assert res["caught"] >= 10, res  # most interrupts land inside the backward
+    assert res["mismatched"] == [], res
+    assert res["restored"], res

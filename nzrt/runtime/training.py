@@ -26,6 +26,7 @@ from torch import nn
 from ..format import CompressedTensor
 from .errors import ManagedError
 from .params import FLOATS, find_params
+from .transaction import deferred_interrupts
 from .weight import lookup, set_data
 
 
@@ -163,13 +164,16 @@ class Trainer:
             set_data(shadow, dense)
             shadow.grad = grad
             try:
-                self._unpack_state(e)
-                e.opt.step()
-                e.param.grad = None
-                shadow.grad = None
-                del grad
-                self._pack_state(e)
-                self.run.update_weight(mp, dense)
+                # one weight's step is whole or not at all: Ctrl-C waits until its new weight
+                # and state are stored (a KeyboardInterrupt is raised right after)
+                with deferred_interrupts():
+                    self._unpack_state(e)
+                    e.opt.step()
+                    e.param.grad = None
+                    shadow.grad = None
+                    del grad
+                    self._pack_state(e)
+                    self.run.update_weight(mp, dense)
             finally:
                 shadow.grad = None
                 set_data(shadow, mp.placeholder)
