@@ -96,91 +96,81 @@ def nzrt_states(model, run) -> dict:
     return out
 
 
-def run_plain(case, model, data, factory):
+def lora_loop(model, data) -> list:
+    """Plain peft training: one AdamW over the adapters, stepped after each backward."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    return backward_loop(model, data, after=lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
+
+
+def backward_loop(model, data, after=None, scale=1) -> list:
     losses = []
+    for x in data:
+        loss = model(input_ids=x, labels=x).loss / scale
+        loss.backward()
+        losses.append(bits(loss))
+        if after is not None:
+            after()
+    return losses
+
+
+def accumulate_loop(model, data, step) -> list:
+    """Two micro-batches per step, then global-norm clipping and ``step()``."""
+    losses = []
+    for i in range(0, len(data), 2):
+        losses += backward_loop(model, data[i:i + 2], scale=2)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        step()
+    return losses
+
+
+def run_plain(case, model, data, factory):
     if case == "lora":
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        for x in data:
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(bits(loss))
-        return losses, weights(model), {}
+        return lora_loop(model, data), weights(model), {}
     if case == "accumulate":
         opts = {p: factory([p]) for p in model.parameters()}
-        for i in range(0, len(data), 2):
-            for x in data[i:i + 2]:
-                loss = model(input_ids=x, labels=x).loss / 2
-                loss.backward()
-                losses.append(bits(loss))
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+        def step():
             for o in opts.values():
                 o.step()
                 o.zero_grad(set_to_none=True)
+        losses = accumulate_loop(model, data, step)
         return losses, weights(model), plain_states(model, opts)
     opts, handles = in_backward(model.parameters(), factory)
-    for x in data:
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        losses.append(bits(loss))
+    losses = backward_loop(model, data)
     for h in handles:
         h.remove()
     return losses, weights(model), plain_states(model, opts)
 
 
 def run_nzrt(case, model, data, factory, model_name):
-    losses = []
     if case == "lora":
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         with nzrt.managed(model) as run:
             assert run.params, "the frozen base must be compressed"
-            for x in data:
-                loss = model(input_ids=x, labels=x).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(bits(loss))
+            losses = lora_loop(model, data)
             compressed = len(run.params)
         return losses, weights(model), {}, {"managed": compressed}
     if case == "accumulate":
         with nzrt.managed(model, optimizer=nzrt.OptimizerConfig(factory, in_backward=False)) as run:
-            for i in range(0, len(data), 2):
-                for x in data[i:i + 2]:
-                    loss = model(input_ids=x, labels=x).loss / 2
-                    loss.backward()
-                    losses.append(bits(loss))
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                run.step()
-                run.zero_grad()
+            losses = accumulate_loop(model, data, lambda: (run.step(), run.zero_grad()))
             states = nzrt_states(model, run)
         return losses, weights(model), states, {}
     if case == "resume":
         half = len(data) // 2
         with tempfile.TemporaryDirectory() as d:
             with nzrt.managed(model, optimizer=factory) as run:
-                for x in data[:half]:
-                    loss = model(input_ids=x, labels=x).loss
-                    loss.backward()
-                    losses.append(bits(loss))
+                losses = backward_loop(model, data[:half])
                 run.save(f"{d}/model.nzrt")
                 torch.save(run.state_dict(), f"{d}/optim.pt")
             del model, run
             model = nzrt.from_pretrained(f"{d}/model.nzrt", optimizer=factory)
             run = handle_of(model)
             run.load_state_dict(torch.load(f"{d}/optim.pt", weights_only=False))
-            for x in data[half:]:
-                loss = model(input_ids=x, labels=x).loss
-                loss.backward()
-                losses.append(bits(loss))
+            losses += backward_loop(model, data[half:])
             states, w = nzrt_states(model, run), weights(model)
             nzrt.release(model)
             return losses, w, states, {}
     with nzrt.managed(model, optimizer=factory) as run:
-        for x in data:
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            losses.append(bits(loss))
+        losses = backward_loop(model, data)
         states = nzrt_states(model, run)
         info = {"managed": len(run.params), "chunked": sum(mp.chunked for mp in run.params),
                 "state_bytes": run.trainer.state_bytes()}
