@@ -11,9 +11,41 @@ into one ``FormatError`` naming each.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import numba
 
 from . import spec
+
+
+def _drop_stale_cache() -> None:
+    """numba's disk cache checks only the file that defines a compiled function, not the modules
+    whose intrinsics, constants and callees it compiled in. One stamp over every kernel source:
+    when any of them changed, the cached machine code of all of them is dropped (recompiled on
+    first use). Only numba's default place (``__pycache__`` beside the sources) is handled."""
+    here = Path(__file__).parent
+    cache = here / "__pycache__"
+    if os.environ.get("NUMBA_CACHE_DIR") or not os.access(cache if cache.is_dir() else here, os.W_OK):
+        return
+    h = hashlib.sha256()
+    for src in sorted(here.glob("*.py")):
+        h.update(src.name.encode() + b"\0" + src.read_bytes())
+    stamp = cache / "numba-sources.sha256"
+    digest = h.hexdigest()
+    try:
+        cache.mkdir(exist_ok=True)  # a fresh install: stamp it before anything is compiled
+        if stamp.is_file() and stamp.read_text() == digest:
+            return
+        for f in list(cache.glob("*.nbi")) + list(cache.glob("*.nbc")):
+            f.unlink(missing_ok=True)
+        stamp.write_text(digest)
+    except OSError:  # a read-only or shared install: numba's own checks are all there is
+        pass
+
+
+_drop_stale_cache()
 
 _OPTS = dict(cache=True, nogil=True, error_model="numpy", boundscheck=False)
 _NLEV = spec.MAX_LEVELS + 1  # coded levels plus the raw one

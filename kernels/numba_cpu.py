@@ -17,9 +17,8 @@ This module is the backend's face; the kernels live beside it, by concern:
 (room for one more beside them: a fused decode-matmul, reusing ``cpu_decode``'s tables).
 
 numba's disk cache checks only the file that defines a compiled function: the intrinsics,
-constants and callees it compiled in from another module are not checked. After editing
-cpu_common, cpu_intrinsics, cpu_crc or cpu_plan, delete ``kernels/__pycache__/*.nb[ic]`` (or
-touch the modules that use them) before measuring or testing.
+constants and callees it compiled in from another module are not checked. ``cpu_common`` keeps
+one stamp over all the kernel sources and drops every cached kernel when any source changed.
 """
 from __future__ import annotations
 
