@@ -652,12 +652,13 @@ class Managed:
     def load_state_dict(self, sd: dict) -> None:
         self._trainer().load_state_dict(sd)
 
-    def save(self, path) -> None:
+    def save(self, path, tokenizer=None) -> None:
         """Write the model's current weights as a ``.nzrt`` straight from their compressed copies
-        (nothing is densified but small parameters and buffers, which are stored as they are)."""
+        (small parameters and buffers are stored dense, as they are). ``tokenizer``: stored too,
+        for ``nzrt generate FILE``."""
         from .saving import save_run
         with self.lock:
-            save_run(self, path)
+            save_run(self, path, tokenizer)
 
     # -- report -----------------------------------------------------------------------------
     def held_bytes(self) -> dict:

@@ -3,7 +3,8 @@
 A trained model is written without densifying it: each managed weight's blobs go to the file as
 they are (a row-chunked embedding as its chunks, listed under the model metadata's
 ``row_chunks``), small parameters and buffers as dense entries. A transformers model gets the
-metadata ``nzrt.from_pretrained(path)`` and ``nzrt generate`` rebuild it from; any other model
+metadata ``nzrt.from_pretrained(path)`` and ``nzrt generate`` rebuild it from (with the
+tokenizer, if given, stored as ``nzrt compress`` stores it); any other model
 is written as plain entries for ``nzrt.managed(meta_model, weights=nzrt.load(path))``, its
 row-chunked weights compressed again whole, one at a time.
 """
@@ -35,7 +36,7 @@ def _metadata(run, chunk_spans: dict) -> dict | None:
     return meta
 
 
-def save_run(run, path) -> None:
+def save_run(run, path, tokenizer=None) -> None:
     model = run.model
     params = list(model.named_parameters())  # each parameter once, under its first name
     chunked = {}
@@ -62,3 +63,7 @@ def save_run(run, path) -> None:
         for name, b in model.named_buffers():
             if b.device.type != "meta":
                 w.add(name, b.detach().cpu())
+        if tokenizer is not None:  # what `nzrt generate FILE` reads the prompt with
+            from ..models import _tokenizer_entries
+            for name, t in _tokenizer_entries(tokenizer):
+                w.add(name, t)
