@@ -3,6 +3,8 @@
 #
 #     bash tools/gpu_all.sh            # both
 #     bash tools/gpu_all.sh e2e        # only the end-to-end table (or: gpu)
+#     bash tools/gpu_all.sh train      # only tools/bench_train.py --device cuda (not in the default;
+#                                      # `gpu train e2e` runs all three, train under GPU_TRAIN_TIMEOUT=150)
 #
 # Python: .venv's if its torch sees a GPU; else the system python3 if its torch does (the lent GPU
 # machines start bare, with no network, and a python3 that holds CUDA torch, triton, transformers,
@@ -18,6 +20,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 unset TRITON_INTERPRET
 BUDGET=${GPU_ALL_BUDGET:-560}
 GPU_TIMEOUT=${GPU_BENCH_TIMEOUT:-240}
+GPU_TRAIN_TIMEOUT=${GPU_TRAIN_TIMEOUT:-150}
 WHAT=" ${*:-gpu e2e} "
 
 pyc() { (cd / && "$PY" -c "$@"); }   # never from the root: ./nzrt there lacks its subpackages
@@ -61,6 +64,17 @@ assert torch.equal(nzrt.decompress(nzrt.compress(x)).view(torch.int16), x.view(t
         [ $r -eq 124 ] && echo "gpu_all: bench_gpu.py stopped after $GPU_TIMEOUT s (nothing recorded by it)"
     fi
     wait $warm || echo "gpu_all: numba warm-up failed (the first restore compiles it instead)"
+    if [[ $WHAT == *" train "* ]]; then
+        # training rows on a Llama-3-8B shape built on the GPU (2 steps); its --deadline stops a row
+        # that runs past it and skips the rest, so the table still prints before the timeout
+        echo "== tools/bench_train.py --device cuda ($SECONDS s in)"
+        timeout -s TERM "$GPU_TRAIN_TIMEOUT" "$PY" tools/bench_train.py --device cuda --steps 2 \
+            --rows adamw,nzrt_adamw,nzrt_sgd,adamw_bwd,lora,nzrt_lora,nzrt_adamw_ds --no-overhead-row \
+            --deadline $(( GPU_TRAIN_TIMEOUT > 30 ? GPU_TRAIN_TIMEOUT - 10 : 20 )) --row-timeout 90 \
+            ${OUT:+--json "$OUT/bench_train_gpu.json"}
+        r=$?; [ $r -gt $rc ] && rc=$r
+        [ $r -eq 124 ] && echo "gpu_all: bench_train.py stopped after $GPU_TRAIN_TIMEOUT s"
+    fi
     if [[ $WHAT == *" e2e "* ]]; then
         left=$(( BUDGET - SECONDS ))
         echo "== tools/bench_e2e_gpu.py --record ($SECONDS s in, $left s left)"
