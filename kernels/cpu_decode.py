@@ -431,17 +431,13 @@ def _decode_tables(dtype: str, keep: int, widths: tuple, has_raw: bool, symbols:
 _EMPTY_U8 = np.zeros(16, np.uint8)
 
 
-def decode_into(ct, out_bits: np.ndarray) -> None:
-    """Write the bit patterns of ``ct`` into ``out_bits`` (1-D, the dtype's uint, >= numel)."""
+def tile_args(ct):
+    """The arguments ``_decode_tile`` takes after ``t`` (``n .. off``, streams checked long
+    enough for every read), and (patch_idx, patch_val); for callers that decode tile by tile
+    (``cpu_fused``). ``ct`` holds at least one value."""
     h = ct.header
     layout = spec.LAYOUTS[h.dtype]
     n = h.numel
-    if (out_bits.dtype != layout.uint or out_bits.ndim != 1 or len(out_bits) < n
-            or not out_bits.flags.c_contiguous or not out_bits.flags.writeable):
-        raise ValueError(f"out_bits must be a writeable contiguous 1-D {np.dtype(layout.uint).name} "
-                         f"array of >= {n} values")
-    if n == 0:
-        return
     sec = ct.np_sections()
     L, W, ESC, VALID, tab, TT, G, drop, lanemask = _decode_tables(
         h.dtype, h.mantissa_bits, h.widths, h.has_raw, h.symbols)
@@ -454,11 +450,25 @@ def decode_into(ct, out_bits: np.ndarray) -> None:
     off = sec["offsets"]
     if off.shape[0] != spec.n_tiles(n, h.tile) + 1 or off.shape[1] != max(L - 1, 0):
         raise FormatError(f"offsets table has shape {off.shape}")
-    tiles = spec.n_tiles(n, h.tile)
-    kern = _decode_par if _parallel(tiles) else _decode_ser
-    err = kern(n, h.tile, L, W, ESC, VALID, tab, TT, G, sec["sm"], smw, h.mantissa_bits, drop,
-               layout.total_bits - 1, lanemask, lv[0], lv[1], lv[2], lv[3], lv[4], off, out_bits,
-               sec["patch_idx"], sec["patch_val"])
+    args = (n, h.tile, L, W, ESC, VALID, tab, TT, G, sec["sm"], smw, h.mantissa_bits, drop,
+            layout.total_bits - 1, lanemask, lv[0], lv[1], lv[2], lv[3], lv[4], off)
+    return args, (sec["patch_idx"], sec["patch_val"])
+
+
+def decode_into(ct, out_bits: np.ndarray) -> None:
+    """Write the bit patterns of ``ct`` into ``out_bits`` (1-D, the dtype's uint, >= numel)."""
+    h = ct.header
+    layout = spec.LAYOUTS[h.dtype]
+    n = h.numel
+    if (out_bits.dtype != layout.uint or out_bits.ndim != 1 or len(out_bits) < n
+            or not out_bits.flags.c_contiguous or not out_bits.flags.writeable):
+        raise ValueError(f"out_bits must be a writeable contiguous 1-D {np.dtype(layout.uint).name} "
+                         f"array of >= {n} values")
+    if n == 0:
+        return
+    args, (pidx, pval) = tile_args(ct)
+    kern = _decode_par if _parallel(spec.n_tiles(n, h.tile)) else _decode_ser
+    err = kern(*args, out_bits, pidx, pval)
     if err:
         msgs = [m for bit, m in _ERRORS if err & bit]
         raise FormatError("corrupted compressed tensor: " + "; ".join(msgs))

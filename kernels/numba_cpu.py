@@ -14,7 +14,8 @@ This module is the backend's face; the kernels live beside it, by concern:
   cpu_plan        codebook, code tables and tile offsets from the exponent histogram
   cpu_encode      histogram, stream writers, blob layout: ``encode``, ``encode_blob``
   cpu_decode      decode tables, tile decode, patches: ``decode_into``
-(room for one more beside them: a fused decode-matmul, reusing ``cpu_decode``'s tables).
+  cpu_fused       fused decode-matmul ``linear`` (y = x @ W.T + b from the compressed W, tile by
+                  tile with ``cpu_decode``'s tile decoder; the arithmetic is ``fused_reference``'s).
 
 numba's disk cache checks only the file that defines a compiled function: the intrinsics,
 constants and callees it compiled in from another module are not checked. ``cpu_common`` keeps
@@ -26,8 +27,9 @@ from .cpu_common import ERR_CODE, ERR_ESCAPES, ERR_OFFSETS, ERR_PATCH, ERR_SHORT
 from .cpu_crc import crc32
 from .cpu_decode import decode_into
 from .cpu_encode import encode, encode_blob
+from .cpu_fused import linear
 from .cpu_intrinsics import _HAS_BMI2, _HAS_PCLMUL, _HAS_VBMI2, _HAS_VPCLMUL  # noqa: F401 - read by tests
 from .cpu_plan import choose_cascade
 
-__all__ = ["encode", "encode_blob", "decode_into", "crc32", "choose_cascade", "PARALLEL_MIN_TILES",
+__all__ = ["encode", "encode_blob", "decode_into", "linear", "crc32", "choose_cascade", "PARALLEL_MIN_TILES",
            "ERR_ESCAPES", "ERR_CODE", "ERR_OFFSETS", "ERR_PATCH", "ERR_SHORT"]
