@@ -113,6 +113,23 @@ def release_file_pages(tensor, maps=None, *, trusted: bool = False) -> int:
     return hi - lo
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Make glibc serve every block of at least ``nbytes`` from its own memory map, so that a
+    freed block leaves the process at once (``mallopt(M_MMAP_THRESHOLD)``). Process-wide; it
+    also turns off glibc's adaptive threshold, which otherwise rises to 32 MiB as large blocks are
+    freed and lets them pile up in the arenas. False where there is no glibc."""
+    lib = _libc()
+    if not lib:
+        return False
+    try:
+        return bool(lib.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+    except AttributeError:  # musl and others
+        return False
+
+
 def trim() -> bool:
     """Give the allocator's free memory back to the operating system (glibc's ``malloc_trim``)."""
     lib = _libc()

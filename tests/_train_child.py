@@ -86,13 +86,24 @@ def plain_states(model, opts) -> dict:
 
 
 def nzrt_states(model, run) -> dict:
-    out = {}
+    """Digests as plain_states names them: a weight stepped in row chunks (optimizers named
+    NAME[a:b]) has its chunks' states put back together in row order (a scalar, e.g. the step
+    count, is the same in every chunk: the first is taken)."""
+    import re
+    parts: dict = {}
     for n, sd in run.state_dict()["optimizers"].items():
+        m = re.fullmatch(r"(.*)\[(\d+):(\d+)\]", n)
+        base, first = (m.group(1), int(m.group(2))) if m else (n, 0)
         for k, v in sd["state"].get(0, {}).items():
             if isinstance(v, nzrt.CompressedTensor):
                 v = nzrt.decompress(v)
             if isinstance(v, torch.Tensor):
-                out[f"{n}.{k}"] = digest(v)
+                parts.setdefault(f"{base}.{k}", []).append((first, v))
+    out = {}
+    for key, chunks in parts.items():
+        chunks.sort(key=lambda c: c[0])
+        ts = [t for _, t in chunks]
+        out[key] = digest(torch.cat(ts) if ts[0].dim() else ts[0])
     return out
 
 

@@ -104,4 +104,9 @@ def root_forward(run, inner):
                 s.end_pass(ok)
                 if s.depth == 0:
                     run.tracker.sample()
+                    if torch.is_grad_enabled() and not s.cuda:
+                        # the backward decodes each weight afresh: the pool's idle slots would
+                        # sit beside those copies until the next pass (on a GPU a freed slot
+                        # may still be read by the side stream; the caching allocator keeps it)
+                        s.pool.clear()
     return forward
