@@ -16,6 +16,11 @@ N(0, 0.02) (its exponents code like a trained layer's, ~10.7 bits/weight); x is 
 Threads: torch's and numba's defaults (all cores). OMP_WAIT_POLICY=PASSIVE unless set. The load
 average is printed before and after: on a shared machine the times are only as good as it.
 Large shapes get fewer repetitions (``--reps`` scaled down by size, at least 3).
+
+``--cold``: every timed call uses the next of several copies of the weight (dense and compressed),
+together >= 96 MiB, so a layer's bytes come from DRAM as in generation (a model streams all its
+weights once per token); without it, small layers are re-read from the caches, which flatters
+every column and plain most (its dense bytes are 1.5x the compressed).
 """
 from __future__ import annotations
 
@@ -67,13 +72,15 @@ def main(argv=None) -> None:
     ap.add_argument("--shapes", default="smol,llama8b")
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--cold", action="store_true", help="rotate copies of each weight (>= 96 MiB)")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     gen = torch.Generator().manual_seed(0)
     print(f"# {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_name()}, "
           f"{os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"numba {numba.__version__} ({numba.get_num_threads()} threads), "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; load avg {os.getloadavg()[0]:.2f}")
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; load avg {os.getloadavg()[0]:.2f}; "
+          f"{'cold (weights from DRAM)' if args.cold else 'hot (small weights stay in cache)'}")
     hdr = (f"{'shape':<13} {'K->N':>12} {'rows':>4} {'bits/w':>6} {'MB':>6} | {'fused ms':>9} "
            f"{'GB/s':>6} | {'plain ms':>9} {'GB/s':>6} | {'dec+lin ms':>10} | {'copy ms':>8} "
            f"{'GB/s':>6} | {'plain/fused':>11}")
@@ -83,25 +90,32 @@ def main(argv=None) -> None:
     for group in args.shapes.split(","):
         for label, K, N in SHAPES[group]:
             w = (torch.randn(N, K, generator=gen) * 0.02).to(torch.bfloat16)
-            ct = nzrt.compress(w)
-            cbytes = ct.data.numel()
+            ncopy = -(-(96 << 20) // (2 * N * K)) if args.cold else 1
+            ws = [w] + [w.clone() for _ in range(ncopy - 1)]
+            cts = [nzrt.compress(wi) for wi in ws]
+            cbytes = cts[0].data.numel()
             dense = torch.empty_like(w)
-            src = ct.data.clone()
-            dst = torch.empty_like(src)
+            srcs = [c.data for c in cts]
+            dst = torch.empty_like(srcs[0])
             reps = max(3, min(args.reps, int(args.reps * 4e6 / (N * K)) or 3))
-            t_copy = median_time(lambda: dst.copy_(src), max(reps, 5))
+            it = iter(range(1 << 62))
+
+            def nxt(seq):
+                return seq[next(it) % len(seq)]
+
+            t_copy = median_time(lambda: dst.copy_(nxt(srcs)), max(reps, 5))
             for rows in batches:
                 x = torch.randn(rows, K, generator=gen).to(torch.bfloat16)
                 out = torch.empty(rows, N, dtype=torch.bfloat16)
-                t_fused = median_time(lambda: numba_cpu.linear(ct, x, out=out), reps)
-                t_plain = median_time(lambda: F.linear(x, w), reps)
-                t_dec = median_time(lambda: F.linear(x, nzrt.decompress(ct, out=dense)), reps)
+                t_fused = median_time(lambda: numba_cpu.linear(nxt(cts), x, out=out), reps)
+                t_plain = median_time(lambda: F.linear(x, nxt(ws)), reps)
+                t_dec = median_time(lambda: F.linear(x, nzrt.decompress(nxt(cts), out=dense)), reps)
                 print(f"{label:<13} {f'{K}->{N}':>12} {rows:>4} {8 * cbytes / (N * K):>6.2f} "
                       f"{cbytes / 1e6:>6.1f} | {t_fused * 1e3:>9.3f} {cbytes / t_fused / 1e9:>6.2f} | "
                       f"{t_plain * 1e3:>9.3f} {2 * N * K / t_plain / 1e9:>6.2f} | {t_dec * 1e3:>10.3f} | "
                       f"{t_copy * 1e3:>8.3f} {cbytes / t_copy / 1e9:>6.2f} | {t_plain / t_fused:>10.2f}x",
                       flush=True)
-            del w, ct, dense, src, dst
+            del w, ws, cts, dense, srcs, dst
     print(f"# {time.perf_counter() - t_start:.0f} s; load avg after {os.getloadavg()[0]:.2f}; GB/s: "
           f"fused and copy = compressed bytes / time, plain = dense bf16 bytes / time")
 
