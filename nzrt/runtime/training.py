@@ -139,6 +139,7 @@ class Trainer:
         self._by_param: dict = {}  # id(parameter) -> _Entry
         self.steps = 0
         self.schedulers = None    # LRSchedulers, once lr_scheduler() was called
+        self.final = None         # summary() as of the exit
         # (Param, version, dense): the weight the backward decoded last, for its step to reuse
         # (a weight's AccumulateGrad runs right after the node that unpacked it); one at most
         self._unpacked = None
@@ -183,11 +184,17 @@ class Trainer:
         self._unpacked = (mp, mp.version, dense) if g is not None and self.config.in_backward else None
 
     def detach(self) -> None:
+        """At exit, before the weights are restored: hooks off, and the optimizer states freed
+        (they would sit beside the dense weights; ``run.state_dict()`` is for inside the block)."""
         self._unpacked = None
         for g in self._by_param.values():
             if g.hook is not None:
                 g.hook.remove()
                 g.hook = None
+        self.final = self.summary()  # the exit report's line, as the states were
+        for e in self.entries.values():
+            e.packed = {}
+            e.opt.state.clear()
 
     @property
     def optimizers(self) -> dict:
@@ -282,6 +289,8 @@ class Trainer:
 
     def summary(self) -> str:
         """One line for the report: optimizers, steps, what the states take."""
+        if self.final is not None:
+            return self.final
         from ..budget import format_bytes
         comp, dense = self.state_bytes()
         packed_dense = sum(ct.numel() * ct.dtype.itemsize for e in self.entries.values() for ct in e.packed.values())
