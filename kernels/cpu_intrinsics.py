@@ -328,3 +328,89 @@ _exp_bytes32 = _make_bytes("exp16")
 _exp_bytes16 = _make_bytes("exp32")
 _bf16_sm_bytes32 = _make_bytes("sm16")
 _fp32_sm_bytes48 = _make_bytes("sm32")
+
+
+def _bf16_level0_x32_soft(L0, sm, out, i, p, t0, t1, t2):
+    c = np.int64(0)
+    for j in range(32):
+        code = (np.int64(L0[(i + j) >> 2]) >> (2 * ((i + j) & 3))) & 3
+        s = np.int64(sm[i + j])
+        if code == 3:
+            v = np.int64(out[p + c])
+            c += 1
+        else:
+            v = t0 if code == 0 else (t1 if code == 1 else t2)
+        out[i + j] = ((s & 0x80) << 8) | (s & 0x7F) | v
+    return c
+
+
+def _codes2_x32_soft(st, byte, out, q, p, t0, t1, t2):
+    c = np.int64(0)
+    for j in range(32):
+        code = (np.int64(st[byte + (j >> 2)]) >> (2 * (j & 3))) & 3
+        if code == 3:
+            v = np.int64(out[p + c])
+            c += 1
+        else:
+            v = t0 if code == 0 else (t1 if code == 1 else t2)
+        out[q + j] = v
+    return c
+
+
+def _make_merge2_x32(with_sm: bool):
+    """Merge 32 entries of a 2-bit level whose code 3 escapes, into 16-bit output lanes: code
+    c < 3 names ``t_c`` (the exponent in place), an escape takes the next entry of the list at
+    ``out[p:]`` (one VPEXPANDW); the 8 code bytes are read from ``st[byte]``; the 32 lanes are
+    stored after the list was read. ``with_sm`` (level 0 of lossless bf16): the sign/mantissa
+    byte ``sm[q + j]`` goes to bits 15 and 0..6 and ``byte`` is ``q >> 2``. Returns the escapes
+    taken. Without AVX-512 VBMI2, a loop."""
+    soft = _bf16_level0_x32_soft if with_sm else _codes2_x32_soft
+
+    @intrinsic
+    def merge2(typingctx, st, second, out, q, p, t0, t1, t2):
+        if not all(isinstance(a, types.Array) for a in (st, second, out)) and with_sm:
+            return None
+        if not with_sm and not (isinstance(st, types.Array) and isinstance(out, types.Array)):
+            return None
+        sig = types.int64(st, second, out, types.int64, types.int64, types.int64, types.int64, types.int64)
+
+        def codegen(context, builder, sig, args):
+            if not _HAS_VBMI2:
+                return context.compile_internal(builder, soft, sig, args)
+            i8, i16, i32, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+            v8, v32b, v32w = ir.VectorType(i8, 8), ir.VectorType(i8, 32), ir.VectorType(i16, 32)
+            v32m = ir.VectorType(ir.IntType(1), 32)
+            expand = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(v32w, [i16.as_pointer(), v32m, v32w]),
+                "llvm.masked.expandload.v32i16")
+            ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [i32]), "llvm.ctpop.i32")
+            q, p = args[3], args[4]
+            const = lambda x: ir.Constant(v32w, x if isinstance(x, list) else [x] * 32)  # noqa: E731
+            byte = builder.ashr(q, ir.Constant(i64, 2)) if with_sm else args[1]
+            pcode = _elem_ptr(context, builder, sig.args[0], args[0], byte, types.int64)
+            b = builder.load(builder.bitcast(pcode, v8.as_pointer()), align=1)
+            spread = builder.shuffle_vector(b, ir.Constant(v8, None),
+                                            ir.Constant(ir.VectorType(i32, 32), [j // 4 for j in range(32)]))
+            codes = builder.and_(builder.lshr(builder.zext(spread, v32w),
+                                              const([2 * (j % 4) for j in range(32)])), const(3))
+            T = [_vec_splat(builder, v32w, builder.trunc(a, i16)) for a in args[5:8]]
+            esc = builder.icmp_unsigned("==", codes, const(3))
+            sym = builder.select(builder.icmp_unsigned("==", codes, const(0)), T[0],
+                                 builder.select(builder.icmp_unsigned("==", codes, const(1)), T[1],
+                                                builder.select(esc, const(0), T[2])))
+            plist = _elem_ptr(context, builder, sig.args[2], args[2], p, types.int64)
+            word = builder.call(expand, [builder.bitcast(plist, i16.as_pointer()), esc, sym])
+            if with_sm:
+                psm = _elem_ptr(context, builder, sig.args[1], args[1], q, types.int64)
+                s = builder.zext(builder.load(builder.bitcast(psm, v32b.as_pointer()), align=1), v32w)
+                word = builder.or_(builder.or_(builder.shl(builder.and_(s, const(0x80)), const(8)),
+                                               builder.and_(s, const(0x7F))), word)
+            pout = _elem_ptr(context, builder, sig.args[2], args[2], q, types.int64)
+            builder.store(word, builder.bitcast(pout, v32w.as_pointer()), align=1)
+            return builder.zext(builder.call(ctpop, [builder.bitcast(esc, i32)]), i64)
+        return sig, codegen
+    return merge2
+
+
+_bf16_level0_x32 = _make_merge2_x32(True)  # (L0, sm, out, i, p, t0, t1, t2)
+_codes2_x32 = _make_merge2_x32(False)  # (st, byte, out, q, p, t0, t1, t2)
