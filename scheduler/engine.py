@@ -440,11 +440,7 @@ class Scheduler:
             elif d.job is not None:
                 if not d.job.done.is_set():
                     t0 = t0 or time.perf_counter()
-                d.job.wait()
-                if d.job.unit is not None:
-                    self.stats[d.job.unit].decode_s += d.job.seconds
-                    d.job.unit = None  # count each job's time once
-                d.job = None
+                self._finish_job(d)
             out[key] = d.buf
         if t0 is not None:
             self.stats[unit].stall_s += time.perf_counter() - t0
@@ -470,10 +466,7 @@ class Scheduler:
                 ev = torch.cuda.Event()
                 ev.record(torch.cuda.current_stream(self.device))
             elif d.job is not None:
-                d.job.wait()  # never hand out a buffer that is still being written
-                if d.job.unit is not None:
-                    self.stats[d.job.unit].decode_s += d.job.seconds
-                    d.job.unit = None
+                self._finish_job(d)  # never hand out a buffer that is still being written
             self.pool.release(d.pool_key, d.buf, ev)
 
     def refresh(self, key: str, flat) -> None:
@@ -488,14 +481,18 @@ class Scheduler:
             if d.event is not None:
                 torch.cuda.current_stream(self.device).wait_event(d.event)
         elif d.job is not None:
-            d.job.wait()
-            if d.job.unit is not None:
-                self.stats[d.job.unit].decode_s += d.job.seconds
-                d.job.unit = None
-            d.job = None
+            self._finish_job(d)
         import torch
         with torch.no_grad():
             d.buf.copy_(flat)
+
+    def _finish_job(self, d: "_Dense") -> None:
+        """Wait for the CPU decode writing ``d.buf``; its time is counted once, to its unit."""
+        d.job.wait()
+        if d.job.unit is not None:
+            self.stats[d.job.unit].decode_s += d.job.seconds
+            d.job.unit = None
+        d.job = None
 
     def _account(self) -> None:
         held = self.pool.held_bytes + self.stage_pool.held_bytes

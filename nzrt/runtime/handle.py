@@ -1,6 +1,7 @@
 """``Managed``: entry (compress, place, wrap forwards) and exit (restore), each a transaction."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -391,10 +392,8 @@ class Managed:
     def compress_lossless(self, t):
         """``t`` compressed losslessly now (a training step), never beside a decode of the worker
         where numba's threading layer forbids two parallel kernels at once."""
-        if _serial_decode():
-            with _DECODE_LOCK:
-                return codec.compress(t, backend=self.compress_backend(t))
-        return codec.compress(t, backend=self.compress_backend(t))
+        with _codec_lock():
+            return codec.compress(t, backend=self.compress_backend(t))
 
     def decompress(self, ct):
         out = torch.empty(ct.shape, dtype=ct.dtype, device=ct.device)
@@ -422,17 +421,17 @@ class Managed:
         mp.version += 1
 
     def _decode(self, ct, buf):
-        if _serial_decode():
-            with _DECODE_LOCK:
-                codec.decode_into(ct, buf, backend=self.backend)
-        else:
+        with _codec_lock():
             codec.decode_into(ct, buf, backend=self.backend)
         if id(ct) in self._from_disk:  # the disk tier: its file pages go back after each read
             osmem.release_file_pages(ct.data, trusted=True)
 
     def dense_copy(self, mp) -> torch.Tensor:
         """A fresh dense tensor with the parameter's values (what its module computes with)."""
-        out = torch.empty(mp.shape, dtype=mp.dtype, device=self.device)
+        return self.dense_into(mp, torch.empty(mp.shape, dtype=mp.dtype, device=self.device))
+
+    def dense_into(self, mp, out) -> torch.Tensor:
+        """The parameter's values decoded into ``out`` (contiguous, its shape and dtype)."""
         return _decode_chunks(mp, out, lambda key: self.tensors[key].ct, self._decode)
 
     # -- units and forwards ---------------------------------------------------------------------
@@ -676,6 +675,11 @@ class Managed:
 _SPILLED = RestoreSpill.SOURCE
 _DECODE_LOCK = threading.Lock()
 _SERIAL = None
+
+
+def _codec_lock():
+    """The lock that serialises codec kernels where numba's threading layer needs it, else none."""
+    return _DECODE_LOCK if _serial_decode() else contextlib.nullcontext()
 
 
 def _serial_decode() -> bool:

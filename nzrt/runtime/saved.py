@@ -44,16 +44,12 @@ def _prefetch(h) -> None:
     """Start decoding ``h``'s weight on the runtime's CPU decode worker (nothing on a GPU)."""
     mp = h.mp
     run = mp.manager
-    worker = getattr(run.scheduler, "_worker", None)
-    if worker is None or h.ahead is not None or not mp.active or run.device.type != "cpu" \
-            or not worker._thread.is_alive():
+    worker = getattr(run.scheduler, "_worker", None)  # CPU only: on a GPU there is none
+    if worker is None or h.ahead is not None or not mp.active or not worker._thread.is_alive():
         return
     from ..scheduler.engine import _Job
     dense = torch.empty(mp.shape, dtype=mp.dtype)
-    rows = dense.view(mp.shape[0], -1) if dense.dim() else dense.view(1)
-    items = [(run.tensors[k].ct, rows[a:b].reshape(-1) if mp.chunked else dense.view(-1))
-             for k, (a, b) in zip(mp.keys, mp.rows)]
-    job = _Job(items, None, run._decode)
+    job = _Job([(mp, dense)], None, run.dense_into)
     h.ahead = (job, dense, mp.version)
     worker.submit(job)
 

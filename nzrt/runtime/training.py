@@ -16,7 +16,6 @@ gradient per trainable weight until the step, as plain PyTorch does.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -143,7 +142,6 @@ class Trainer:
         # (Param, version, dense): the weight the backward decoded last, for its step to reuse
         # (a weight's AccumulateGrad runs right after the node that unpacked it); one at most
         self._unpacked = None
-        self.lock = threading.RLock()
 
     # -- building -------------------------------------------------------------------------------
     def _optimizer(self, target):
@@ -216,7 +214,7 @@ class Trainer:
             g.param.grad = None
 
     def step_one(self, g: _Group) -> None:
-        with self.run.lock, self.lock:
+        with self.run.lock:
             if g.mp is None:
                 (e,) = g.entries
                 e.opt.step()
@@ -306,7 +304,7 @@ class Trainer:
         """{"optimizers": {name: optimizer state_dict}, "lr_schedulers": ...}; compressed states
         as CompressedTensor (no dense copy; ``torch.save`` pickles them)."""
         out = {}
-        with self.lock:
+        with self.run.lock:
             for n, e in self.entries.items():
                 sd = e.opt.state_dict()
                 if e.packed:
@@ -331,7 +329,7 @@ class Trainer:
         if missing or extra:
             raise ManagedError(f"optimizer state_dict does not match this model's trainable parameters: "
                                f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
-        with self.lock:
+        with self.run.lock:
             for n, e in self.entries.items():
                 st = sd[n].get("state", {}).get(0, {})
                 packed = {k: v for k, v in st.items() if isinstance(v, CompressedTensor)}
