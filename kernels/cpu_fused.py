@@ -1,6 +1,6 @@
 """numba fused decode-matmul: ``linear(ct, x, bias)`` = ``x @ W.T (+ bias)`` straight from the
 compressed W, bits identical to ``fused_reference.linear`` (whose docstring defines the
-arithmetic: 16 float32 lanes in increasing k, a pairwise tree, + bias, one rounding).
+arithmetic: 64 float32 lanes in increasing k, a pairwise tree, + bias, one rounding).
 
 W is never written densely. The output rows are split into chunks, run in parallel; a chunk
 walks the tiles that hold its rows' weights (tiles run over the flattened row-major W, so a tile
@@ -9,8 +9,8 @@ may hold several rows and a row may span several tiles), and for each tile:
      (the streams are passed from the tile's first byte, so the tile decodes as tile 0 of a
      ``cnt``-value tensor), then writes the tile's NaN patches into it;
   2. widens the bits to float32 (exact), in a second chunk-local buffer;
-  3. for each piece of a row in the tile, adds the products into that row's 16 lane
-     accumulators for every x row (a lane is ``k % 16`` of the row's own k, so a row split
+  3. for each piece of a row in the tile, adds the products into that row's 64 lane
+     accumulators for every x row (a lane is ``k % 64`` of the row's own k, so a row split
      across tiles continues where it stopped); when a row is complete its lanes are reduced by
      the fixed tree, the bias added, rounded to the output dtype and stored.
 A tile shared by two chunks is decoded by both (at most one extra tile per chunk). Each output
@@ -30,8 +30,10 @@ from numba.extending import intrinsic
 from . import fused_reference, spec
 from .cpu_common import _ERRORS, _OPTS
 from .cpu_decode import _decode_tile, tile_args
-from .cpu_intrinsics import _elem_ptr
+from .cpu_intrinsics import _elem_ptr, _prefetch
 from .spec import FormatError
+
+LANES = fused_reference.LANES  # 64: the kernels below hard-code it (k % 64, the 6-level tree)
 
 _KIND = {"bfloat16": 0, "float16": 1, "float32": 2}
 _INT = {2: torch.int16, 4: torch.int32}
@@ -62,27 +64,32 @@ def _widen(kind, buf, cnt, wf, wu):
                 wu[i] = np.uint32(s | ((e + 112) << 23) | (m << 13))
 
 
-def _make_lane_dot(G):
-    """An intrinsic for G x rows at once: ``acc[ao+16q : +16] += x[xo+q*xs+16b : +16] *
-    w[wo+16b : +16]`` for q < G and b = 0 .. nb-1 in order, lane by lane, in float32. Each row's
-    16 lanes are one vector held in registers across the blocks (``fmul`` then ``fadd``, no
+def _make_lane_dot(G, bf16_bits=False):
+    """An intrinsic for G x rows at once: ``acc[ao+64q : +64] += x[xo+q*xs+64b : +64] *
+    w[wo+64b : +64]`` for q < G and b = 0 .. nb-1 in order, lane by lane, in float32. Each row's
+    64 lanes are one vector (four zmm with AVX-512) held in registers across the blocks (``fmul`` then ``fadd``, no
     contraction flag, so never an FMA); G independent chains hide the add latency and share each
-    load of w. Unaligned loads; LLVM splits the vectors to what the CPU has (zmm with AVX-512,
-    ymm with AVX2, ...). Per row the sums are exactly those of G = 1."""
+    load of w. ``bf16_bits``: w holds bf16 bit patterns (uint16), widened in the register
+    (zero-extend, shift left 16: exact), so the weights never pass through a float32 buffer.
+    Unaligned loads; LLVM splits the vectors to what the CPU has (zmm with AVX-512, ymm with
+    AVX2, ...). Per row the sums are exactly those of G = 1."""
     @intrinsic
     def lane_dot(typingctx, acc, ao, x, xo, xs, w, wo, nb):
         sig = types.void(acc, ao, x, xo, xs, w, wo, nb)
 
         def codegen(context, builder, sig, args):
-            vt = ir.VectorType(ir.FloatType(), 16)
+            vt = ir.VectorType(ir.FloatType(), LANES)
             vp = vt.as_pointer()
+            wt = ir.VectorType(ir.IntType(16), LANES)
+            it = ir.VectorType(ir.IntType(32), LANES)
+            sh16 = ir.Constant(it, [16] * LANES)
             pa = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
             px = _elem_ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3])
             pw = _elem_ptr(context, builder, sig.args[5], args[5], args[6], sig.args[6])
             xs_ = context.cast(builder, args[4], sig.args[4], types.intp)
             n = context.cast(builder, args[7], sig.args[7], types.intp)
-            i16 = ir.Constant(n.type, 16)
-            pas = [builder.bitcast(builder.gep(pa, [ir.Constant(n.type, 16 * q)]), vp) for q in range(G)]
+            step = ir.Constant(n.type, LANES)
+            pas = [builder.bitcast(builder.gep(pa, [ir.Constant(n.type, LANES * q)]), vp) for q in range(G)]
             pxs = [builder.gep(px, [builder.mul(xs_, ir.Constant(n.type, q))]) for q in range(G)]
             slots = []
             for q in range(G):
@@ -90,8 +97,12 @@ def _make_lane_dot(G):
                 builder.store(builder.load(pas[q], align=4), slot)
                 slots.append(slot)
             with cgutils.for_range(builder, n) as loop:
-                o = builder.mul(loop.index, i16)
-                wv = builder.load(builder.bitcast(builder.gep(pw, [o]), vp), align=4)
+                o = builder.mul(loop.index, step)
+                if bf16_bits:
+                    raw = builder.load(builder.bitcast(builder.gep(pw, [o]), wt.as_pointer()), align=2)
+                    wv = builder.bitcast(builder.shl(builder.zext(raw, it), sh16), vt)
+                else:
+                    wv = builder.load(builder.bitcast(builder.gep(pw, [o]), vp), align=4)
                 for q in range(G):
                     xv = builder.load(builder.bitcast(builder.gep(pxs[q], [o]), vp), align=4)
                     builder.store(builder.fadd(builder.load(slots[q]), builder.fmul(xv, wv)), slots[q])
@@ -104,37 +115,91 @@ def _make_lane_dot(G):
 
 _lane_dot1 = _make_lane_dot(1)
 _lane_dot4 = _make_lane_dot(4)
-_lane_dot8 = _make_lane_dot(8)
+_lane_dot1_bf16 = _make_lane_dot(1, True)
+_lane_dot4_bf16 = _make_lane_dot(4, True)
 
 
 @njit(**_OPTS)
 def _accum(acc, xf, R, K, kpos, wf, s, take):
-    """Products of x[:, kpos:kpos+take] with wf[s:s+take] into the lanes (k % 16) of acc
-    (acc[16 r + l]: lane l of x row r; xf: x rows of K values, flat)."""
+    """Products of x[:, kpos:kpos+take] with wf[s:s+take] into the lanes (k % 64) of acc
+    (acc[64 r + l]: lane l of x row r; xf: x rows of K values, flat)."""
     j = 0
-    while j < take and ((kpos + j) & 15) != 0:  # up to the next lane-0 k
-        l = (kpos + j) & 15
+    while j < take and ((kpos + j) & 63) != 0:  # up to the next lane-0 k
+        l = (kpos + j) & 63
         for r in range(R):
-            acc[16 * r + l] += xf[r * K + kpos + j] * wf[s + j]
+            acc[64 * r + l] += xf[r * K + kpos + j] * wf[s + j]
         j += 1
-    nb = (take - j) >> 4
+    nb = (take - j) >> 6
     if nb:
         r = 0
-        while r + 8 <= R:
-            _lane_dot8(acc, 16 * r, xf, r * K + kpos + j, K, wf, s + j, nb)
-            r += 8
-        if r + 4 <= R:
-            _lane_dot4(acc, 16 * r, xf, r * K + kpos + j, K, wf, s + j, nb)
+        while r + 4 <= R:
+            _lane_dot4(acc, 64 * r, xf, r * K + kpos + j, K, wf, s + j, nb)
             r += 4
         while r < R:
-            _lane_dot1(acc, 16 * r, xf, r * K + kpos + j, K, wf, s + j, nb)
+            _lane_dot1(acc, 64 * r, xf, r * K + kpos + j, K, wf, s + j, nb)
             r += 1
-    j += nb << 4
+    j += nb << 6
     while j < take:
-        l = (kpos + j) & 15
+        l = (kpos + j) & 63
         for r in range(R):
-            acc[16 * r + l] += xf[r * K + kpos + j] * wf[s + j]
+            acc[64 * r + l] += xf[r * K + kpos + j] * wf[s + j]
         j += 1
+
+
+@njit(**_OPTS)
+def _accum_bf16(acc, xf, R, K, kpos, buf, s, take, tmp, tmpu):
+    """``_accum`` with the weights as bf16 bits (buf: uint16), widened where they are used."""
+    j = 0
+    while j < take and ((kpos + j) & 63) != 0:
+        l = (kpos + j) & 63
+        tmpu[1] = np.uint32(buf[s + j]) << np.uint32(16)
+        w = tmp[1]
+        for r in range(R):
+            acc[64 * r + l] += xf[r * K + kpos + j] * w
+        j += 1
+    nb = (take - j) >> 6
+    if nb:
+        r = 0
+        while r + 4 <= R:
+            _lane_dot4_bf16(acc, 64 * r, xf, r * K + kpos + j, K, buf, s + j, nb)
+            r += 4
+        while r < R:
+            _lane_dot1_bf16(acc, 64 * r, xf, r * K + kpos + j, K, buf, s + j, nb)
+            r += 1
+    j += nb << 6
+    while j < take:
+        l = (kpos + j) & 63
+        tmpu[1] = np.uint32(buf[s + j]) << np.uint32(16)
+        w = tmp[1]
+        for r in range(R):
+            acc[64 * r + l] += xf[r * K + kpos + j] * w
+        j += 1
+
+
+@intrinsic
+def _tree_reset(typingctx, acc, ao):
+    """Step 3 on the 64 lanes at acc[ao:]: lane l + lane l+h for l < h, h = 32, 16, .. 1, each
+    sum one float32 rounding (the halves of a vector added elementwise, so the pairs are the
+    reference's); returns lane 0 and sets the 64 lanes back to -0.0."""
+    sig = types.float32(acc, ao)
+
+    def codegen(context, builder, sig, args):
+        ft = ir.FloatType()
+        vt = ir.VectorType(ft, LANES)
+        p = builder.bitcast(_elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1]),
+                            vt.as_pointer())
+        v = builder.load(p, align=4)
+        h = LANES // 2
+        while h >= 1:
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), h), list(range(h))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), h),
+                                                          list(range(h, 2 * h))))
+            v = builder.fadd(lo, hi)
+            h //= 2
+        z = builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+        builder.store(ir.Constant(vt, [-0.0] * LANES), p, align=4)
+        return z
+    return sig, codegen
 
 
 @njit(**_OPTS)
@@ -174,27 +239,32 @@ def _round_bits(z, okind, tmp, tmpu):
 def _emit(acc, R, row, okind, bias, has_bias, y, tmp, tmpu):
     """The lane tree, + bias, rounding: row ``row`` of every output row; acc reset to -0.0."""
     for q in range(R):
-        r = 16 * q
-        s0 = acc[r + 0] + acc[r + 8]
-        s1 = acc[r + 1] + acc[r + 9]
-        s2 = acc[r + 2] + acc[r + 10]
-        s3 = acc[r + 3] + acc[r + 11]
-        s4 = acc[r + 4] + acc[r + 12]
-        s5 = acc[r + 5] + acc[r + 13]
-        s6 = acc[r + 6] + acc[r + 14]
-        s7 = acc[r + 7] + acc[r + 15]
-        u0 = s0 + s4
-        u1 = s1 + s5
-        u2 = s2 + s6
-        u3 = s3 + s7
-        v0 = u0 + u2
-        v1 = u1 + u3
-        z = v0 + v1
+        z = _tree_reset(acc, 64 * q)
         if has_bias:
             z = z + bias[row]
         y[q, row] = _round_bits(z, okind, tmp, tmpu)
-        for l in range(16):
-            acc[r + l] = -0.0
+
+
+@njit(**_OPTS)
+def _prefetch_bytes(st, b0, nb):
+    """Prefetch bytes [b0, b0 + nb) of a byte stream, a cache line at a time."""
+    for b in range(b0, b0 + nb, 64):
+        _prefetch(st, b)
+
+
+@njit(**_OPTS)
+def _prefetch_tile(t, tiles, tile, L, W, smw, sm, L0, L1, L2, L3, L4, off):
+    """Ask for tile t's streams while the tile before it decodes: weights stream from DRAM
+    once per token, and the decoder alone cannot keep enough reads in flight to hide them."""
+    if t >= tiles:
+        return
+    a = t * tile
+    _prefetch_bytes(sm, (a * smw) >> 3, (tile * smw) >> 3)
+    _prefetch_bytes(L0, (a * W[0]) >> 3, (tile * W[0]) >> 3)
+    if L > 1:
+        _prefetch_bytes(L1, np.int64(off[t, 0]) * W[1], np.int64(off[t + 1, 0] - off[t, 0]) * W[1])
+    if L > 2:
+        _prefetch_bytes(L2, np.int64(off[t, 1]) * W[2], np.int64(off[t + 1, 1] - off[t, 1]) * W[2])
 
 
 @njit(**_OPTS)
@@ -202,7 +272,7 @@ def _chunk(r0, r1, K, kind, okind, xf, bias, has_bias, y, pidx, pval, pstart, bu
            tmp, tmpu, n, tile, L, W, ESC, VALID, tab, TT, G, sm, smw, keep, drop, tbm1, lanemask,
            L0, L1, L2, L3, L4, off):
     """Output rows [r0, r1): decode their tiles one at a time and multiply. Returns error flags."""
-    R = len(acc) // 16
+    R = len(acc) // 64
     for i in range(len(acc)):
         acc[i] = -0.0
     e0 = r0 * K
@@ -211,21 +281,29 @@ def _chunk(r0, r1, K, kind, okind, xf, bias, has_bias, y, pidx, pval, pstart, bu
     kpos = np.int64(0)
     err = 0
     w0 = W[0]
+    tiles = (n + tile - 1) // tile
+    _prefetch_tile(e0 // tile, tiles, tile, L, W, smw, sm, L0, L1, L2, L3, L4, off)
+    _prefetch_tile(e0 // tile + 1, tiles, tile, L, W, smw, sm, L0, L1, L2, L3, L4, off)
     for t in range(e0 // tile, (e1 - 1) // tile + 1):
         a = t * tile
         cnt = min(tile, n - a)
+        _prefetch_tile(t + 2, tiles, tile, L, W, smw, sm, L0, L1, L2, L3, L4, off)
         # tile t's streams from its first byte: it decodes as tile 0 of a cnt-value tensor
         err |= _decode_tile(0, cnt, tile, L, W, ESC, VALID, tab, TT, G, sm[(a * smw) >> 3:], smw,
                             keep, drop, tbm1, lanemask, L0[(a * w0) >> 3:], L1[0:], L2[0:], L3[0:],
                             L4[0:], off[t:t + 2], buf)
         for p in range(pstart[t], pstart[t + 1]):
             buf[pidx[p] - a] = pval[p]
-        _widen(kind, buf, cnt, wf, wu)
+        if kind != 0:  # bf16 is widened in the multiply's registers
+            _widen(kind, buf, cnt, wf, wu)
         s = max(a, e0) - a
         e = min(a + cnt, e1) - a
         while s < e:
             take = min(e - s, K - kpos)
-            _accum(acc, xf, R, K, kpos, wf, s, take)
+            if kind == 0:
+                _accum_bf16(acc, xf, R, K, kpos, buf, s, take, tmp, tmpu)
+            else:
+                _accum(acc, xf, R, K, kpos, wf, s, take)
             kpos += take
             s += take
             if kpos == K:
@@ -235,80 +313,192 @@ def _chunk(r0, r1, K, kind, okind, xf, bias, has_bias, y, pidx, pval, pstart, bu
     return err
 
 
+@njit(**_OPTS)
+def _inputs(xkind, xbits, xf, xfu, bkind, bbits, bf, bfu):
+    """x and the bias as float32 (exact), once per call, before the chunks run."""
+    _widen(xkind, xbits, len(xf), xf, xfu)
+    if len(bf):
+        _widen(bkind, bbits, len(bf), bf, bfu)
+
+
 @njit(parallel=True, **_OPTS)
-def _fused_par(bounds, errs, K, kind, okind, xf, bias, has_bias, y, pidx, pval, pstart, bufs, wfs,
-               wus, accs, tmps, tmpus, n, tile, L, W, ESC, VALID, tab, TT, G, sm, smw, keep, drop,
-               tbm1, lanemask, L0, L1, L2, L3, L4, off):
+def _fused_par(bounds, errs, K, kind, okind, xkind, xbits, xf, xfu, bkind, bbits, bf, bfu, y, pidx,
+               pval, pstart, bufs, wfs, wus, accs, tmps, tmpus, n, tile, L, W, ESC, VALID, tab, TT, G,
+               sm, smw, keep, drop, tbm1, lanemask, L0, L1, L2, L3, L4, off):
+    _inputs(xkind, xbits, xf, xfu, bkind, bbits, bf, bfu)
     for c in prange(len(bounds) - 1):
-        errs[c] = _chunk(bounds[c], bounds[c + 1], K, kind, okind, xf, bias, has_bias, y, pidx, pval,
+        errs[c] = _chunk(bounds[c], bounds[c + 1], K, kind, okind, xf, bf, len(bf) > 0, y, pidx, pval,
                          pstart, bufs[c], wfs[c], wus[c], accs[c], tmps[c], tmpus[c], n, tile, L, W,
                          ESC, VALID, tab, TT, G, sm, smw, keep, drop, tbm1, lanemask,
                          L0, L1, L2, L3, L4, off)
 
 
 @njit(**_OPTS)
-def _fused_ser(bounds, errs, K, kind, okind, xf, bias, has_bias, y, pidx, pval, pstart, bufs, wfs,
-               wus, accs, tmps, tmpus, n, tile, L, W, ESC, VALID, tab, TT, G, sm, smw, keep, drop,
-               tbm1, lanemask, L0, L1, L2, L3, L4, off):
+def _fused_ser(bounds, errs, K, kind, okind, xkind, xbits, xf, xfu, bkind, bbits, bf, bfu, y, pidx,
+               pval, pstart, bufs, wfs, wus, accs, tmps, tmpus, n, tile, L, W, ESC, VALID, tab, TT, G,
+               sm, smw, keep, drop, tbm1, lanemask, L0, L1, L2, L3, L4, off):
+    _inputs(xkind, xbits, xf, xfu, bkind, bbits, bf, bfu)
     for c in range(len(bounds) - 1):
-        errs[c] = _chunk(bounds[c], bounds[c + 1], K, kind, okind, xf, bias, has_bias, y, pidx, pval,
+        errs[c] = _chunk(bounds[c], bounds[c + 1], K, kind, okind, xf, bf, len(bf) > 0, y, pidx, pval,
                          pstart, bufs[c], wfs[c], wus[c], accs[c], tmps[c], tmpus[c], n, tile, L, W,
                          ESC, VALID, tab, TT, G, sm, smw, keep, drop, tbm1, lanemask,
                          L0, L1, L2, L3, L4, off)
 
 
+@njit(**_OPTS)
+def _gather(ids, K, out, pidx, pval, pstart, buf, n, tile, L, W, ESC, VALID, tab, TT, G, sm, smw,
+            keep, drop, tbm1, lanemask, L0, L1, L2, L3, L4, off):
+    """out[i*K : (i+1)*K] = row ids[i] of W: each tile that holds part of the row decoded into
+    buf (as in ``_chunk``), its patches applied, the row's piece copied. Returns error flags."""
+    err = 0
+    w0 = W[0]
+    for i in range(len(ids)):
+        e0 = ids[i] * K
+        e1 = e0 + K
+        for t in range(e0 // tile, (e1 - 1) // tile + 1):
+            a = t * tile
+            cnt = min(tile, n - a)
+            err |= _decode_tile(0, cnt, tile, L, W, ESC, VALID, tab, TT, G, sm[(a * smw) >> 3:], smw,
+                                keep, drop, tbm1, lanemask, L0[(a * w0) >> 3:], L1[0:], L2[0:], L3[0:],
+                                L4[0:], off[t:t + 2], buf)
+            for p in range(pstart[t], pstart[t + 1]):
+                buf[pidx[p] - a] = pval[p]
+            s = max(a, e0)
+            e = min(a + cnt, e1)
+            for j in range(s, e):
+                out[i * K + j - e0] = buf[j - a]
+    return err
+
+
+# A parallel region costs ~50-75 us to wake numba's threads under OMP_WAIT_POLICY=PASSIVE (and a
+# serial decode-multiply runs ~0.5-0.9 cycles a weight): smaller weights run on the calling thread.
+PARALLEL_MIN_WEIGHTS = 1 << 19
+
+
 def chunk_bounds(N: int, K: int, tile: int, threads: int) -> np.ndarray:
     """Output-row boundaries of the parallel chunks: about 2 per thread, each at least ~4 tiles
-    of weights (a tile shared by two chunks is decoded twice). Any split gives the same bits."""
+    of weights (a tile shared by two chunks is decoded twice); one chunk for weights under
+    ``PARALLEL_MIN_WEIGHTS``. Any split gives the same bits."""
     tiles = spec.n_tiles(N * K, tile)
-    nch = max(1, min(N, 2 * threads, tiles // 4)) if threads > 1 else 1
+    nch = 1
+    if threads > 1 and N * K >= PARALLEL_MIN_WEIGHTS:
+        nch = max(1, min(N, 2 * threads, tiles // 4))
     return np.array([(c * N) // nch for c in range(nch + 1)], np.int64)
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU float tensor's bit patterns as a flat numpy array of its uint type."""
+    lay = spec.LAYOUTS[str(t.dtype).removeprefix("torch.")]
+    return t.reshape(-1).view(_INT[lay.itemsize]).numpy().view(lay.uint)
+
+
+class FusedWeight:
+    """A CPU CompressedTensor W [N, K] prepared for repeated use straight from its compressed
+    bytes: ``linear(x, bias)`` = ``x @ W.T (+ bias)`` (bits identical to
+    ``fused_reference.linear``) and ``rows(ids)`` = ``W[ids]`` (an embedding lookup: bits identical
+    to the decoded W's rows). The checks, decode tables and per-tile patch ranges are done once,
+    so a call costs one numba dispatch and a few small allocations (the runtime keeps one per
+    weight). Calls may run from several threads at once (each has its own scratch)."""
+
+    def __init__(self, ct):
+        if len(ct.shape) != 2:
+            raise ValueError(f"linear needs a 2-D weight, got shape {tuple(ct.shape)}")
+        if ct.device.type != "cpu":
+            raise ValueError("the numba fused kernel runs on CPU tensors")
+        self.ct = ct
+        self.nbytes = ct.nbytes  # what a linear() reads (ct.nbytes serialises the header each time)
+        self.N, self.K = ct.shape
+        self.dtype = ct.header.dtype
+        self.kind = _KIND[self.dtype]
+        self._uint = spec.LAYOUTS[self.dtype].uint
+        if self.N * self.K == 0:
+            return
+        ct.verify()
+        self._args, (self._pidx, self._pval) = tile_args(ct)
+        n, tile = self._args[0], self._args[1]
+        self.tile = tile
+        tiles = spec.n_tiles(n, tile)
+        self._pstart = np.searchsorted(self._pidx, np.arange(tiles + 1, dtype=np.int64) * tile).astype(np.int64)
+        self._bounds: dict = {}
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """``W[ids]`` for an integer tensor of row indices (any shape): [*ids.shape, K] of W's
+        dtype; only the tiles that hold those rows are decoded. IndexError for ids out of range."""
+        flat = ids.reshape(-1)
+        if flat.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"row ids must be an integer tensor, got {flat.dtype}")
+        out = torch.empty((flat.numel(), self.K), dtype=getattr(torch, self.dtype))
+        if flat.numel() and (bool((flat < 0).any()) or bool((flat >= self.N).any())):
+            raise IndexError("index out of range in self")
+        if flat.numel() and self.K:
+            bits = out.view(_INT[out.element_size()]).numpy().view(self._uint).reshape(-1)
+            buf = np.empty(self.tile + 16, self._uint)
+            err = _gather(flat.to(torch.int64).numpy(), self.K, bits, self._pidx, self._pval, self._pstart,
+                          buf, *self._args)
+            if err:
+                msgs = [m for bit, m in _ERRORS if err & bit]
+                raise FormatError(f"{self.ct.label}: corrupted compressed tensor: " + "; ".join(msgs))
+        return out.view(*ids.shape, self.K)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None, *,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T (+ bias)``: x [rows, K] of W's dtype or float32, the output of x's dtype
+        (into ``out`` if given: contiguous [rows, N])."""
+        N, K = self.N, self.K
+        _, _, odt = fused_reference.check_args(self.ct, x, bias)
+        if x.device.type != "cpu" or (bias is not None and bias.device.type != "cpu"):
+            raise ValueError("the numba fused kernel runs on CPU tensors")
+        R = x.shape[0]
+        if out is None:
+            out = torch.empty((R, N), dtype=x.dtype)
+        elif out.dtype != x.dtype or tuple(out.shape) != (R, N) or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(R, N)}")
+        if R == 0 or N == 0:
+            return out
+        if K == 0:
+            return out.copy_(fused_reference.linear(self.ct, x, bias))
+        xb = _bits(x.detach().contiguous())
+        y = out.view(_INT[out.element_size()]).numpy().view(spec.LAYOUTS[odt].uint)
+        if bias is not None:
+            bb = _bits(bias.detach().contiguous())
+            bkind = _KIND[str(bias.dtype).removeprefix("torch.")]
+            bf = np.empty(N, np.float32)
+        else:
+            bb, bkind, bf = _NO_BITS, 0, _NO_F32
+        threads = numba.get_num_threads()
+        bounds = self._bounds.get(threads)
+        if bounds is None:
+            bounds = self._bounds[threads] = chunk_bounds(N, K, self.tile, threads)
+        nch = len(bounds) - 1
+        xf = np.empty(R * K, np.float32)
+        bufs = np.empty((nch, self.tile + 16), self._uint)
+        wfs = np.empty((nch, self.tile + 16) if self.kind else (nch, 16), np.float32)  # bf16: unused
+        accs = np.empty((nch, LANES * R), np.float32)
+        tmps = np.empty((nch, 2), np.float32)
+        errs = np.zeros(nch, np.int64)
+        kern = _fused_par if nch > 1 else _fused_ser
+        kern(bounds, errs, K, self.kind, _KIND[odt], _KIND[str(x.dtype).removeprefix("torch.")], xb, xf,
+             xf.view(np.uint32), bkind, bb, bf, bf.view(np.uint32), y, self._pidx, self._pval,
+             self._pstart, bufs, wfs, wfs.view(np.uint32), accs, tmps, tmps.view(np.uint32), *self._args)
+        err = int(np.bitwise_or.reduce(errs)) if nch > 1 else int(errs[0])
+        if err:
+            msgs = [m for bit, m in _ERRORS if err & bit]
+            raise FormatError(f"{self.ct.label}: corrupted compressed tensor: " + "; ".join(msgs))
+        return out
+
+
+_NO_BITS = np.zeros(1, np.uint16)
+_NO_F32 = np.zeros(0, np.float32)
 
 
 def linear(ct, x: torch.Tensor, bias: torch.Tensor | None = None, *,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for W = ``ct`` (a CPU CompressedTensor [N, K]) and x [rows, K] of W's
     dtype or float32; the output has x's dtype (written into ``out`` if given: contiguous
-    [rows, N]). Bits identical to ``fused_reference.linear``."""
-    N, K, odt = fused_reference.check_args(ct, x, bias)
-    if ct.device.type != "cpu" or x.device.type != "cpu":
-        raise ValueError("the numba fused kernel runs on CPU tensors")
-    R = x.shape[0]
-    if out is None:
-        out = torch.empty((R, N), dtype=x.dtype)
-    elif out.dtype != x.dtype or tuple(out.shape) != (R, N) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(R, N)}")
-    if R == 0 or N == 0:
-        return out
-    if K == 0:
-        return out.copy_(fused_reference.linear(ct, x, bias))
-    ct.verify()
-    olay = spec.LAYOUTS[odt]
-    y = out.view(_INT[olay.itemsize]).numpy().view(olay.uint)
-    xf = fused_reference.to_f32(x).reshape(-1)
-    has_bias = bias is not None
-    b = fused_reference.to_f32(bias) if has_bias else np.zeros(1, np.float32)
-    args, (pidx, pval) = tile_args(ct)
-    n, tile = args[0], args[1]
-    tiles = spec.n_tiles(n, tile)
-    pstart = np.searchsorted(pidx, np.arange(tiles + 1, dtype=np.int64) * tile).astype(np.int64)
-    threads = numba.get_num_threads()
-    bounds = chunk_bounds(N, K, tile, threads)
-    nch = len(bounds) - 1
-    lay = spec.LAYOUTS[ct.header.dtype]
-    bufs = np.empty((nch, tile + 16), lay.uint)
-    wfs = np.empty((nch, tile + 16), np.float32)
-    accs = np.empty((nch, 16 * R), np.float32)
-    tmps = np.empty((nch, 2), np.float32)
-    errs = np.zeros(nch, np.int64)
-    kern = _fused_par if nch > 1 else _fused_ser
-    kern(bounds, errs, K, _KIND[ct.header.dtype], _KIND[odt], xf, b, has_bias, y, pidx, pval, pstart,
-         bufs, wfs, wfs.view(np.uint32), accs, tmps, tmps.view(np.uint32), *args)
-    err = int(np.bitwise_or.reduce(errs))
-    if err:
-        msgs = [m for bit, m in _ERRORS if err & bit]
-        raise FormatError(f"{ct.label}: corrupted compressed tensor: " + "; ".join(msgs))
-    return out
+    [rows, N]). Bits identical to ``fused_reference.linear``. (For repeated calls on one weight,
+    ``FusedWeight(ct)`` does the preparation once.)"""
+    fused_reference.check_args(ct, x, bias)
+    return FusedWeight(ct).linear(x, bias, out=out)
 
 
 @njit(**_OPTS)

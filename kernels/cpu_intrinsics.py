@@ -6,7 +6,7 @@
     ``w``-bit stream at bits ``i*w ..`` of the stream read as one little-endian integer, at least
     ``STREAM_PAD`` = 8 bytes after it), ``_ld64(st, b >> 3) >> (b & 7)`` holds the entry at bit
     ``b`` in its low bits;
-  * a real CMOV (``_cmov``), popcount, BMI2 PEXT/PDEP (portable loops without BMI2);
+  * a cache prefetch hint (``_prefetch``), a real CMOV (``_cmov``), popcount, BMI2 PEXT/PDEP (portable loops without BMI2);
   * AVX-512 byte work on 64 lanes: a compare to a 64-bit mask (``_eqmask64``) and VPCOMPRESSB
     (``_compress64``), portable loops without VBMI2;
   * vector lane packers (``_make_bytes``) from 16- or 32-bit float patterns to exponent bytes
@@ -112,6 +112,25 @@ def _cmov(typingctx, cond, a, b):
         fnty = ir.FunctionType(i64, [i64, i64, i64])
         return builder.asm(fnty, "testq $1, $1\n\tcmovneq $2, $0",
                            "=r,r,r,0,~{flags}", args, side_effect=False)
+    return sig, codegen
+
+
+_X86 = __import__("platform").machine().lower() in ("x86_64", "amd64")
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Hint the cache line holding element ``idx`` of ``arr`` into the caches (PREFETCHT1, to L2, on
+    x86-64; nothing elsewhere). Never faults, so an index past the array is harmless."""
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        if _X86:
+            ptr = _elem_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+            p8 = builder.bitcast(ptr, ir.IntType(8).as_pointer())
+            builder.asm(ir.FunctionType(ir.VoidType(), [p8.type]), "prefetcht1 ($0)", "r", [p8],
+                        side_effect=True)
+        return context.get_dummy_value()
     return sig, codegen
 
 

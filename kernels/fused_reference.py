@@ -11,13 +11,15 @@ The output has x's dtype (torch's promotion of x and W: bf16/fp16 x with its own
 
 The arithmetic, for each output (r, n):
   1. x, W and bias are converted to float32 (exact: every bf16/fp16 value is a float32).
-  2. 16 lanes, each a float32 accumulator starting at -0.0 (the exact additive identity, so an
-     empty lane changes nothing). Lane l adds, for k = l, l + 16, l + 32, ... < K in increasing
+  2. 64 lanes, each a float32 accumulator starting at -0.0 (the exact additive identity, so an
+     empty lane changes nothing). Lane l adds, for k = l, l + 64, l + 128, ... < K in increasing
      k, the product x[r, k] * W[n, k]: the product rounded to float32, then the sum rounded to
      float32 (two roundings, never a fused multiply-add). For bf16 x and bf16 W the product is
      exact (8 x 8 significand bits), so only the sums round (unless a product underflows).
-  3. The lanes are summed by a fixed pairwise tree: lane l + lane l+8 (l < 8), then l + l+4
-     (l < 4), then l + l+2, then lane 0 + lane 1; each sum rounded to float32.
+  3. The lanes are summed by a fixed pairwise tree: lane l + lane l+32 (l < 32), then l + l+16
+     (l < 16), then l + l+8, l + l+4, l + l+2, then lane 0 + lane 1; each sum rounded to float32.
+     Why 64: a lane is one serial chain of additions, so a CPU row needs several chains in flight
+     to hide the add latency; 64 lanes are four 16-wide vectors (AVX-512) per row.
   4. + bias[n] (in float32, one rounding), if there is a bias.
   5. One rounding to the output dtype, to nearest even (overflow to inf, subnormals kept). Any
      NaN becomes the canonical quiet NaN (bf16 0x7FC0, fp16 0x7E00, fp32 0x7FC00000), because
@@ -25,8 +27,8 @@ The arithmetic, for each output (r, n):
 Round to nearest even throughout, subnormals kept (no flush-to-zero / denormals-are-zero).
 
 Error bound (against the exact sum; the tests check it against torch in float64): a lane sums
-at most ceil(K/16) products, then 4 tree levels and the bias add, so each product passes through
-at most m = ceil(K/16) + 5 roundings of float32 (unit roundoff u = 2**-24), and (Higham 3.1)
+at most ceil(K/64) products, then 6 tree levels and the bias add, so each product passes through
+at most m = ceil(K/64) + 7 roundings of float32 (unit roundoff u = 2**-24), and (Higham 3.1)
   |y32 - y_exact| <= gamma_m * (sum_k |x_k w_k| + |b|),   gamma_m = m u / (1 - m u),
 with y32 the float32 value before step 5; step 5 adds at most half an ulp of the output dtype
 of |y32|. Float32 x with float32 W adds one rounding per product (m + 1 instead of m).
@@ -38,7 +40,7 @@ import torch
 
 from . import reference, spec
 
-LANES = 16
+LANES = 64
 CANONICAL_NAN = {"bfloat16": 0x7FC0, "float16": 0x7E00, "float32": 0x7FC00000}
 _NP_INT = {2: np.int16, 4: np.int32}
 

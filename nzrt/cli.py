@@ -144,6 +144,17 @@ def _check_device(device: Optional[str]) -> Optional[str]:
     return device
 
 
+FUSED_HELP = ("Fused generation: each generated token multiplies straight from the compressed "
+              "weights (no dense copy; CPU only for now, a GPU keeps decode-then-matmul). Exact weights, "
+              "but the sums run in the fused kernel's fixed order, so outputs are not bit-identical "
+              "to plain PyTorch's; prompts (more than 16 rows) keep the bit-identical path.")
+
+
+def _fused_name(name: str) -> str:
+    key = name.strip().lower()
+    return key if key == "fused" or key.startswith("fused:") else f"fused:{key}"
+
+
 def _check_policies(names) -> None:
     from .policies import get_policy
 
@@ -215,6 +226,7 @@ def profile(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16, float32 (default: as stored; bf16 for GGUF)."),
     plain: bool = typer.Option(True, "--plain/--no-plain",
                                help="Also run the plain dense model (for a .nzrt this decodes it whole)."),
+    fused: bool = typer.Option(False, "--fused", help=FUSED_HELP),
 ):
     """Run MODEL plainly and under each policy, each run in a process of its own; print one table
     (JSON and PNG on request). Memory per run: its own peak and steady host RSS (anonymous and
@@ -227,6 +239,10 @@ def profile(
 
         device = _check_device(device)
         _check_policies(policy or [])
+        if fused:
+            from .profile import available_policies
+
+            policy = [_fused_name(p) for p in (policy or available_policies())]
         budget = _parse_budget(budget)
         mantissa_bits = _parse_mantissa_bits(mantissa_bits)
         if dtype is not None:
@@ -371,6 +387,7 @@ def generate(
     report_layers: bool = typer.Option(False, "--report-layers", help="Like --report, plus one line per "
                                        "layer (tier, bytes, decodes, stalls)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16, float16, float32 (default: as stored)."),
+    fused: bool = typer.Option(False, "--fused", help=FUSED_HELP),
 ):
     """Greedy generation under a memory budget; tokens are streamed, tokens/s at the end. MODEL is
     opened as nzrt.from_pretrained opens it (a transformers directory is read one tensor at a time,
@@ -382,6 +399,11 @@ def generate(
         if max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
         device = _check_device(device)
+        if fused:
+            if policy == "plain":
+                raise ValueError("--fused runs under an nzrt policy; --policy plain has none "
+                                 "(drop one of the two)")
+            policy = _fused_name(policy)
         if policy != "plain":
             _check_policies([policy])
         budget = _parse_budget(budget)

@@ -46,6 +46,7 @@ class Report:
     weights_dense_bytes: int = 0         # every managed tensor once (tied weights once)
     weights_compressed_bytes: int = 0
     training: str = ""                   # optimizers and their states (optimizer=...)
+    fused: str = ""                      # fused passes (policies.Fused)
 
     # -- totals -------------------------------------------------------------------------------
     @property
@@ -117,6 +118,8 @@ class Report:
             lines.append("  peaks (sampled): " + ", ".join(peaks))
         if self.training:
             lines.append(f"  {self.training}")
+        if self.fused:
+            lines.append(f"  {self.fused}")
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         return "\n".join(lines)
@@ -150,6 +153,8 @@ class Report:
         lines.append(f"  NVML: {self.nvml}")
         if self.training:
             lines.append(f"  {self.training}")
+        if self.fused:
+            lines.append(f"  {self.fused}")
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         lines.append("")

@@ -359,6 +359,36 @@ class Auto:
         return None
 
 
+@dataclass(frozen=True)
+class Fused:
+    """``base`` for placement and prefetch, plus fused generation: a ``Linear`` whose input has at
+    most ``max_rows`` rows (a generated token, a small batch) multiplies straight from its
+    compressed weight, and an ``Embedding`` reads only the rows it looks up; such a pass never
+    writes a weight densely and the scheduler decodes nothing for it. Inputs with more rows (a
+    prompt) take ``base``'s decode-then-matmul path. The fused sum runs in a fixed order of its
+    own (``nzrt.kernels.fused_reference``), not torch's GEMM order: outputs are exact for the
+    weights but no longer bit-identical to plain PyTorch (greedy text usually matches; logits
+    differ in the last bits). CPU only for now (on a GPU the base path runs)."""
+
+    base: object = None  # a policy value or name; None: Auto()
+    max_rows: int = 16
+
+    def __post_init__(self):
+        base = Auto() if self.base is None else get_policy(self.base)
+        if isinstance(base, Fused):
+            raise ValueError("Fused(base=...) takes a placement policy, not another Fused")
+        object.__setattr__(self, "base", base)
+        if not isinstance(self.max_rows, int) or isinstance(self.max_rows, bool) or not 1 <= self.max_rows <= 64:
+            raise ValueError(f"Fused.max_rows must be an int in 1..64, got {self.max_rows!r}")
+
+    @property
+    def name(self) -> str:
+        return f"fused:{getattr(self.base, 'name', type(self.base).__name__.lower())}"
+
+    def plan(self, trace, layers, budget=None, costs=None) -> Plan:
+        return self.base.plan(trace, layers, budget, costs)
+
+
 POLICIES = {"resident": Resident, "offload": Offload, "belady": Belady, "lru": Lru, "auto": Auto}
 # names for policies that are not a class's defaults (CLI ``--policy offload-disk`` too)
 ALIASES = {"offload-disk": lambda: Offload(tier=Tier.DISK)}
@@ -366,9 +396,15 @@ ALIASES = {"offload-disk": lambda: Offload(tier=Tier.DISK)}
 
 def get_policy(policy) -> object:
     """A policy value from a name ("resident", "offload", "offload-disk" (``Offload(tier="disk")``),
-    "belady", "lru", "auto") or an object with a ``plan`` method (returned as is)."""
+    "belady", "lru", "auto"; "fused" (``Fused()``) or "fused:NAME" (``Fused(NAME)``)) or an object
+    with a ``plan`` method (returned as is)."""
     if isinstance(policy, str):
         key = policy.strip().lower()
+        if key == "fused" or key.startswith("fused:"):
+            rest = key[len("fused:"):] if ":" in key else ""
+            if rest.startswith("fused"):
+                raise ValueError(f"unknown policy {policy!r}: fused: takes a placement policy's name")
+            return Fused(get_policy(rest) if rest else None)
         if key in ALIASES:
             return ALIASES[key]()
         try:

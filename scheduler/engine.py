@@ -322,6 +322,16 @@ class Scheduler:
         self._account()
 
     # -- mechanism ------------------------------------------------------------------------------
+    def drop_idle(self) -> None:
+        """Between passes: let go of every dense copy that is not pinned by the plan (prefetched
+        for a pass that is not coming next), and on the CPU of the pool's free buffers. The next
+        traced pass decodes its first units on demand."""
+        if self.depth or self.stack:
+            return
+        self._drop_all()
+        if not self.cuda:
+            self.pool.clear()
+
     def _pinned(self, unit) -> bool:
         return bool(self.plan) and self.plan.tier_of.get(unit) == "dense"
 

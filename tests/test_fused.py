@@ -171,8 +171,9 @@ def test_argument_checks(gen):
 # --- thread count ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_thread_count_independent(dtype, gen):
+def test_thread_count_independent(dtype, gen, monkeypatch):
     N, K, tile = 301, 250, 1024
+    monkeypatch.setattr(cpu_fused, "PARALLEL_MIN_WEIGHTS", 1)  # this small weight goes parallel too
     assert len(cpu_fused.chunk_bounds(N, K, tile, 2)) > 2  # the parallel path runs with 2 threads
     ct = nzrt.compress(special(weights(N, K, dtype, gen), gen, 0.001), tile=tile)
     b = torch.randn(N, generator=gen).to(dtype)
@@ -194,7 +195,7 @@ def test_thread_count_independent(dtype, gen):
 def bound(x: torch.Tensor, w: torch.Tensor, b, y64: torch.Tensor, out_dtype) -> torch.Tensor:
     """The stated bound (fused_reference's docstring) on |y - y64|, elementwise."""
     K = x.shape[1]
-    m = math.ceil(K / 16) + 5 + (x.dtype == torch.float32 and w.dtype == torch.float32)
+    m = math.ceil(K / fused_reference.LANES) + 7 + (x.dtype == torch.float32 and w.dtype == torch.float32)
     u = 2.0 ** -24
     gamma = m * u / (1 - m * u) + K * 2.0 ** -53  # + the fp64 result's own error
     S = x.double().abs() @ w.double().abs().T
@@ -235,3 +236,36 @@ def test_error_bound_other_dtypes(dtype, gen):
         if x.dtype == torch.float32:  # no output rounding to hide behind: compare the sums
             terr = (F.linear(x, w.float()).double() - y64).abs()
             assert err.mean() <= 2 * terr.mean()
+
+
+# --- rows: an embedding lookup from the compressed weight ---------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("N,K,tile", [(1000, 77, 1024), (64, 3000, 1024), (300, 64, 8192), (1, 1, 8)])
+def test_rows_match_the_decoded_weight(dtype, N, K, tile, gen):
+    w = special(weights(N, K, dtype, gen), gen, 0.01)  # NaN payloads (patched values) among them
+    ct = nzrt.compress(w, tile=tile)
+    fw = cpu_fused.FusedWeight(ct)
+    ids = torch.randint(0, N, (3, 5), generator=gen)
+    ids[0, 0], ids[-1, -1] = 0, N - 1  # the first and last rows (tile edges)
+    got = fw.rows(ids)
+    assert got.shape == (3, 5, K) and got.dtype == dtype
+    assert torch.equal(ints(got), ints(w[ids]))
+    assert fw.rows(torch.zeros(0, dtype=torch.long)).shape == (0, K)
+    for bad in (torch.tensor([N]), torch.tensor([-1])):
+        with pytest.raises(IndexError):
+            fw.rows(bad)
+    with pytest.raises(TypeError):
+        fw.rows(torch.zeros(2))
+
+
+def test_fused_weight_reused_matches_one_shot(gen):
+    """The prepared object the runtime keeps gives the one-shot function's bits, call after call,
+    for row counts that change between calls (its scratch is per call)."""
+    w = weights(700, 1100, torch.bfloat16, gen)
+    ct = nzrt.compress(w)
+    fw = cpu_fused.FusedWeight(ct)
+    b = torch.randn(700, generator=gen).bfloat16()
+    for rows in (1, 16, 3, 1):
+        x = torch.randn(rows, 1100, generator=gen).bfloat16()
+        assert torch.equal(ints(fw.linear(x, b)), ints(fused_reference.linear(ct, x, b)))

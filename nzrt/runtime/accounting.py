@@ -74,4 +74,5 @@ def build_report(run, held: dict) -> Report:
         warnings=list(run.warnings), fixed_bytes=run.fixed_bytes,
         weights_dense_bytes=run.weights_dense_bytes,
         weights_compressed_bytes=run.weights_compressed_bytes,
-        training=run.trainer.summary() if run.trainer is not None else "")
+        training=run.trainer.summary() if run.trainer is not None else "",
+        fused=run.fused_stats.summary() if run.fused is not None else "")

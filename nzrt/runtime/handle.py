@@ -15,10 +15,10 @@ from .. import codec, osmem
 from ..budget import parse_budget
 from ..format import CompressedTensor
 from ..memory import MemoryTracker
-from ..policies import Tier, get_policy
+from ..policies import Fused, Tier, get_policy
 from ..rowchunks import RowChunks
 from ..scheduler import Scheduler, TensorSlot
-from . import accounting, placement
+from . import accounting, fused, placement
 from .embedding import chunked_embedding_forward
 from .errors import ManagedError
 from .params import FLOATS, Param, chunk_spans, chunkable_embedding, find_params
@@ -55,6 +55,7 @@ class Managed:
         self.training = as_config(optimizer)
         self.model = model
         self.policy = get_policy(policy)
+        self.fused = self.policy if isinstance(self.policy, Fused) else None  # fused generation
         self._budget_arg = budget
         self.mantissa_bits = _check_mantissa_bits(mantissa_bits)
         if self.training is not None and self.mantissa_bits is not None:
@@ -100,6 +101,9 @@ class Managed:
         self.trainer = None           # per-parameter optimizers (optimizer=...)
         self.last_saved = None        # weakref to the weight token autograd saved last (saved.py)
         self._keep_trainable = False  # adapters (trainable beside frozen weights) stay dense
+        self.fused_pass = False       # inside a fused pass (policies.Fused; runtime/fused.py)
+        self.fused_stats = fused.FusedStats()
+        self._fused_weights: dict = {}  # key -> kernels.cpu_fused.FusedWeight of its compressed copy
 
     # -- context manager --------------------------------------------------------------------
     def __enter__(self) -> "Managed":
@@ -469,9 +473,28 @@ class Managed:
                 self._wrap(module, lambda inner, m=chunked_mp, c=chunk_units:
                            chunked_embedding_forward(self, m, c))
             elif unit is not None:
-                self._wrap(module, lambda inner, u=unit, b=self._bindings[module]:
-                           unit_forward(self, u, b, inner))
+                def make(inner, u=unit, m=module, b=self._bindings[module]):
+                    f = unit_forward(self, u, b, inner)
+                    return fused.install(self, m, b, f) if self.fused is not None else f
+                self._wrap(module, make)
         self._wrap(self.model, lambda inner: root_forward(self, inner))
+
+    def lock_held(self) -> bool:
+        return self.lock.owner == threading.get_ident()
+
+    def fused_weight(self, key):
+        """The fused kernels' prepared view of ``key``'s compressed copy (rebuilt when it changed)."""
+        ct = self.tensors[key].ct
+        fw = self._fused_weights.get(key)
+        if fw is None or fw.ct is not ct:
+            from ..kernels.cpu_fused import FusedWeight
+            fw = self._fused_weights[key] = FusedWeight(ct)
+        return fw
+
+    def after_read(self, ct) -> None:
+        """A kernel read ``ct`` straight (a fused pass): the disk tier's file pages go back."""
+        if id(ct) in self._from_disk:
+            osmem.release_file_pages(ct.data, trusted=True)
 
     # -- planning -------------------------------------------------------------------------------
     def _measured_decode_bps(self) -> float | None:
@@ -523,6 +546,7 @@ class Managed:
                 else:
                     module.__dict__.pop("forward", None)
             self._forwards.clear()
+            self._fused_weights.clear()
             failed = []
             for mp in self.params:  # one weight at a time: restore it, then free its compressed copy
                 if mp.active and not self._restore_with_retry(mp, errors):

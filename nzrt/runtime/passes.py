@@ -18,6 +18,7 @@ import threading
 
 import torch
 
+from .fused import wants_fused_pass
 from .saved import weight_hooks
 from .weight import set_data
 
@@ -93,6 +94,11 @@ def root_forward(run, inner):
 
     def forward(*args, **kwargs):
         with lock:
+            if run.fused is not None:
+                if run.fused_pass:  # the root called again inside a fused pass
+                    return inner(*args, **kwargs)
+                if wants_fused_pass(run, args, kwargs):
+                    return fused_pass(run, inner, args, kwargs)
             s = run.scheduler
             s.begin_pass()
             ok = False
@@ -110,3 +116,18 @@ def root_forward(run, inner):
                         # may still be read by the side stream; the caching allocator keeps it)
                         s.pool.clear()
     return forward
+
+
+def fused_pass(run, inner, args, kwargs):
+    """A pass with few rows under ``policies.Fused`` (see ``runtime/fused.py``): out of the
+    scheduler's trace, its prefetched copies let go; the lock is held by the caller."""
+    s = run.scheduler
+    s.drop_idle()
+    run.fused_pass = True
+    try:
+        return inner(*args, **kwargs)
+    finally:
+        run.fused_pass = False
+        run.fused_stats.passes += 1
+        if s.depth == 0:
+            run.tracker.sample()
