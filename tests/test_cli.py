@@ -218,6 +218,18 @@ def test_generate_same_tokens_as_transformers(smol):
         assert "tokens/s" in out
 
 
+def test_generate_fused():
+    """--fused: the tokens come from fused passes (the report says so, and that nothing was
+    decoded for them); with --policy plain it is a one-line error."""
+    args = ["generate", "--prompt", "The three primary colors are", "--max-new-tokens", "4", "--fused", "--report"]
+    res = runner.invoke(app, args)
+    out = _ok(res)
+    assert "tokens/s" in out and "policy fused:auto" in res.stderr
+    assert "fused: 4 passes" in res.stderr and "Linear calls" in res.stderr  # a 5-token prompt too
+    bad = runner.invoke(app, ["generate", "--prompt", "x", "--fused", "--policy", "plain"])
+    assert bad.exit_code != 0 and "--fused runs under an nzrt policy" in _err(bad)
+
+
 def test_generate_report_is_a_summary():
     """--report: a summary (not a line per layer); --report-layers: the layers too."""
     args = ["generate", "--prompt", "Hello", "--max-new-tokens", "2", "--policy", "resident"]

@@ -1,11 +1,14 @@
-"""Fused decode-matmul on the CPU: ``numba_cpu.linear`` next to plain torch bf16 ``F.linear``.
+"""Fused decode-matmul on the CPU: the kernel next to plain torch bf16 ``F.linear``, and greedy
+generation end to end (plain, nzrt, nzrt with ``--fused``).
 
-    .venv/bin/python tools/bench_fused.py [--shapes smol,llama8b] [--batches 1,4,16] [--reps 7]
+    .venv/bin/python tools/bench_fused.py [--shapes smol,llama8b] [--batches 1,4,16] [--reps 7] [--cold]
+        [--e2e smollm2,llama1.1b] [--rounds 3] [--new 32] [--prompts 5]
 
 Per layer shape (SmolLM2-135M: q/o 576->576, k/v 576->192, gate/up 576->1536, down 1536->576,
 head 576->49152; Llama-3-8B: 4096->4096, 4096->14336, 14336->4096) and batch (x rows): the
 median time of
-  fused     ``numba_cpu.linear(ct, x)``: y = x @ W.T straight from the compressed W;
+  fused     ``cpu_fused.FusedWeight(ct).linear(x)`` (prepared once per weight, as the runtime
+            keeps it): y = x @ W.T straight from the compressed W;
   plain     torch ``F.linear(x, W)`` on the dense bf16 W (the same x);
   dec+lin   ``nzrt.decompress(ct, out=dense)`` then ``F.linear`` (what the runtime does today);
   copy      torch ``copy_`` of a uint8 buffer of the compressed bytes (the roofline for any
@@ -16,6 +19,15 @@ N(0, 0.02) (its exponents code like a trained layer's, ~10.7 bits/weight); x is 
 Threads: torch's and numba's defaults (all cores). OMP_WAIT_POLICY=PASSIVE unless set. The load
 average is printed before and after: on a shared machine the times are only as good as it.
 Large shapes get fewer repetitions (``--reps`` scaled down by size, at least 3).
+
+End to end (``--e2e``): tokens/s of greedy generation (``model.generate``, no sampling, a fixed
+number of new tokens) over the first ``--prompts`` prompts of ``nzrt/data/prompts.txt``, after a
+warm-up generation, for plain bf16 PyTorch, ``nzrt.managed(policy="auto")`` (decode then matmul,
+bit-identical to plain) and ``policy="fused"``; each (model, mode) runs in a process of its own,
+the three modes interleaved over ``--rounds`` rounds, the median shown. Models: the embedded
+SmolLM2-135M; a TinyLlama-1.1B-shaped Llama (hidden 2048, 22 layers, std-0.02 weights). The last
+column says whether greedy text under fused matches plain's, prompt by prompt (the fused kernels
+sum in another order than torch's GEMM: a near-tie between the two best tokens can flip).
 
 ``--cold``: every timed call uses the next of several copies of the weight (dense and compressed),
 together >= 96 MiB, so a layer's bytes come from DRAM as in generation (a model streams all its
@@ -29,6 +41,7 @@ import datetime as _dt
 import os
 import platform
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: its OpenMP threads must not spin
 
@@ -38,12 +51,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import nzrt  # noqa: E402
-from nzrt.kernels import numba_cpu  # noqa: E402
+from nzrt.kernels import cpu_fused  # noqa: E402
 
 SHAPES = {  # name: [(label, in_features K, out_features N)]
     "smol": [("smol q/o", 576, 576), ("smol k/v", 576, 192), ("smol gate/up", 576, 1536),
              ("smol down", 1536, 576), ("smol head", 576, 49152)],
     "llama8b": [("8b q/o", 4096, 4096), ("8b gate/up", 4096, 14336), ("8b down", 14336, 4096)],
+    "tiny": [("tiny", 96, 40)],  # for the smoke test
 }
 
 
@@ -67,13 +81,121 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+# -- end to end: tokens/s of greedy generation ----------------------------------------------------
+PROMPTS = (Path(nzrt.__file__).parent / "data" / "prompts.txt").read_text().strip().splitlines()
+MODES = ("plain", "nzrt", "fused")  # plain bf16 PyTorch; nzrt.managed (auto); Fused(auto)
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def _load(model: str):
+    """(model, tokenizer) in bf16: the embedded SmolLM2-135M, or a TinyLlama-1.1B-shaped Llama with
+    std-0.02 weights from a seeded generator (the embedded tokenizer, ids folded into its vocab)."""
+    from nzrt import models
+    lm = models.resolve(None, dtype=torch.bfloat16)
+    if model == "smollm2":
+        return lm.model, lm.tokenizer
+    if model != "llama1.1b":
+        raise SystemExit(f"unknown model {model!r}: smollm2 or llama1.1b")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    m = LlamaForCausalLM._from_config(LlamaConfig(**LLAMA_1B), dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    return m.eval(), lm.tokenizer
+
+
+def _child(model: str, mode: str, new: int, prompts: int) -> dict:
+    """One process, one (model, mode): a warm-up generation, then each prompt once, timed."""
+    from nzrt.generate import prompt_ids
+    m, tok = _load(model)
+    vocab = m.config.vocab_size
+    ids = [prompt_ids(tok, p) % vocab for p in PROMPTS[:prompts]]
+    if m.generation_config is not None:
+        m.generation_config.eos_token_id = None  # always `new` tokens: equal work in every mode
+
+    def gen(x, n):
+        with torch.no_grad():
+            out = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+        return out[0, x.shape[1]:].tolist()
+
+    ctx = nzrt.managed(m, policy="fused" if mode == "fused" else "auto") if mode != "plain" else None
+    if ctx is not None:
+        ctx.__enter__()
+    try:
+        gen(ids[0], 4)  # warm: numba's cache, transformers' first call
+        seconds, tokens = 0.0, []
+        for x in ids:
+            t0 = time.perf_counter()
+            tokens.append(gen(x, new))
+            seconds += time.perf_counter() - t0
+    finally:
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+    return {"tok_s": len(ids) * new / seconds, "tokens": tokens}
+
+
+def end_to_end(models: list, rounds: int, new: int, prompts: int) -> None:
+    import json
+    import statistics
+    import subprocess
+    import sys
+    print(f"\n# end to end: greedy generation, {prompts} prompts (nzrt/data/prompts.txt) x {new} new "
+          f"tokens, tokens/s over all of them after a warm-up; each (model, mode) a process of its own, "
+          f"the modes interleaved over {rounds} rounds; median; load avg {os.getloadavg()[0]:.2f}")
+    hdr = f"{'model':<10} {'plain tok/s':>11} {'nzrt tok/s':>10} {'fused tok/s':>11} | {'fused/plain':>11} {'nzrt/plain':>10} | greedy text fused vs plain"
+    print(hdr)
+    print("-" * len(hdr))
+    for model in models:
+        runs: dict = {m: [] for m in MODES}
+        toks: dict = {}
+        for _ in range(rounds):
+            for mode in MODES:
+                r = subprocess.run([sys.executable, __file__, "--child", model, mode, str(new), str(prompts)],
+                                   capture_output=True, text=True, env=dict(os.environ))
+                if r.returncode != 0:
+                    raise SystemExit(f"{model} {mode} failed:\n{r.stderr[-3000:]}")
+                res = json.loads(r.stdout.strip().splitlines()[-1])
+                runs[mode].append(res["tok_s"])
+                toks[mode] = res["tokens"]
+        med = {m: statistics.median(v) for m, v in runs.items()}
+        same = [a == b for a, b in zip(toks["fused"], toks["plain"])]
+        first = [next((i for i, (a, b) in enumerate(zip(f, p)) if a != b), None)
+                 for f, p in zip(toks["fused"], toks["plain"])]
+        text = f"{sum(same)}/{len(same)} prompts identical" + (
+            "" if all(same) else "; first differing token: " + ", ".join("-" if i is None else str(i) for i in first))
+        print(f"{model:<10} {med['plain']:>11.2f} {med['nzrt']:>10.2f} {med['fused']:>11.2f} | "
+              f"{med['fused'] / med['plain']:>10.2f}x {med['nzrt'] / med['plain']:>9.2f}x | {text}", flush=True)
+        print(f"#   runs: " + "; ".join(f"{m} " + ", ".join(f"{v:.2f}" for v in runs[m]) for m in MODES))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", default="smol,llama8b")
+    ap.add_argument("--shapes", default="smol,llama8b", help="kernel table shapes; '' for none")
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--cold", action="store_true", help="rotate copies of each weight (>= 96 MiB)")
+    ap.add_argument("--e2e", default="smollm2,llama1.1b", help="models for tokens/s; '' for none")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new", type=int, default=32, help="tokens generated per prompt")
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the prompts")
+    ap.add_argument("--child", nargs=4, metavar=("MODEL", "MODE", "NEW", "PROMPTS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        import json
+        print(json.dumps(_child(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))))
+        return
+    kernel_table(args)
+    if args.e2e:
+        end_to_end(args.e2e.split(","), args.rounds, args.new, args.prompts)
+
+
+def kernel_table(args) -> None:
+    if not args.shapes:
+        return
     batches = [int(b) for b in args.batches.split(",")]
     gen = torch.Generator().manual_seed(0)
     print(f"# {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_name()}, "
@@ -93,6 +215,7 @@ def main(argv=None) -> None:
             ncopy = -(-(96 << 20) // (2 * N * K)) if args.cold else 1
             ws = [w] + [w.clone() for _ in range(ncopy - 1)]
             cts = [nzrt.compress(wi) for wi in ws]
+            fws = [cpu_fused.FusedWeight(c) for c in cts]  # prepared once, as the runtime keeps them
             cbytes = cts[0].data.numel()
             dense = torch.empty_like(w)
             srcs = [c.data for c in cts]
@@ -107,7 +230,7 @@ def main(argv=None) -> None:
             for rows in batches:
                 x = torch.randn(rows, K, generator=gen).to(torch.bfloat16)
                 out = torch.empty(rows, N, dtype=torch.bfloat16)
-                t_fused = median_time(lambda: numba_cpu.linear(nxt(cts), x, out=out), reps)
+                t_fused = median_time(lambda: nxt(fws).linear(x, out=out), reps)
                 t_plain = median_time(lambda: F.linear(x, nxt(ws)), reps)
                 t_dec = median_time(lambda: F.linear(x, nzrt.decompress(nxt(cts), out=dense)), reps)
                 print(f"{label:<13} {f'{K}->{N}':>12} {rows:>4} {8 * cbytes / (N * K):>6.2f} "
@@ -115,7 +238,7 @@ def main(argv=None) -> None:
                       f"{t_plain * 1e3:>9.3f} {2 * N * K / t_plain / 1e9:>6.2f} | {t_dec * 1e3:>10.3f} | "
                       f"{t_copy * 1e3:>8.3f} {cbytes / t_copy / 1e9:>6.2f} | {t_plain / t_fused:>10.2f}x",
                       flush=True)
-            del w, ws, cts, dense, srcs, dst
+            del w, ws, cts, fws, dense, srcs, dst
     print(f"# {time.perf_counter() - t_start:.0f} s; load avg after {os.getloadavg()[0]:.2f}; GB/s: "
           f"fused and copy = compressed bytes / time, plain = dense bf16 bytes / time")
 
