@@ -26,7 +26,10 @@ warm-up generation, for plain bf16 PyTorch, ``nzrt.managed(policy="auto")`` (dec
 bit-identical to plain) and ``policy="fused"``; each (model, mode) runs in a process of its own,
 the three modes interleaved over ``--rounds`` rounds, the median shown. Models: the embedded
 SmolLM2-135M; a TinyLlama-1.1B-shaped Llama (hidden 2048, 22 layers, std-0.02 weights). The last
-column says whether greedy text under fused matches plain's, prompt by prompt (the fused kernels
+RSS: the process's resident memory right after the timed generations (plain: the dense
+model; nzrt and fused: compressed weights and the runtime; the loading before entry included as
+far as the allocator kept it). The last column says whether greedy text under fused matches
+plain's, prompt by prompt (the fused kernels
 sum in another order than torch's GEMM: a near-tie between the two best tokens can flip).
 
 ``--cold``: every timed call uses the next of several copies of the weight (dense and compressed),
@@ -37,6 +40,7 @@ every column and plain most (its dense bytes are 1.5x the compressed).
 from __future__ import annotations
 
 import argparse
+import math
 import datetime as _dt
 import os
 import platform
@@ -116,11 +120,21 @@ def _child(model: str, mode: str, new: int, prompts: int) -> dict:
     if m.generation_config is not None:
         m.generation_config.eos_token_id = None  # always `new` tokens: equal work in every mode
 
-    def gen(x, n):
+    gaps = []  # per prompt, per step: the two best logits' gap in bf16 ulps of the best
+
+    def gen(x, n, record=False):
         with torch.no_grad():
             out = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, pad_token_id=0)
-        return out[0, x.shape[1]:].tolist()
+                             do_sample=False, pad_token_id=0, output_scores=record,
+                             return_dict_in_generate=True)
+        if record:
+            g = []
+            for sc in out.scores:
+                v = sc[0].float().topk(2).values
+                ulp = 2.0 ** (math.floor(math.log2(max(abs(float(v[0])), 2.0 ** -126))) - 7)
+                g.append(round(float(v[0] - v[1]) / ulp, 2))
+            gaps.append(g)
+        return out.sequences[0, x.shape[1]:].tolist()
 
     ctx = nzrt.managed(m, policy="fused" if mode == "fused" else "auto") if mode != "plain" else None
     if ctx is not None:
@@ -132,10 +146,14 @@ def _child(model: str, mode: str, new: int, prompts: int) -> dict:
             t0 = time.perf_counter()
             tokens.append(gen(x, new))
             seconds += time.perf_counter() - t0
+        import psutil
+        rss_mib = psutil.Process().memory_info().rss / 2 ** 20  # after generating: what the run holds
+        for x in ids:  # once more with the logits kept (untimed): how close the greedy choices were
+            gen(x, new, record=True)
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
-    return {"tok_s": len(ids) * new / seconds, "tokens": tokens}
+    return {"tok_s": len(ids) * new / seconds, "tokens": tokens, "gaps": gaps, "rss_mib": rss_mib}
 
 
 def end_to_end(models: list, rounds: int, new: int, prompts: int) -> None:
@@ -146,12 +164,15 @@ def end_to_end(models: list, rounds: int, new: int, prompts: int) -> None:
     print(f"\n# end to end: greedy generation, {prompts} prompts (nzrt/data/prompts.txt) x {new} new "
           f"tokens, tokens/s over all of them after a warm-up; each (model, mode) a process of its own, "
           f"the modes interleaved over {rounds} rounds; median; load avg {os.getloadavg()[0]:.2f}")
-    hdr = f"{'model':<10} {'plain tok/s':>11} {'nzrt tok/s':>10} {'fused tok/s':>11} | {'fused/plain':>11} {'nzrt/plain':>10} | greedy text fused vs plain"
+    hdr = (f"{'model':<10} {'plain tok/s':>11} {'nzrt tok/s':>10} {'fused tok/s':>11} | {'fused/plain':>11} "
+           f"{'nzrt/plain':>10} | {'RSS MiB plain/nzrt/fused':>29} | greedy text fused vs plain")
     print(hdr)
     print("-" * len(hdr))
     for model in models:
         runs: dict = {m: [] for m in MODES}
         toks: dict = {}
+        rss: dict = {}
+        gaps: dict = {}
         for _ in range(rounds):
             for mode in MODES:
                 r = subprocess.run([sys.executable, __file__, "--child", model, mode, str(new), str(prompts)],
@@ -161,14 +182,19 @@ def end_to_end(models: list, rounds: int, new: int, prompts: int) -> None:
                 res = json.loads(r.stdout.strip().splitlines()[-1])
                 runs[mode].append(res["tok_s"])
                 toks[mode] = res["tokens"]
+                gaps[mode] = res["gaps"]
+                rss.setdefault(mode, []).append(res["rss_mib"])
         med = {m: statistics.median(v) for m, v in runs.items()}
         same = [a == b for a, b in zip(toks["fused"], toks["plain"])]
         first = [next((i for i, (a, b) in enumerate(zip(f, p)) if a != b), None)
                  for f, p in zip(toks["fused"], toks["plain"])]
         text = f"{sum(same)}/{len(same)} prompts identical" + (
-            "" if all(same) else "; first differing token: " + ", ".join("-" if i is None else str(i) for i in first))
+            "" if all(same) else "; first differing token (plain's top-2 gap there, bf16 ulps): " + ", ".join(
+                "-" if i is None else f"{i} ({gaps['plain'][j][i]:g})" for j, i in enumerate(first)))
+        mem = "/".join(f"{statistics.median(rss[m]):.0f}" for m in MODES)
         print(f"{model:<10} {med['plain']:>11.2f} {med['nzrt']:>10.2f} {med['fused']:>11.2f} | "
-              f"{med['fused'] / med['plain']:>10.2f}x {med['nzrt'] / med['plain']:>9.2f}x | {text}", flush=True)
+              f"{med['fused'] / med['plain']:>10.2f}x {med['nzrt'] / med['plain']:>9.2f}x | {mem:>29} | {text}",
+              flush=True)
         print(f"#   runs: " + "; ".join(f"{m} " + ", ".join(f"{v:.2f}" for v in runs[m]) for m in MODES))
 
 
