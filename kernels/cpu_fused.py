@@ -19,6 +19,8 @@ chunking or the thread count.
 """
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 import torch
@@ -36,6 +38,7 @@ from .spec import FormatError
 LANES = fused_reference.LANES  # 64: the kernels below hard-code it (k % 64, the 6-level tree)
 
 _KIND = {"bfloat16": 0, "float16": 1, "float32": 2}
+_TKIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _INT = {2: torch.int16, 4: torch.int32}
 _F16_SUB = np.float32(2.0 ** -24)
 
@@ -420,6 +423,32 @@ class FusedWeight:
         tiles = spec.n_tiles(n, tile)
         self._pstart = np.searchsorted(self._pidx, np.arange(tiles + 1, dtype=np.int64) * tile).astype(np.int64)
         self._bounds: dict = {}
+        self._local = threading.local()  # per-thread scratch (_scratch)
+
+    def _scratch(self, nch: int, R: int) -> tuple:
+        """This thread's scratch for ``nch`` chunks and ``R`` x rows, kept between calls (every
+        buffer is written before it is read in a call, so reuse changes nothing)."""
+        cache = getattr(self._local, "scratch", None)
+        if cache is None:
+            cache = self._local.scratch = {}
+        sc = cache.get((nch, R))
+        if sc is None:
+            if len(cache) > 8:
+                cache.clear()
+            xf = np.empty(R * self.K, np.float32)
+            bufs = np.empty((nch, self.tile + 16), self._uint)
+            wfs = np.empty((nch, self.tile + 16) if self.kind else (nch, 16), np.float32)  # bf16: unused
+            tmps = np.empty((nch, 2), np.float32)
+            sc = cache[(nch, R)] = (xf, xf.view(np.uint32), bufs, wfs, wfs.view(np.uint32),
+                                    np.empty((nch, LANES * R), np.float32), tmps, tmps.view(np.uint32),
+                                    np.zeros(nch, np.int64))
+        return sc
+
+    def _bias_f32(self) -> np.ndarray:
+        bf = getattr(self._local, "bias", None)
+        if bf is None:
+            bf = self._local.bias = np.empty(self.N, np.float32)
+        return bf
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """``W[ids]`` for an integer tensor of row indices (any shape): [*ids.shape, K] of W's
@@ -470,16 +499,17 @@ class FusedWeight:
         if bounds is None:
             bounds = self._bounds[threads] = chunk_bounds(N, K, self.tile, threads)
         nch = len(bounds) - 1
-        xf = np.empty(R * K, np.float32)
-        bufs = np.empty((nch, self.tile + 16), self._uint)
-        wfs = np.empty((nch, self.tile + 16) if self.kind else (nch, 16), np.float32)  # bf16: unused
-        accs = np.empty((nch, LANES * R), np.float32)
-        tmps = np.empty((nch, 2), np.float32)
-        errs = np.zeros(nch, np.int64)
+        xf, xfu, bufs, wfs, wfu, accs, tmps, tmpu, errs = self._scratch(nch, R)
+        if bias is not None:
+            bb = _bits(bias.detach().contiguous())
+            bkind = _TKIND[bias.dtype]
+            bf = self._bias_f32()
+        else:
+            bb, bkind, bf = _NO_BITS, 0, _NO_F32
         kern = _fused_par if nch > 1 else _fused_ser
-        kern(bounds, errs, K, self.kind, _KIND[odt], _KIND[str(x.dtype).removeprefix("torch.")], xb, xf,
-             xf.view(np.uint32), bkind, bb, bf, bf.view(np.uint32), y, self._pidx, self._pval,
-             self._pstart, bufs, wfs, wfs.view(np.uint32), accs, tmps, tmps.view(np.uint32), *self._args)
+        kern(bounds, errs, K, self.kind, _TKIND[out.dtype], _TKIND[x.dtype], xb, xf, xfu, bkind, bb, bf,
+             bf.view(np.uint32), y, self._pidx, self._pval, self._pstart, bufs, wfs, wfu, accs, tmps, tmpu,
+             *self._args)
         err = int(np.bitwise_or.reduce(errs)) if nch > 1 else int(errs[0])
         if err:
             msgs = [m for bit, m in _ERRORS if err & bit]

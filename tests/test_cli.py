@@ -198,6 +198,11 @@ def test_factory_compress_inspect_profile(tiny, tmp_path):
     progress = [ln for ln in text.splitlines() if ln.startswith("profile [")]
     assert progress[0] == "profile [0/4] plain: started" and progress[-1].startswith("profile [4/4] fixed overhead")
     assert any(ln.startswith("profile [2/4] resident: done in") and "exact yes" in ln for ln in progress)
+    # --fused: each policy under policies.Fused; a pass over 128 tokens keeps the exact path
+    text = _ok(runner.invoke(app, ["profile", tiny, "--policy", "resident", "--fused", "--no-plain",
+                                   "--json", str(j), "--repeats", "1"]))
+    data = json.loads(j.read_text())
+    assert [r["run"] for r in data["rows"]] == ["fused:resident"] and data["rows"][0]["ok"]
     assert len(progress) == 8 and "\r" not in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
