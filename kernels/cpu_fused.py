@@ -123,59 +123,45 @@ _lane_dot4_bf16 = _make_lane_dot(4, True)
 
 
 @njit(**_OPTS)
-def _accum(acc, xf, R, K, kpos, wf, s, take):
-    """Products of x[:, kpos:kpos+take] with wf[s:s+take] into the lanes (k % 64) of acc
-    (acc[64 r + l]: lane l of x row r; xf: x rows of K values, flat)."""
-    j = 0
-    while j < take and ((kpos + j) & 63) != 0:  # up to the next lane-0 k
-        l = (kpos + j) & 63
-        for r in range(R):
-            acc[64 * r + l] += xf[r * K + kpos + j] * wf[s + j]
-        j += 1
-    nb = (take - j) >> 6
-    if nb:
-        r = 0
-        while r + 4 <= R:
-            _lane_dot4(acc, 64 * r, xf, r * K + kpos + j, K, wf, s + j, nb)
-            r += 4
-        while r < R:
-            _lane_dot1(acc, 64 * r, xf, r * K + kpos + j, K, wf, s + j, nb)
-            r += 1
-    j += nb << 6
-    while j < take:
-        l = (kpos + j) & 63
-        for r in range(R):
-            acc[64 * r + l] += xf[r * K + kpos + j] * wf[s + j]
-        j += 1
+def _weight_at(kind, buf, wf, i, tmp, tmpu):
+    """Weight i of the tile as float32: bf16 bits widened here, other dtypes from ``_widen``'s wf."""
+    if kind == 0:
+        tmpu[1] = np.uint32(buf[i]) << np.uint32(16)
+        return tmp[1]
+    return wf[i]
 
 
 @njit(**_OPTS)
-def _accum_bf16(acc, xf, R, K, kpos, buf, s, take, tmp, tmpu):
-    """``_accum`` with the weights as bf16 bits (buf: uint16), widened where they are used."""
+def _accum(acc, xf, R, K, kpos, kind, buf, wf, s, take, tmp, tmpu):
+    """Products of x[:, kpos:kpos+take] with the tile's weights s:s+take into the lanes (k % 64)
+    of acc (acc[64 r + l]: lane l of x row r; xf: x rows of K values, flat). bf16 weights are read
+    as bits from buf (widened in the registers), others as float32 from wf."""
     j = 0
-    while j < take and ((kpos + j) & 63) != 0:
-        l = (kpos + j) & 63
-        tmpu[1] = np.uint32(buf[s + j]) << np.uint32(16)
-        w = tmp[1]
+    while j < take and ((kpos + j) & 63) != 0:  # up to the next lane-0 k
+        w = _weight_at(kind, buf, wf, s + j, tmp, tmpu)
         for r in range(R):
-            acc[64 * r + l] += xf[r * K + kpos + j] * w
+            acc[64 * r + ((kpos + j) & 63)] += xf[r * K + kpos + j] * w
         j += 1
     nb = (take - j) >> 6
     if nb:
         r = 0
         while r + 4 <= R:
-            _lane_dot4_bf16(acc, 64 * r, xf, r * K + kpos + j, K, buf, s + j, nb)
+            if kind == 0:
+                _lane_dot4_bf16(acc, 64 * r, xf, r * K + kpos + j, K, buf, s + j, nb)
+            else:
+                _lane_dot4(acc, 64 * r, xf, r * K + kpos + j, K, wf, s + j, nb)
             r += 4
         while r < R:
-            _lane_dot1_bf16(acc, 64 * r, xf, r * K + kpos + j, K, buf, s + j, nb)
+            if kind == 0:
+                _lane_dot1_bf16(acc, 64 * r, xf, r * K + kpos + j, K, buf, s + j, nb)
+            else:
+                _lane_dot1(acc, 64 * r, xf, r * K + kpos + j, K, wf, s + j, nb)
             r += 1
     j += nb << 6
     while j < take:
-        l = (kpos + j) & 63
-        tmpu[1] = np.uint32(buf[s + j]) << np.uint32(16)
-        w = tmp[1]
+        w = _weight_at(kind, buf, wf, s + j, tmp, tmpu)
         for r in range(R):
-            acc[64 * r + l] += xf[r * K + kpos + j] * w
+            acc[64 * r + ((kpos + j) & 63)] += xf[r * K + kpos + j] * w
         j += 1
 
 
@@ -303,10 +289,7 @@ def _chunk(r0, r1, K, kind, okind, xf, bias, has_bias, y, pidx, pval, pstart, bu
         e = min(a + cnt, e1) - a
         while s < e:
             take = min(e - s, K - kpos)
-            if kind == 0:
-                _accum_bf16(acc, xf, R, K, kpos, buf, s, take, tmp, tmpu)
-            else:
-                _accum(acc, xf, R, K, kpos, wf, s, take)
+            _accum(acc, xf, R, K, kpos, kind, buf, wf, s, take, tmp, tmpu)
             kpos += take
             s += take
             if kpos == K:

@@ -147,3 +147,32 @@ def test_fused_pass_interrupted_leaves_the_run_usable():
         assert not run.fused_pass and run.lock.count == 0
         with torch.no_grad():
             assert torch.equal(bits(model(one).logits), bits(want))
+
+
+def test_fused_reads_every_tier_the_same(tmp_path):
+    """From a .nzrt: the fused passes read the compressed weights where they are (in memory, or
+    the file map of the disk tier) and give the same bits either way."""
+    from nzrt import models
+    from test_pretrained import _save_llama
+    path = _save_llama(tmp_path / "m", tied=True, hidden=256)
+    out = tmp_path / "m.nzrt"
+    models.compress_model(str(path), out)
+    ids = torch.randint(0, 4096, (1, 5), generator=torch.Generator().manual_seed(3))
+    got = {}
+    for policy in ("fused:resident", "fused:offload-disk"):
+        model = nzrt.from_pretrained(out, policy=policy)
+        try:
+            with torch.no_grad():
+                res = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                                     do_sample=False, output_scores=True, return_dict_in_generate=True,
+                                     pad_token_id=0)
+            rep = nzrt.report(model)
+            assert "fused: 4 passes" in rep.summary()  # the 5-token prompt and 3 more
+            # no Linear nor the embedding was decoded densely (from a checkpoint the small norm
+            # weights are managed too: those units decode on demand, as in any on-demand pass)
+            big = [x for x in rep.layers if "norm" not in x.name]
+            assert len(big) == 16 and sum(x.decodes for x in big) == 0  # 14 projections, embedding, head
+        finally:
+            nzrt.release(model)
+        got[policy] = torch.stack(res.scores).view(torch.int16)
+    assert torch.equal(got["fused:resident"], got["fused:offload-disk"])

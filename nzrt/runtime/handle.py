@@ -142,6 +142,9 @@ class Managed:
                 pass
             raise
         self.entry_seconds = time.perf_counter() - t0
+        if self.fused is not None and self.device.type != "cpu":
+            self.warnings.append(f"policy {self.fused.name}: fused generation runs on the CPU only for now; "
+                                 f"on {self.device.type} every pass takes the base policy's decode-then-matmul path")
         return self
 
     def _resolve_device(self) -> torch.device:
