@@ -430,8 +430,7 @@ class Managed:
     def _decode(self, ct, buf):
         with _codec_lock():
             codec.decode_into(ct, buf, backend=self.backend)
-        if id(ct) in self._from_disk:  # the disk tier: its file pages go back after each read
-            osmem.release_file_pages(ct.data, trusted=True)
+        self.after_read(ct)
 
     def dense_copy(self, mp) -> torch.Tensor:
         """A fresh dense tensor with the parameter's values (what its module computes with)."""
@@ -495,7 +494,8 @@ class Managed:
         return fw
 
     def after_read(self, ct) -> None:
-        """A kernel read ``ct`` straight (a fused pass): the disk tier's file pages go back."""
+        """A kernel read ``ct`` (a decode, or a fused pass reading it straight): the disk tier's
+        file pages go back after each read."""
         if id(ct) in self._from_disk:
             osmem.release_file_pages(ct.data, trusted=True)
 
