@@ -376,10 +376,11 @@ def _align(x: int) -> int:
     return (x + a - 1) // a * a
 
 
-def encode(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE):
+def encode(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE,
+           widths: tuple | None = None):
     """Encode 1-D integer bit patterns. Returns (widths, has_raw, symbols, sections), byte for
     byte what ``reference.encode`` returns (the sections are views into one blob)."""
-    widths, has_raw, symbols, blob, table, _ = encode_blob(bits, layout, keep, tile)
+    widths, has_raw, symbols, blob, table, _ = encode_blob(bits, layout, keep, tile, widths)
     sections = {}
     for name, (off, nb, rows, cols) in table.items():
         dt = (np.uint32 if name == "offsets" else np.int64 if name == "patch_idx"
@@ -395,7 +396,7 @@ def _al(x):
 
 
 @njit(**_OPTS)
-def _layout(bits, th, nanc, tile, lossy, signbit, inf, exp_bits, smw):
+def _layout(bits, th, nanc, tile, lossy, signbit, inf, exp_bits, smw, forced):
     """Between the histogram and the stream writes: the plan, the blob's layout (the one
     CompressedTensor.from_sections gives these sections, each 16-byte aligned), its zero
     padding, the offsets and the NaN patches. Returns (widths, has_raw, symbols, W, CT, SYM,
@@ -404,7 +405,7 @@ def _layout(bits, th, nanc, tile, lossy, signbit, inf, exp_bits, smw):
     n = len(bits)
     tiles = th.shape[0]
     widths, has_raw, symbols, L, W, CT, SYM, off, sizes = _plan(
-        th, n, tile, exp_bits, spec.MAX_LEVELS, spec.MAX_WIDTH)
+        th, n, tile, exp_bits, spec.MAX_LEVELS, spec.MAX_WIDTH, forced)
     nan_total = nanc.sum() if lossy else 0
     table = np.zeros((L + 4, 4), np.int64)
     table[0, 1] = (n * smw + 7) // 8 + spec.STREAM_PAD
@@ -484,7 +485,7 @@ def _streams_par(src, tile, W, CT, SYM, mb, emask, keep, smw, off, blob, table):
 
 
 @njit(**_OPTS)
-def _encode_ser(bits, rb, tile, lossy, s, signbit, inf, maxfin, mb, emask, exp_bits, keep, smw, crctab):
+def _encode_ser(bits, rb, tile, lossy, s, signbit, inf, maxfin, mb, emask, exp_bits, keep, smw, crctab, forced):
     """The whole one-thread encode in one compiled call: histogram, layout, streams, CRC-32.
     (Only serial callees: a cached function that calls a parallel one can crash when loaded
     from numba's cache, numba issues #4807 and #8578; the parallel encode goes through Python.)"""
@@ -494,15 +495,18 @@ def _encode_ser(bits, rb, tile, lossy, s, signbit, inf, maxfin, mb, emask, exp_b
     if n:
         _round_hist_ser(bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc)
     widths, has_raw, symbols, W, CT, SYM, off, blob, table = _layout(
-        bits, th, nanc, tile, lossy, signbit, inf, exp_bits, smw)
+        bits, th, nanc, tile, lossy, signbit, inf, exp_bits, smw, forced)
     _streams_ser(rb if lossy else bits, tile, W, CT, SYM, mb, emask, keep, smw, off, blob, table)
     return widths, has_raw, symbols, blob, table, _crc32_any(blob, 0, crctab)
 
 
-def encode_blob(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE):
+def encode_blob(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE,
+                widths: tuple | None = None):
     """``encode``, written straight into the blob that ``CompressedTensor.from_sections`` would
     build from its sections: (widths, has_raw, symbols, blob, table, crc32), table[name] =
-    (byte offset, nbytes, rows, cols). Every byte of the blob is written once; padding is zero."""
+    (byte offset, nbytes, rows, cols). Every byte of the blob is written once; padding is zero.
+    ``widths``: the coded levels to use instead of the planner's (``spec.forced_cascade``)."""
+    forced = np.asarray(spec.check_widths(widths, layout.exp_bits) if widths else (), np.int64)
     bits = np.ascontiguousarray(bits, dtype=layout.uint).reshape(-1)
     n = len(bits)
     s = layout.man_bits - keep
@@ -513,13 +517,13 @@ def encode_blob(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = sp
     tiles = spec.n_tiles(n, tile)
     if not _parallel(tiles):
         widths, has_raw, symbols, blob, tab, crc = _encode_ser(
-            bits, rb, tile, lossy, s, signbit, inf, maxfin, mb, emask, layout.exp_bits, keep, smw, _CRC_TAB)
+            bits, rb, tile, lossy, s, signbit, inf, maxfin, mb, emask, layout.exp_bits, keep, smw, _CRC_TAB, forced)
     else:
         th = np.empty((tiles, emask + 1), np.int32)
         nanc = np.zeros(tiles, np.int64)
         _round_hist_par(bits, rb, n, tile, lossy, s, signbit, inf, maxfin, mb, emask, th, nanc)
         widths, has_raw, symbols, W, CT, SYM, off, blob, tab = _layout(
-            bits, th, nanc, tile, lossy, signbit, inf, layout.exp_bits, smw)
+            bits, th, nanc, tile, lossy, signbit, inf, layout.exp_bits, smw, forced)
         _streams_par(rb, tile, W, CT, SYM, mb, emask, keep, smw, off, blob, tab)
         crc = _crc32_any(blob, 0, _CRC_TAB)
     rows = tab.tolist()

@@ -407,6 +407,9 @@ class FusedWeight:
         self._pstart = np.searchsorted(self._pidx, np.arange(tiles + 1, dtype=np.int64) * tile).astype(np.int64)
         self._bounds: dict = {}
         self._local = threading.local()  # per-thread scratch (_scratch)
+        from . import cpu_fused_w4  # imports this module: not at the top
+        self._w4 = cpu_fused_w4.prepare(ct) if cpu_fused_w4.eligible(ct) else None
+        self._w4_kernels = (cpu_fused_w4.fused_par, cpu_fused_w4.fused_ser)
 
     def _scratch(self, nch: int, R: int) -> tuple:
         """This thread's scratch for ``nch`` chunks and ``R`` x rows, kept between calls (every
@@ -489,10 +492,15 @@ class FusedWeight:
             bf = self._bias_f32()
         else:
             bb, bkind, bf = _NO_BITS, 0, _NO_F32
-        kern = _fused_par if nch > 1 else _fused_ser
-        kern(bounds, errs, K, self.kind, _TKIND[out.dtype], _TKIND[x.dtype], xb, xf, xfu, bkind, bb, bf,
-             bf.view(np.uint32), y, self._pidx, self._pval, self._pstart, bufs, wfs, wfu, accs, tmps, tmpu,
-             *self._args)
+        if self._w4 is not None:  # the window code's path (cpu_fused_w4): the same bits
+            kern = self._w4_kernels[0 if nch > 1 else 1]
+            kern(bounds, errs, K, _TKIND[out.dtype], _TKIND[x.dtype], xb, xf, xfu, bkind, bb, bf,
+                 bf.view(np.uint32), y, accs, tmps, tmpu, self._args[0], self.tile, *self._w4)
+        else:
+            kern = _fused_par if nch > 1 else _fused_ser
+            kern(bounds, errs, K, self.kind, _TKIND[out.dtype], _TKIND[x.dtype], xb, xf, xfu, bkind, bb, bf,
+                 bf.view(np.uint32), y, self._pidx, self._pval, self._pstart, bufs, wfs, wfu, accs, tmps, tmpu,
+                 *self._args)
         err = int(np.bitwise_or.reduce(errs)) if nch > 1 else int(errs[0])
         if err:
             msgs = [m for bit, m in _ERRORS if err & bit]

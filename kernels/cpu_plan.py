@@ -105,10 +105,12 @@ def choose_cascade(hist: np.ndarray, exp_bits: int, tile: int) -> tuple[tuple[in
 
 
 @njit(cache=True, nogil=True)
-def _plan(th, n, tile, exp_bits, max_levels, max_width):
+def _plan(th, n, tile, exp_bits, max_levels, max_width, forced):
     """Everything between the histogram and the stream writes, in one compiled call:
-    spec.choose_cascade, spec.symbol_order, reference.code_tables, the per-level code tables
-    and the tile offsets. Returns (widths, has_raw, symbols, L, W, CT, SYM, offsets, sizes)."""
+    spec.choose_cascade (or the ``forced`` widths when non-empty, a raw level added when they
+    cannot name every exponent present: ``spec.forced_cascade``), spec.symbol_order,
+    reference.code_tables, the per-level code tables and the tile offsets. Returns (widths,
+    has_raw, symbols, L, W, CT, SYM, offsets, sizes)."""
     tiles = th.shape[0]
     nsym = th.shape[1]
     hist = np.zeros(nsym, np.int64)
@@ -130,7 +132,13 @@ def _plan(th, n, tile, exp_bits, max_levels, max_width):
     counts = np.empty(npres, np.int64)
     for j in range(npres):
         counts[j] = hist[order[j]]
-    if npres:
+    if npres and len(forced):
+        widths = forced.copy()
+        fcap = 0
+        for w in widths:
+            fcap += (1 << w) - 1
+        has_raw = npres > fcap
+    elif npres:
         widths, has_raw = _choose_cascade_nb(counts, exp_bits, tile, max_levels, max_width)
     else:
         widths, has_raw = np.zeros(0, np.int64), False

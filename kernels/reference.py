@@ -61,14 +61,19 @@ def code_tables(symbols: np.ndarray, widths, has_raw: bool, exp_bits: int):
     return level_of, code_of
 
 
-def encode(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE):
-    """Encode 1-D integer bit patterns. Returns (widths, has_raw, symbols, sections)."""
+def encode(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DEFAULT_TILE,
+           widths: tuple | None = None):
+    """Encode 1-D integer bit patterns. Returns (widths, has_raw, symbols, sections). ``widths``:
+    the coded levels to use instead of the planner's choice (``spec.forced_cascade``)."""
     bits = np.ascontiguousarray(bits, dtype=layout.uint)
     n = len(bits)
     bits, patch_idx, patch_val = spec.lossy_round(bits, layout, keep)
     sm, exp = split(bits, layout, keep)
     hist = np.bincount(exp, minlength=1 << layout.exp_bits)
-    widths, has_raw = spec.choose_cascade(hist, layout.exp_bits, tile)
+    if widths:
+        widths, has_raw = spec.forced_cascade(hist, widths, layout.exp_bits)
+    else:
+        widths, has_raw = spec.choose_cascade(hist, layout.exp_bits, tile)
     symbols = spec.symbol_order(hist)[: sum((1 << w) - 1 for w in widths)]
     level_of, code_of = code_tables(symbols, widths, has_raw, layout.exp_bits)
     lvl = level_of[exp]

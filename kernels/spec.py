@@ -141,6 +141,34 @@ def choose_cascade(hist: np.ndarray, exp_bits: int, tile: int) -> tuple[tuple[in
     return best[1], best[2]
 
 
+WINDOW4 = (4,)  # one 4-bit level (15 exponents, code 15 escapes to a raw byte): ~12 bits a bf16
+# weight against the planner's ~10.7, and the shape ``cpu_fused_w4`` multiplies fastest from
+
+
+def check_widths(widths, exp_bits: int) -> tuple[int, ...]:
+    """``widths`` as a tuple of ints: 1..``MAX_LEVELS`` coded levels of 1..min(MAX_WIDTH, exp_bits)
+    bits each; ValueError otherwise."""
+    try:
+        w = tuple(int(v) for v in widths)
+    except TypeError:
+        raise ValueError(f"widths must be a sequence of level widths, got {widths!r}") from None
+    top = min(MAX_WIDTH, exp_bits)
+    if not 1 <= len(w) <= MAX_LEVELS or not all(1 <= v <= top for v in w) or any(
+            isinstance(v, bool) or int(v) != v for v in widths):
+        raise ValueError(f"widths {widths!r}: 1..{MAX_LEVELS} coded levels of 1..{top} bits each")
+    return w
+
+
+def forced_cascade(hist: np.ndarray, widths, exp_bits: int) -> tuple[tuple[int, ...], bool]:
+    """The given level widths instead of ``choose_cascade``'s, with a raw level when they cannot
+    name every exponent present (none at all for an empty histogram)."""
+    w = check_widths(widths, exp_bits)
+    present = int((hist > 0).sum())
+    if present == 0:
+        return (), False
+    return w, present > sum((1 << v) - 1 for v in w)
+
+
 def lossy_round(bits: np.ndarray, layout: FloatLayout, keep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round to ``keep`` mantissa bits, nearest even, carry into the exponent (readable reference).
 

@@ -778,10 +778,7 @@ def encode(bits, layout: spec.FloatLayout, keep: int, tile: int = spec.DEFAULT_T
     if widths is None:
         widths, has_raw = spec.choose_cascade(hist, E, tile)
     else:
-        widths = tuple(int(w) for w in widths)
-        if len(widths) > spec.MAX_LEVELS or not all(1 <= w <= min(spec.MAX_WIDTH, E) for w in widths):
-            raise ValueError(f"widths {widths}: at most {spec.MAX_LEVELS} levels of 1..{min(spec.MAX_WIDTH, E)} bits")
-        has_raw = int((hist > 0).sum()) > sum((1 << w) - 1 for w in widths)
+        widths, has_raw = spec.forced_cascade(hist, widths, E)
     symbols = spec.symbol_order(hist)[: sum((1 << w) - 1 for w in widths)]
     level_of, code_of = code_tables(symbols, widths, has_raw, E)
     all_w = spec.level_widths(widths, has_raw, E)
