@@ -368,10 +368,17 @@ class Fused:
     prompt) take ``base``'s decode-then-matmul path. The fused sum runs in a fixed order of its
     own (``nzrt.kernels.fused_reference``), not torch's GEMM order: outputs are exact for the
     weights but no longer bit-identical to plain PyTorch (greedy text usually matches; logits
-    differ in the last bits). CPU only for now (on a GPU the base path runs)."""
+    differ in the last bits). CPU only for now (on a GPU the base path runs).
+
+    ``widths`` is the exponent code the weights are compressed with when ``managed()`` compresses
+    them: ``(4,)`` (the default) one 4-bit level, ~12.0 bits a bf16 weight, which the fused CPU
+    kernel multiplies from ~1.5x faster than from the smallest code; ``None`` that smallest code
+    (the planner's cascade, ~10.7 bits, as every other policy). Weights that arrive compressed
+    (a ``.nzrt`` file) keep their code; every code gives the same bits."""
 
     base: object = None  # a policy value or name; None: Auto()
     max_rows: int = 16
+    widths: tuple | None = (4,)
 
     def __post_init__(self):
         base = Auto() if self.base is None else get_policy(self.base)
@@ -380,6 +387,12 @@ class Fused:
         object.__setattr__(self, "base", base)
         if not isinstance(self.max_rows, int) or isinstance(self.max_rows, bool) or not 1 <= self.max_rows <= 64:
             raise ValueError(f"Fused.max_rows must be an int in 1..64, got {self.max_rows!r}")
+        if self.widths is not None:
+            w = self.widths
+            if (not isinstance(w, (tuple, list)) or not 1 <= len(w) <= 4
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 5 for v in w)):
+                raise ValueError(f"Fused.widths must be None or 1..4 level widths of 1..5 bits, e.g. (4,); got {w!r}")
+            object.__setattr__(self, "widths", tuple(w))
 
     @property
     def name(self) -> str:

@@ -349,7 +349,8 @@ class Managed:
                 on_disk = accounting.is_mapped(ct)
             else:
                 part = dense_src[a:b] if chunked else dense_src
-                ct = codec.compress(part, mantissa_bits=self.mantissa_bits, backend=self.compress_backend(part))
+                ct = codec.compress(part, mantissa_bits=self.mantissa_bits, backend=self.compress_backend(part),
+                                    widths=self.fused.widths if self.fused is not None else None)
                 on_disk = False
                 if lossy and not was_meta and not keep_original:  # the exact original: on disk, not in RAM
                     self.restore.add(key, codec.compress(part, backend=self.compress_backend(part)))
