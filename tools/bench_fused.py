@@ -2,7 +2,7 @@
 generation end to end (plain, nzrt, nzrt with ``--fused``).
 
     .venv/bin/python tools/bench_fused.py [--shapes smol,llama8b] [--batches 1,4,16] [--reps 7] [--cold]
-        [--e2e smollm2,llama1.1b] [--rounds 3] [--new 32] [--prompts 5]
+        [--bits minilm,smollm2] [--e2e smollm2,llama1.1b] [--rounds 3] [--new 32] [--prompts 5]
 
 Per layer shape (SmolLM2-135M: q/o 576->576, k/v 576->192, gate/up 576->1536, down 1536->576,
 head 576->49152; Llama-3-8B: 4096->4096, 4096->14336, 14336->4096) and batch (x rows): the
@@ -20,10 +20,15 @@ Threads: torch's and numba's defaults (all cores). OMP_WAIT_POLICY=PASSIVE unles
 average is printed before and after: on a shared machine the times are only as good as it.
 Large shapes get fewer repetitions (``--reps`` scaled down by size, at least 3).
 
+``window``: the same weight compressed with the window code (``widths=WINDOW4``, one 4-bit
+exponent level, ~12 bits/weight), which ``cpu_fused_w4`` multiplies from. ``--bits``: bits/weight of
+the embedded MiniLM and SmolLM2 under the smallest code and the window code.
+
 End to end (``--e2e``): tokens/s of greedy generation (``model.generate``, no sampling, a fixed
 number of new tokens) over the first ``--prompts`` prompts of ``nzrt/data/prompts.txt``, after a
 warm-up generation, for plain bf16 PyTorch, ``nzrt.managed(policy="auto")`` (decode then matmul,
-bit-identical to plain) and ``policy="fused"``; each (model, mode) runs in a process of its own,
+bit-identical to plain), ``policy="fused"`` (window code) and ``Fused(widths=None)`` (the smallest
+code: the same sums, so the same tokens); each (model, mode) runs in a process of its own,
 the three modes interleaved over ``--rounds`` rounds, the median shown. Models: the embedded
 SmolLM2-135M; a TinyLlama-1.1B-shaped Llama (hidden 2048, 22 layers, std-0.02 weights). The last
 RSS: the process's resident memory right after the timed generations (plain: the dense
@@ -55,6 +60,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import nzrt  # noqa: E402
+from nzrt import codec  # noqa: E402
 from nzrt.kernels import cpu_fused  # noqa: E402
 
 SHAPES = {  # name: [(label, in_features K, out_features N)]
@@ -87,7 +93,8 @@ def cpu_name() -> str:
 
 # -- end to end: tokens/s of greedy generation ----------------------------------------------------
 PROMPTS = (Path(nzrt.__file__).parent / "data" / "prompts.txt").read_text().strip().splitlines()
-MODES = ("plain", "nzrt", "fused")  # plain bf16 PyTorch; nzrt.managed (auto); Fused(auto)
+MODES = ("plain", "nzrt", "fused", "fused-cascade")  # plain bf16 PyTorch; nzrt.managed (auto); Fused(auto)
+# with the window code (the default); Fused(auto, widths=None): the smallest code
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 
@@ -136,7 +143,9 @@ def _child(model: str, mode: str, new: int, prompts: int) -> dict:
             gaps.append(g)
         return out.sequences[0, x.shape[1]:].tolist()
 
-    ctx = nzrt.managed(m, policy="fused" if mode == "fused" else "auto") if mode != "plain" else None
+    from nzrt.policies import Fused
+    policy = {"nzrt": "auto", "fused": "fused", "fused-cascade": Fused(widths=None)}.get(mode)
+    ctx = nzrt.managed(m, policy=policy) if mode != "plain" else None
     if ctx is not None:
         ctx.__enter__()
     try:
@@ -164,8 +173,9 @@ def end_to_end(models: list, rounds: int, new: int, prompts: int) -> None:
     print(f"\n# end to end: greedy generation, {prompts} prompts (nzrt/data/prompts.txt) x {new} new "
           f"tokens, tokens/s over all of them after a warm-up; each (model, mode) a process of its own, "
           f"the modes interleaved over {rounds} rounds; median; load avg {os.getloadavg()[0]:.2f}")
-    hdr = (f"{'model':<10} {'plain tok/s':>11} {'nzrt tok/s':>10} {'fused tok/s':>11} | {'fused/plain':>11} "
-           f"{'nzrt/plain':>10} | {'RSS MiB plain/nzrt/fused':>29} | greedy text fused vs plain")
+    hdr = (f"{'model':<10} {'plain tok/s':>11} {'nzrt tok/s':>10} {'fused tok/s':>11} {'cascade tok/s':>13} | "
+           f"{'fused/plain':>11} {'cascade/plain':>13} {'nzrt/plain':>10} | {'RSS MiB plain/nzrt/fused/cascade':>32} "
+           f"| greedy text fused vs plain")
     print(hdr)
     print("-" * len(hdr))
     for model in models:
@@ -192,10 +202,34 @@ def end_to_end(models: list, rounds: int, new: int, prompts: int) -> None:
             "" if all(same) else "; first differing token (plain's top-2 gap there, bf16 ulps): " + ", ".join(
                 "-" if i is None else f"{i} ({gaps['plain'][j][i]:g})" for j, i in enumerate(first)))
         mem = "/".join(f"{statistics.median(rss[m]):.0f}" for m in MODES)
-        print(f"{model:<10} {med['plain']:>11.2f} {med['nzrt']:>10.2f} {med['fused']:>11.2f} | "
-              f"{med['fused'] / med['plain']:>10.2f}x {med['nzrt'] / med['plain']:>9.2f}x | {mem:>29} | {text}",
+        if toks["fused"] != toks["fused-cascade"]:
+            text += "; FUSED WINDOW AND CASCADE DIFFER (they must not: the same sums)"
+        print(f"{model:<10} {med['plain']:>11.2f} {med['nzrt']:>10.2f} {med['fused']:>11.2f} "
+              f"{med['fused-cascade']:>13.2f} | {med['fused'] / med['plain']:>10.2f}x "
+              f"{med['fused-cascade'] / med['plain']:>12.2f}x {med['nzrt'] / med['plain']:>9.2f}x | {mem:>32} | {text}",
               flush=True)
         print(f"#   runs: " + "; ".join(f"{m} " + ", ".join(f"{v:.2f}" for v in runs[m]) for m in MODES))
+
+
+def bits_table(models: list) -> None:
+    """bits/weight of every weight matrix (2-D and up) of each model in bf16: the planner's code
+    against the window code (what ``policy="fused"`` compresses with)."""
+    from nzrt import models as zm
+    print(f"\n# bits/weight, bf16, every weight matrix of the model (compressed bytes x 8 / weights)")
+    hdr = f"{'model':<10} {'weights':>11} | {'smallest code':>13} {'window (4,)':>11} | {'window/smallest':>15}"
+    print(hdr)
+    print("-" * len(hdr))
+    for name in models:
+        lm = zm.load_embedded(name, dtype=torch.bfloat16)
+        n = small = win = 0
+        for p in lm.model.parameters():
+            if p.dim() < 2:
+                continue
+            w = p.detach()
+            n += w.numel()
+            small += nzrt.compress(w).data.numel()
+            win += nzrt.compress(w, widths=codec.WINDOW4).data.numel()
+        print(f"{name:<10} {n:>11,} | {8 * small / n:>13.2f} {8 * win / n:>11.2f} | {win / small:>14.3f}x", flush=True)
 
 
 def main(argv=None) -> None:
@@ -205,6 +239,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--cold", action="store_true", help="rotate copies of each weight (>= 96 MiB)")
     ap.add_argument("--e2e", default="smollm2,llama1.1b", help="models for tokens/s; '' for none")
+    ap.add_argument("--bits", default="minilm,smollm2", help="models for the bits/weight table; '' for none")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new", type=int, default=32, help="tokens generated per prompt")
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of the prompts")
@@ -215,6 +250,8 @@ def main(argv=None) -> None:
         print(json.dumps(_child(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))))
         return
     kernel_table(args)
+    if args.bits:
+        bits_table(args.bits.split(","))
     if args.e2e:
         end_to_end(args.e2e.split(","), args.rounds, args.new, args.prompts)
 
@@ -231,7 +268,7 @@ def kernel_table(args) -> None:
           f"{'cold (weights from DRAM)' if args.cold else 'hot (small weights stay in cache)'}")
     hdr = (f"{'shape':<13} {'K->N':>12} {'rows':>4} {'bits/w':>6} {'MB':>6} | {'fused ms':>9} "
            f"{'GB/s':>6} | {'plain ms':>9} {'GB/s':>6} | {'dec+lin ms':>10} | {'copy ms':>8} "
-           f"{'GB/s':>6} | {'plain/fused':>11}")
+           f"{'GB/s':>6} | {'plain/fused':>11} | {'bits/w':>6} {'window ms':>9} {'GB/s':>6} | {'plain/window':>11}")
     print(hdr)
     print("-" * len(hdr))
     t_start = time.perf_counter()
@@ -242,7 +279,10 @@ def kernel_table(args) -> None:
             ws = [w] + [w.clone() for _ in range(ncopy - 1)]
             cts = [nzrt.compress(wi) for wi in ws]
             fws = [cpu_fused.FusedWeight(c) for c in cts]  # prepared once, as the runtime keeps them
+            wcts = [nzrt.compress(wi, widths=codec.WINDOW4) for wi in ws]
+            wfws = [cpu_fused.FusedWeight(c) for c in wcts]
             cbytes = cts[0].data.numel()
+            wbytes = wcts[0].data.numel()
             dense = torch.empty_like(w)
             srcs = [c.data for c in cts]
             dst = torch.empty_like(srcs[0])
@@ -257,16 +297,19 @@ def kernel_table(args) -> None:
                 x = torch.randn(rows, K, generator=gen).to(torch.bfloat16)
                 out = torch.empty(rows, N, dtype=torch.bfloat16)
                 t_fused = median_time(lambda: nxt(fws).linear(x, out=out), reps)
+                t_win = median_time(lambda: nxt(wfws).linear(x, out=out), reps)
                 t_plain = median_time(lambda: F.linear(x, nxt(ws)), reps)
                 t_dec = median_time(lambda: F.linear(x, nzrt.decompress(nxt(cts), out=dense)), reps)
                 print(f"{label:<13} {f'{K}->{N}':>12} {rows:>4} {8 * cbytes / (N * K):>6.2f} "
                       f"{cbytes / 1e6:>6.1f} | {t_fused * 1e3:>9.3f} {cbytes / t_fused / 1e9:>6.2f} | "
                       f"{t_plain * 1e3:>9.3f} {2 * N * K / t_plain / 1e9:>6.2f} | {t_dec * 1e3:>10.3f} | "
-                      f"{t_copy * 1e3:>8.3f} {cbytes / t_copy / 1e9:>6.2f} | {t_plain / t_fused:>10.2f}x",
-                      flush=True)
-            del w, ws, cts, fws, dense, srcs, dst
+                      f"{t_copy * 1e3:>8.3f} {cbytes / t_copy / 1e9:>6.2f} | {t_plain / t_fused:>10.2f}x | "
+                      f"{8 * wbytes / (N * K):>6.2f} {t_win * 1e3:>9.3f} {wbytes / t_win / 1e9:>6.2f} | "
+                      f"{t_plain / t_win:>10.2f}x", flush=True)
+            del w, ws, cts, fws, wcts, wfws, dense, srcs, dst
     print(f"# {time.perf_counter() - t_start:.0f} s; load avg after {os.getloadavg()[0]:.2f}; GB/s: "
-          f"fused and copy = compressed bytes / time, plain = dense bf16 bytes / time")
+          f"fused and copy = compressed bytes / time, plain = dense bf16 bytes / time; window: the same "
+          f"weight compressed with widths=WINDOW4 (cpu_fused_w4's path)")
 
 
 if __name__ == "__main__":
