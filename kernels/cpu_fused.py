@@ -430,6 +430,13 @@ class FusedWeight:
                                     np.zeros(nch, np.int64))
         return sc
 
+    def _xperm(self, n: int) -> np.ndarray:
+        """This thread's buffer for x in the window path's order (``cpu_fused_w4.permute_x``)."""
+        xp = getattr(self._local, "xperm", None)
+        if xp is None or len(xp) != n:
+            xp = self._local.xperm = np.empty(n, np.float32)
+        return xp
+
     def _bias_f32(self) -> np.ndarray:
         bf = getattr(self._local, "bias", None)
         if bf is None:
@@ -494,7 +501,8 @@ class FusedWeight:
             bb, bkind, bf = _NO_BITS, 0, _NO_F32
         if self._w4 is not None:  # the window code's path (cpu_fused_w4): the same bits
             kern = self._w4_kernels[0 if nch > 1 else 1]
-            kern(bounds, errs, K, _TKIND[out.dtype], _TKIND[x.dtype], xb, xf, xfu, bkind, bb, bf,
+            xp = self._xperm(len(xf))
+            kern(bounds, errs, K, _TKIND[out.dtype], _TKIND[x.dtype], xb, xf, xfu, xp, bkind, bb, bf,
                  bf.view(np.uint32), y, accs, tmps, tmpu, self._args[0], self.tile, *self._w4)
         else:
             kern = _fused_par if nch > 1 else _fused_ser

@@ -27,7 +27,7 @@ from numba.extending import intrinsic
 
 from . import spec
 from .cpu_common import _OPTS, ERR_CODE, ERR_ESCAPES
-from .cpu_fused import _emit, _inputs
+from .cpu_fused import _inputs, _round_bits
 from .cpu_intrinsics import _elem_ptr, _host_has, _prefetch
 
 LANES = 64
@@ -35,24 +35,41 @@ HAS_AVX512BW = _host_has("avx512bw")
 _RP_BITS = 48  # _w4_dot returns the raw cursor in its low bits and "a code named nothing" above
 
 
-def _make_w4_dot(G):
-    """An intrinsic for G x rows: decode the ``ng`` groups of 64 window-coded bf16 weights at
-    flat index ``i0`` (``sm``, ``L0`` from their first byte; escapes from ``raw[rp:]``) and do
-    ``acc[ao+64q : +64] += x[xo+q*xs+64b : +64] * w[64b : +64]`` for q < G, b < ng, lane by lane
-    in float32 (fmul then fadd: never an FMA). ``tabs``: uint8[128], the low-byte table then the
-    high-byte table, each a 16-entry table repeated in the four 128-bit lanes (entry 15: 0).
-    Returns the raw cursor after the groups, plus ``1 << 48`` if a code above ``maxc`` occurred.
-    ``raw`` must hold 64 readable bytes past any cursor the groups reach."""
+# The lanes a register holds after the unpacks: in each 128-bit lane L of the 64 bytes, the
+# byte unpacks give words for weights 16L+m (low half, m < 8) and 16L+8+m (high half); the word
+# unpacks split each into 4s. Register r (0..3), element 4L+m holds weight 16L + 4r + m.
+PERM = [16 * L + 4 * r + m for r in range(4) for L in range(4) for m in range(4)]
+UNPACK_BW = [[i for L in range(4) for m in range(8) for i in (16 * L + 8 * h + m, 64 + 16 * L + 8 * h + m)]
+             for h in range(2)]  # lo, hi bytes -> words (VPUNPCKLBW h=0, VPUNPCKHBW h=1)
+UNPACK_WD = [[i for L in range(4) for m in range(4) for i in (0, 32 + 8 * L + 4 * h + m)]
+             for h in range(2)]  # (zeros, words) -> words << 16 as dwords (VPUNPCKLWD/HWD)
+
+
+def _make_w4_rows(G):
+    """An intrinsic for G x rows over ``ng`` groups of 64 window-coded bf16 weights from flat
+    index ``i0`` (``sm``, ``L0`` read from there; the escapes' exponents from ``raw[rp:]``), the
+    first at group ``g0`` of a W row of ``gpr`` groups. Per group, weights w[0..63] decoded in
+    registers, ``acc_q[lane] += x_q[64g + lane] * w[lane]`` for q < G in float32 (fmul then fadd:
+    never an FMA); when a W row's last group is in, its 64 lanes are reduced by the fixed tree
+    (``fused_reference``: lane l + lane l+h, h = 32 .. 1) into ``z[zo + q*zs + k]`` (k: rows
+    completed in this call) and the lanes start again at -0.0. The lanes live in the unpacks'
+    order (``PERM``), and so do ``x`` (``permute_x``) and the carried partial sums ``acc[64q ..]``
+    of a row that continues in the next call; the tree pairs the same lanes as the reference's.
+    ``tabs``: uint8[128], the low-byte then the high-byte 16-entry table, each repeated in the four
+    128-bit lanes (entry 15: 0). Returns the raw cursor after the groups, plus ``1 << 48`` if a
+    code above ``maxc`` occurred. ``raw`` must hold 64 readable bytes past any cursor reached."""
     @intrinsic
-    def w4_dot(typingctx, acc, ao, x, xo, xs, sm, L0, i0, raw, rp, tabs, maxc, ng):
-        sig = types.int64(acc, ao, x, xo, xs, sm, L0, i0, raw, rp, tabs, maxc, ng)
+    def w4_rows(typingctx, acc, x, xo, xs, z, zo, zs, sm, L0, i0, raw, rp, tabs, maxc, ng, g0, gpr):
+        sig = types.int64(acc, x, xo, xs, z, zo, zs, sm, L0, i0, raw, rp, tabs, maxc, ng, g0, gpr)
 
         def codegen(context, builder, sig, args):
             i1, i8, i16, i32, i64 = (ir.IntType(b) for b in (1, 8, 16, 32, 64))
             v64b, v32b, v32w = ir.VectorType(i8, 64), ir.VectorType(i8, 32), ir.VectorType(i16, 32)
-            v64d, v64m = ir.VectorType(i32, 64), ir.VectorType(i1, 64)
-            vf = ir.VectorType(ir.FloatType(), LANES)
+            v64m = ir.VectorType(i1, 64)
+            f32 = ir.FloatType()
+            vq = ir.VectorType(f32, 16)
             c8 = lambda v: ir.Constant(v64b, [v] * 64)  # noqa: E731
+            mask = lambda idx: ir.Constant(ir.VectorType(i32, len(idx)), idx)  # noqa: E731
             mod = builder.module
             pshufb = cgutils.get_or_insert_function(mod, ir.FunctionType(v64b, [v64b, v64b]),
                                                     "llvm.x86.avx512.pshuf.b.512")
@@ -60,43 +77,48 @@ def _make_w4_dot(G):
                 mod, ir.FunctionType(v64b, [i8.as_pointer(), v64m, v64b]), "llvm.masked.expandload.v64i8")
             ctpop = cgutils.get_or_insert_function(mod, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
             a = args
-            pa = _elem_ptr(context, builder, sig.args[0], a[0], a[1], sig.args[1])
-            px = _elem_ptr(context, builder, sig.args[2], a[2], a[3], sig.args[3])
-            psm = _elem_ptr(context, builder, sig.args[5], a[5], a[7], sig.args[7])
-            i0 = context.cast(builder, a[7], sig.args[7], types.intp)
-            pl0 = _elem_ptr(context, builder, sig.args[6], a[6], builder.ashr(i0, ir.Constant(i0.type, 1)),
-                            types.intp)
-            praw = _elem_ptr(context, builder, sig.args[8], a[8], ir.Constant(i64, 0), types.intp)
-            ptab = _elem_ptr(context, builder, sig.args[10], a[10], ir.Constant(i64, 0), types.intp)
+            A = sig.args
+            cast = lambda k: context.cast(builder, a[k], A[k], types.intp)  # noqa: E731
+            zero = ir.Constant(i64, 0)
+            pacc = _elem_ptr(context, builder, A[0], a[0], zero, types.intp)
+            px = _elem_ptr(context, builder, A[1], a[1], a[2], A[2])
+            pz = _elem_ptr(context, builder, A[4], a[4], a[5], A[5])
+            psm = _elem_ptr(context, builder, A[7], a[7], a[9], A[9])
+            i0 = cast(9)
+            pl0 = _elem_ptr(context, builder, A[8], a[8], builder.ashr(i0, ir.Constant(i64, 1)), types.intp)
+            praw = _elem_ptr(context, builder, A[10], a[10], zero, types.intp)
+            ptab = _elem_ptr(context, builder, A[12], a[12], zero, types.intp)
             lot = builder.load(builder.bitcast(ptab, v64b.as_pointer()), align=1)
-            hit = builder.load(builder.bitcast(builder.gep(ptab, [ir.Constant(i64, 64)]), v64b.as_pointer()),
-                               align=1)
-            maxc = builder.trunc(a[11], i8)
-            maxv = builder.shuffle_vector(builder.insert_element(ir.Constant(v64b, None), maxc,
+            hit = builder.load(builder.bitcast(builder.gep(ptab, [ir.Constant(i64, 64)]), v64b.as_pointer()), align=1)
+            maxv = builder.shuffle_vector(builder.insert_element(ir.Constant(v64b, None), builder.trunc(a[13], i8),
                                                                  ir.Constant(i32, 0)),
-                                          ir.Constant(v64b, None), ir.Constant(v64d, [0] * 64))
-            xs = context.cast(builder, a[4], sig.args[4], types.intp)
-            n = context.cast(builder, a[12], sig.args[12], types.intp)
-            pas = [builder.bitcast(builder.gep(pa, [ir.Constant(n.type, LANES * q)]), vf.as_pointer())
-                   for q in range(G)]
-            pxs = [builder.gep(px, [builder.mul(xs, ir.Constant(n.type, q))]) for q in range(G)]
-            slots = []
+                                          ir.Constant(v64b, None), mask([0] * 64))
+            xs, zs, n, gpr = cast(3), cast(6), cast(14), cast(16)
+            pxs = [builder.gep(px, [builder.mul(xs, ir.Constant(i64, q))]) for q in range(G)]
+            slots = []  # 4 registers per x row: register r element 4L+m is lane 16L + 4r + m
             for q in range(G):
-                slot = cgutils.alloca_once(builder, vf)
-                builder.store(builder.load(pas[q], align=4), slot)
-                slots.append(slot)
+                for r in range(4):
+                    slot = cgutils.alloca_once(builder, vq)
+                    p = builder.bitcast(builder.gep(pacc, [ir.Constant(i64, 64 * q + 16 * r)]), vq.as_pointer())
+                    builder.store(builder.load(p, align=4), slot)
+                    slots.append(slot)
+            gpos = cgutils.alloca_once(builder, i64)
+            builder.store(cast(15), gpos)
+            done = cgutils.alloca_once(builder, i64)
+            builder.store(zero, done)
             rps = cgutils.alloca_once(builder, i64)
-            builder.store(context.cast(builder, a[9], sig.args[9], types.int64), rps)
+            builder.store(context.cast(builder, a[11], A[11], types.int64), rps)
             bad = cgutils.alloca_once(builder, i1)
             builder.store(ir.Constant(i1, 0), bad)
             tlos = cgutils.alloca_once(builder, v64b)
             this = cgutils.alloca_once(builder, v64b)
+            z16 = ir.Constant(v32w, [0] * 32)
+            negz = ir.Constant(vq, [-0.0] * 16)
             with cgutils.for_range(builder, n) as loop:
-                o = builder.mul(loop.index, ir.Constant(n.type, LANES))
+                o = builder.mul(loop.index, ir.Constant(i64, LANES))
                 s = builder.load(builder.bitcast(builder.gep(psm, [o]), v64b.as_pointer()), align=1)
-                half = builder.ashr(o, ir.Constant(o.type, 1))
-                c = builder.zext(builder.load(builder.bitcast(builder.gep(pl0, [half]), v32b.as_pointer()),
-                                              align=1), v32w)
+                c = builder.zext(builder.load(builder.bitcast(builder.gep(pl0, [builder.ashr(o, ir.Constant(i64, 1))]),
+                                                              v32b.as_pointer()), align=1), v32w)
                 # byte 2m = low nibble of code byte m, byte 2m+1 = its high nibble
                 c = builder.or_(builder.and_(c, ir.Constant(v32w, [0x0F] * 32)),
                                 builder.and_(builder.shl(c, ir.Constant(v32w, [4] * 32)),
@@ -105,11 +127,10 @@ def _make_w4_dot(G):
                 builder.store(builder.call(pshufb, [lot, codes]), tlos)
                 builder.store(builder.call(pshufb, [hit, codes]), this)
                 over = builder.bitcast(builder.icmp_unsigned(">", codes, maxv), i64)
-                builder.store(builder.or_(builder.load(bad), builder.icmp_unsigned("!=", over, ir.Constant(i64, 0))),
-                              bad)
+                builder.store(builder.or_(builder.load(bad), builder.icmp_unsigned("!=", over, zero)), bad)
                 esc = builder.icmp_unsigned("==", codes, c8(15))
                 escm = builder.bitcast(esc, i64)
-                with builder.if_then(builder.icmp_unsigned("!=", escm, ir.Constant(i64, 0)), likely=False):
+                with builder.if_then(builder.icmp_unsigned("!=", escm, zero), likely=False):
                     rp = builder.load(rps)
                     ex = builder.call(expand, [builder.gep(praw, [rp]), esc, c8(0)])
                     builder.store(builder.or_(builder.load(tlos), builder.shl(ex, c8(7))), tlos)
@@ -117,23 +138,61 @@ def _make_w4_dot(G):
                     builder.store(builder.add(rp, builder.call(ctpop, [escm])), rps)
                 lo = builder.or_(builder.and_(s, c8(0x7F)), builder.load(tlos))
                 hi = builder.or_(builder.and_(s, c8(0x80)), builder.load(this))
-                w = builder.or_(builder.shl(builder.zext(hi, v64d), ir.Constant(v64d, [24] * 64)),
-                                builder.shl(builder.zext(lo, v64d), ir.Constant(v64d, [16] * 64)))
-                wv = builder.bitcast(w, vf)
+                # bf16 words by in-lane byte unpacks (VPUNPCKLBW/HBW), float32 by in-lane word
+                # unpacks under zeros (VPUNPCKLWD/HWD): register r holds weights PERM[16r .. 16r+15]
+                words = [builder.bitcast(builder.shuffle_vector(lo, hi, mask(UNPACK_BW[h])), v32w) for h in range(2)]
+                wv = [builder.bitcast(builder.shuffle_vector(z16, words[r >> 1], mask(UNPACK_WD[r & 1])), vq)
+                      for r in range(4)]
+                g = builder.load(gpos)
+                xg = builder.mul(g, ir.Constant(i64, LANES))
                 for q in range(G):
-                    xv = builder.load(builder.bitcast(builder.gep(pxs[q], [o]), vf.as_pointer()), align=4)
-                    builder.store(builder.fadd(builder.load(slots[q]), builder.fmul(xv, wv)), slots[q])
+                    for r in range(4):
+                        xp = builder.gep(pxs[q], [builder.add(xg, ir.Constant(i64, 16 * r))])
+                        xv = builder.load(builder.bitcast(xp, vq.as_pointer()), align=4)
+                        sl = slots[4 * q + r]
+                        builder.store(builder.fadd(builder.load(sl), builder.fmul(xv, wv[r])), sl)
+                g1 = builder.add(g, ir.Constant(i64, 1))
+                builder.store(g1, gpos)
+                with builder.if_then(builder.icmp_signed("==", g1, gpr)):  # a W row is complete
+                    k = builder.load(done)
+                    for q in range(G):
+                        regs = [builder.load(slots[4 * q + r]) for r in range(4)]
+                        half = lambda v, lo_, n_: builder.shuffle_vector(v, v, mask(list(range(lo_, lo_ + n_))))  # noqa: E731
+                        r8 = [builder.fadd(half(v, 0, 8), half(v, 8, 8)) for v in regs]  # h=32: L, L+2
+                        r4 = [builder.fadd(half(v, 0, 4), half(v, 4, 4)) for v in r8]  # h=16: L=0, L=1
+                        t = [builder.fadd(r4[0], r4[2]), builder.fadd(r4[1], r4[3])]  # h=8: r, r+2
+                        d = builder.fadd(t[0], t[1])  # h=4: r=0, r=1; element m is lane m
+                        e2 = builder.fadd(half(d, 0, 2), half(d, 2, 2))  # h=2
+                        zf = builder.fadd(builder.extract_element(e2, ir.Constant(i32, 0)),
+                                          builder.extract_element(e2, ir.Constant(i32, 1)))  # h=1
+                        builder.store(zf, builder.gep(pz, [builder.add(builder.mul(zs, ir.Constant(i64, q)), k)]))
+                        for r in range(4):
+                            builder.store(negz, slots[4 * q + r])
+                    builder.store(builder.add(k, ir.Constant(i64, 1)), done)
+                    builder.store(zero, gpos)
             for q in range(G):
-                builder.store(builder.load(slots[q]), pas[q], align=4)
+                for r in range(4):
+                    p = builder.bitcast(builder.gep(pacc, [ir.Constant(i64, 64 * q + 16 * r)]), vq.as_pointer())
+                    builder.store(builder.load(slots[4 * q + r]), p, align=4)
             flag = builder.shl(builder.zext(builder.load(bad), i64), ir.Constant(i64, _RP_BITS))
             return builder.or_(builder.load(rps), flag)
         return sig, codegen
-    return w4_dot
+    return w4_rows
 
 
-_w4_dot1 = _make_w4_dot(1)
-_w4_dot2 = _make_w4_dot(2)
-_w4_dot4 = _make_w4_dot(4)
+_w4_rows1 = _make_w4_rows(1)
+_w4_rows2 = _make_w4_rows(2)
+_w4_rows4 = _make_w4_rows(4)
+
+
+@njit(**_OPTS)
+def permute_x(xf, xp, K):
+    """xp = xf in the unpacks' order: per 64 values, xp[64g + i] = xf[64g + PERM[i]] (K % 64 == 0)."""
+    for b in range(0, len(xf), 64):
+        for r in range(4):
+            for L in range(4):
+                for m in range(4):
+                    xp[b + 16 * r + 4 * L + m] = xf[b + 16 * L + 4 * r + m]
 
 
 @njit(**_OPTS)
@@ -147,19 +206,21 @@ def _escapes_before(L0, a, e):
 
 
 @njit(**_OPTS)
-def _dot_piece(acc, xf, R, K, kpos, sm, L0, s, raw, rp, tabs, maxc, ng):
-    """All R x rows against ``ng`` groups at flat index s (row position kpos); returns _w4_dot's
-    value for the last call (every call starts from the same cursor)."""
+def _rows_piece(acc, xp, R, K, z, zs, sm, L0, s, raw, rp, tabs, maxc, ng, g0):
+    """All R x rows against ``ng`` groups from flat index s (group g0 of its W row), in blocks
+    of 4, 2, 1 x rows (each block decodes the groups again, from the same cursor); returns the
+    last block's ``_w4_rows`` value."""
     res = rp
+    gpr = K >> 6
     r = 0
     while r + 4 <= R:
-        res = _w4_dot4(acc, 64 * r, xf, r * K + kpos, K, sm, L0, s, raw, rp, tabs, maxc, ng)
+        res = _w4_rows4(acc[64 * r:], xp, r * K, K, z, r * zs, zs, sm, L0, s, raw, rp, tabs, maxc, ng, g0, gpr)
         r += 4
     if r + 2 <= R:
-        res = _w4_dot2(acc, 64 * r, xf, r * K + kpos, K, sm, L0, s, raw, rp, tabs, maxc, ng)
+        res = _w4_rows2(acc[64 * r:], xp, r * K, K, z, r * zs, zs, sm, L0, s, raw, rp, tabs, maxc, ng, g0, gpr)
         r += 2
     if r < R:
-        res = _w4_dot1(acc, 64 * r, xf, r * K + kpos, K, sm, L0, s, raw, rp, tabs, maxc, ng)
+        res = _w4_rows1(acc[64 * r:], xp, r * K, K, z, r * zs, zs, sm, L0, s, raw, rp, tabs, maxc, ng, g0, gpr)
     return res
 
 
@@ -170,12 +231,15 @@ def _prefetch_range(st, b0, nb):
 
 
 @njit(**_OPTS)
-def chunk_w4(r0, r1, K, okind, xf, bias, has_bias, y, acc, tmp, tmpu, n, tile, sm, L0, raw, off,
+def chunk_w4(r0, r1, K, okind, xp, bias, has_bias, y, acc, tmp, tmpu, n, tile, sm, L0, raw, off,
              has_raw, tabs, maxc):
-    """Output rows [r0, r1) (K and tile multiples of 64). Returns error flags."""
+    """Output rows [r0, r1) (K and tile multiples of 64), tile by tile: the rows completed in a
+    tile get + bias and the rounding (``cpu_fused._round_bits``). Returns error flags."""
     R = len(acc) // 64
     for i in range(len(acc)):
         acc[i] = -0.0
+    zs = tile // K + 2  # rows a tile can complete
+    z = np.empty(R * zs, np.float32)
     e0 = r0 * K
     e1 = r1 * K
     row = r0
@@ -195,18 +259,19 @@ def chunk_w4(r0, r1, K, okind, xf, bias, has_bias, y, acc, tmp, tmpu, n, tile, s
         rend = np.int64(off[t + 1, 0]) * 8 if has_raw else np.int64(0)
         if s > a:
             rp += _escapes_before(L0, a, s)
-        while s < e:
-            take = min(e - s, K - kpos)
-            res = _dot_piece(acc, xf, R, K, kpos, sm, L0, s, raw, rp, tabs, maxc, take >> 6)
-            if res >> 48:
-                err |= ERR_CODE
-            rp = res & ((np.int64(1) << 48) - 1)
-            kpos += take
-            s += take
-            if kpos == K:
-                _emit(acc, R, row, okind, bias, has_bias, y, tmp, tmpu)
-                row += 1
-                kpos = 0
+        res = _rows_piece(acc, xp, R, K, z, zs, sm, L0, s, raw, rp, tabs, maxc, (e - s) >> 6, kpos >> 6)
+        if res >> 48:
+            err |= ERR_CODE
+        rp = res & ((np.int64(1) << 48) - 1)
+        done = (kpos + e - s) // K
+        kpos = (kpos + e - s) % K
+        for j in range(done):
+            for q in range(R):
+                v = z[q * zs + j]
+                if has_bias:
+                    v = v + bias[row]
+                y[q, row] = _round_bits(v, okind, tmp, tmpu)
+            row += 1
         if rp > rend:
             err |= ERR_ESCAPES
             break
@@ -214,20 +279,22 @@ def chunk_w4(r0, r1, K, okind, xf, bias, has_bias, y, acc, tmp, tmpu, n, tile, s
 
 
 @njit(parallel=True, **_OPTS)
-def fused_par(bounds, errs, K, okind, xkind, xbits, xf, xfu, bkind, bbits, bf, bfu, y, accs, tmps, tmpus,
+def fused_par(bounds, errs, K, okind, xkind, xbits, xf, xfu, xp, bkind, bbits, bf, bfu, y, accs, tmps, tmpus,
               n, tile, sm, L0, raw, off, has_raw, tabs, maxc):
     _inputs(xkind, xbits, xf, xfu, bkind, bbits, bf, bfu)
+    permute_x(xf, xp, K)
     for c in prange(len(bounds) - 1):
-        errs[c] = chunk_w4(bounds[c], bounds[c + 1], K, okind, xf, bf, len(bf) > 0, y, accs[c], tmps[c],
+        errs[c] = chunk_w4(bounds[c], bounds[c + 1], K, okind, xp, bf, len(bf) > 0, y, accs[c], tmps[c],
                            tmpus[c], n, tile, sm, L0, raw, off, has_raw, tabs, maxc)
 
 
 @njit(**_OPTS)
-def fused_ser(bounds, errs, K, okind, xkind, xbits, xf, xfu, bkind, bbits, bf, bfu, y, accs, tmps, tmpus,
+def fused_ser(bounds, errs, K, okind, xkind, xbits, xf, xfu, xp, bkind, bbits, bf, bfu, y, accs, tmps, tmpus,
               n, tile, sm, L0, raw, off, has_raw, tabs, maxc):
     _inputs(xkind, xbits, xf, xfu, bkind, bbits, bf, bfu)
+    permute_x(xf, xp, K)
     for c in range(len(bounds) - 1):
-        errs[c] = chunk_w4(bounds[c], bounds[c + 1], K, okind, xf, bf, len(bf) > 0, y, accs[c], tmps[c],
+        errs[c] = chunk_w4(bounds[c], bounds[c + 1], K, okind, xp, bf, len(bf) > 0, y, accs[c], tmps[c],
                            tmpus[c], n, tile, sm, L0, raw, off, has_raw, tabs, maxc)
 
 
