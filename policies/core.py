@@ -371,14 +371,16 @@ class Fused:
     differ in the last bits). CPU only for now (on a GPU the base path runs).
 
     ``widths`` is the exponent code the weights are compressed with when ``managed()`` compresses
-    them: ``(4,)`` (the default) one 4-bit level, ~12.0 bits a bf16 weight, which the fused CPU
-    kernel multiplies from ~1.5x faster than from the smallest code; ``None`` that smallest code
-    (the planner's cascade, ~10.7 bits, as every other policy). Weights that arrive compressed
-    (a ``.nzrt`` file) keep their code; every code gives the same bits."""
+    them: ``(4,)`` one 4-bit level, ~12.0 bits a bf16 weight, which the fused CPU kernel
+    multiplies from ~1.7x faster than from the smallest code (where the CPU has AVX-512BW);
+    ``None`` that smallest code (the planner's cascade, ~10.7 bits, as every other policy);
+    ``"auto"`` (the default) ``(4,)`` where that fast path runs (a CPU device with AVX-512BW),
+    else ``None``. Weights that arrive compressed (a ``.nzrt`` file) keep their code; every code
+    gives the same bits."""
 
     base: object = None  # a policy value or name; None: Auto()
     max_rows: int = 16
-    widths: tuple | None = (4,)
+    widths: object = "auto"  # "auto", None, or level widths such as (4,)
 
     def __post_init__(self):
         base = Auto() if self.base is None else get_policy(self.base)
@@ -387,11 +389,12 @@ class Fused:
         object.__setattr__(self, "base", base)
         if not isinstance(self.max_rows, int) or isinstance(self.max_rows, bool) or not 1 <= self.max_rows <= 64:
             raise ValueError(f"Fused.max_rows must be an int in 1..64, got {self.max_rows!r}")
-        if self.widths is not None:
+        if self.widths is not None and self.widths != "auto":
             w = self.widths
             if (not isinstance(w, (tuple, list)) or not 1 <= len(w) <= 4
                     or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 5 for v in w)):
-                raise ValueError(f"Fused.widths must be None or 1..4 level widths of 1..5 bits, e.g. (4,); got {w!r}")
+                raise ValueError(f"Fused.widths must be 'auto', None or 1..4 level widths of 1..5 bits, "
+                                 f"e.g. (4,); got {w!r}")
             object.__setattr__(self, "widths", tuple(w))
 
     @property

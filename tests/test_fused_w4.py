@@ -107,7 +107,7 @@ def test_widths_checked(bad):
 
 
 def test_fused_policy_widths():
-    assert Fused().widths == (4,) and Fused(widths=None).widths is None and Fused(widths=[3, 2]).widths == (3, 2)
+    assert Fused().widths == "auto" and Fused(widths=None).widths is None and Fused(widths=[3, 2]).widths == (3, 2)
     for bad in ((), (0,), (9,), "4", (True,)):
         with pytest.raises(ValueError, match="Fused.widths"):
             Fused(widths=bad)
@@ -225,7 +225,54 @@ def test_corrupted_window_stream_is_an_error(case, msg):
 def test_managed_fused_compresses_with_the_window(gen):
     from torch import nn
     m = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 128)).bfloat16()
+    fast_here = cpu_fused_w4.HAS_AVX512BW  # "auto": the window code where its fast path runs
     with nzrt.managed(m, policy="fused") as run:
+        assert all((s.ct.header.widths == (4,)) == fast_here for s in run.tensors.values() if s.ct.numel() > 64)
+    with nzrt.managed(m, policy=Fused(widths=(4,))) as run:
         assert all(s.ct.header.widths == (4,) for s in run.tensors.values() if s.ct.numel() > 1)
     with nzrt.managed(m, policy=Fused(widths=None)) as run:
         assert not any(s.ct.header.widths == (4,) for s in run.tensors.values() if s.ct.numel() > 64)
+    with nzrt.managed(m, policy="auto") as run:  # other policies: the smallest code
+        assert not any(s.ct.header.widths == (4,) for s in run.tensors.values() if s.ct.numel() > 64)
+
+
+def test_general_path_reads_the_window_code(gen):
+    """Where the CPU lacks AVX-512BW the general path multiplies window-coded weights: the same bits."""
+    w = noisy(weights(40, 192, torch.bfloat16, gen), gen)
+    ct = codec.compress(w, tile=512, widths=W4)
+    fw = cpu_fused.FusedWeight(ct)
+    fw._w4 = None  # as on such a CPU
+    for x in (torch.randn(3, 192, generator=gen).bfloat16(), torch.randn(1, 192, generator=gen)):
+        same(fw.linear(x), fused_reference.linear(ct, x))
+
+
+PORTABLE = textwrap.dedent("""
+    import torch
+    from torch import nn
+    import nzrt
+    from nzrt import codec
+    from nzrt.kernels import cpu_fused, cpu_fused_w4, fused_reference
+    assert not cpu_fused_w4.HAS_AVX512BW
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(96, 256, generator=g) * 0.02).bfloat16()
+    w.view(-1)[::37] = 3e20  # escapes
+    ct = codec.compress(w, tile=1024, widths=codec.WINDOW4)
+    fw = cpu_fused.FusedWeight(ct)
+    assert fw._w4 is None and not cpu_fused_w4.eligible(ct)
+    for x in (torch.randn(1, 256, generator=g).bfloat16(), torch.randn(5, 256, generator=g)):
+        y, r = fw.linear(x), fused_reference.linear(ct, x)
+        assert torch.equal(y.view(torch.int16) if y.dtype == torch.bfloat16 else y.view(torch.int32),
+                           r.view(torch.int16) if r.dtype == torch.bfloat16 else r.view(torch.int32))
+    m = nn.Sequential(nn.Linear(256, 128)).bfloat16()
+    with nzrt.managed(m, policy="fused") as run:  # "auto": no window code without its fast path
+        assert all(s.ct.header.widths != (4,) for s in run.tensors.values() if s.ct.numel() > 64)
+    print("ok")
+""")
+
+
+def test_without_avx512_the_general_path_and_the_smallest_code(tmp_path):
+    """A CPU without AVX-512 (as compiled with NZRT_NUMBA_NO_AVX512=1, in a fresh numba cache):
+    the window code is read by the general path, bit for bit, and "auto" does not choose it."""
+    env = dict(__import__("os").environ, NZRT_NUMBA_NO_AVX512="1", NUMBA_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", PORTABLE], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

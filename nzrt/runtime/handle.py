@@ -350,7 +350,7 @@ class Managed:
             else:
                 part = dense_src[a:b] if chunked else dense_src
                 ct = codec.compress(part, mantissa_bits=self.mantissa_bits, backend=self.compress_backend(part),
-                                    widths=self.fused.widths if self.fused is not None else None)
+                                    widths=self.compress_widths)
                 on_disk = False
                 if lossy and not was_meta and not keep_original:  # the exact original: on disk, not in RAM
                     self.restore.add(key, codec.compress(part, backend=self.compress_backend(part)))
@@ -393,6 +393,16 @@ class Managed:
             # would stay in RSS beside the compressed copy; reclaim them now, one weight at a time
             osmem.release_file_pages(orig, self._file_maps)
         del orig
+
+    @property
+    def compress_widths(self):
+        """The exponent code weights are compressed with: the Fused policy's (``"auto"``: the
+        window code where its fast fused path runs), else the planner's (None)."""
+        w = self.fused.widths if self.fused is not None else None
+        if w == "auto":
+            from ..kernels.cpu_fused_w4 import HAS_AVX512BW  # numba: not at import
+            w = codec.WINDOW4 if self.device.type == "cpu" and HAS_AVX512BW else None
+        return w
 
     def compress_backend(self, t):
         return self.backend if self.backend is not None or t.device.type != "cuda" else None
