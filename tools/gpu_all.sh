@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure in one call: tools/bench_gpu.py --record, then tools/bench_e2e_gpu.py --record.
+# Every GPU figure in one call: tools/bench_gpu.py --record, tools/bench_fused_gpu.py (the Triton
+# fused decode-matmul: exactness and speed beside cuBLAS), then tools/bench_e2e_gpu.py --record.
 #
 #     bash tools/gpu_all.sh            # both
 #     bash tools/gpu_all.sh e2e        # only the end-to-end table (or: gpu)
@@ -21,7 +22,7 @@ unset TRITON_INTERPRET
 BUDGET=${GPU_ALL_BUDGET:-560}
 GPU_TIMEOUT=${GPU_BENCH_TIMEOUT:-240}
 GPU_TRAIN_TIMEOUT=${GPU_TRAIN_TIMEOUT:-150}
-WHAT=" ${*:-gpu e2e} "
+WHAT=" ${*:-gpu fused e2e} "
 
 pyc() { (cd / && "$PY" -c "$@"); }   # never from the root: ./nzrt there lacks its subpackages
 
@@ -62,6 +63,11 @@ assert torch.equal(nzrt.decompress(nzrt.compress(x)).view(torch.int16), x.view(t
         timeout -s TERM "$GPU_TIMEOUT" "$PY" tools/bench_gpu.py --record
         r=$?; [ $r -gt $rc ] && rc=$r
         [ $r -eq 124 ] && echo "gpu_all: bench_gpu.py stopped after $GPU_TIMEOUT s (nothing recorded by it)"
+    fi
+    if [[ $WHAT == *" fused "* ]]; then
+        echo "== tools/bench_fused_gpu.py ($SECONDS s in)"
+        timeout -s TERM "${GPU_FUSED_TIMEOUT:-90}" "$PY" tools/bench_fused_gpu.py
+        r=$?; [ $r -gt $rc ] && rc=$r
     fi
     wait $warm || echo "gpu_all: numba warm-up failed (the first restore compiles it instead)"
     if [[ $WHAT == *" train "* ]]; then
