@@ -41,6 +41,7 @@ _KIND = {"bfloat16": 0, "float16": 1, "float32": 2}
 _TKIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _INT = {2: torch.int16, 4: torch.int32}
 _F16_SUB = np.float32(2.0 ** -24)
+ROW_ID_DTYPES = fused_reference.ROW_ID_DTYPES
 
 
 @njit(**_OPTS)
@@ -447,7 +448,7 @@ class FusedWeight:
         """``W[ids]`` for an integer tensor of row indices (any shape): [*ids.shape, K] of W's
         dtype; only the tiles that hold those rows are decoded. IndexError for ids out of range."""
         flat = ids.reshape(-1)
-        if flat.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        if flat.dtype not in ROW_ID_DTYPES:
             raise TypeError(f"row ids must be an integer tensor, got {flat.dtype}")
         out = torch.empty((flat.numel(), self.K), dtype=getattr(torch, self.dtype))
         if flat.numel() and (bool((flat < 0).any()) or bool((flat >= self.N).any())):

@@ -43,6 +43,7 @@ from . import reference, spec
 LANES = 64
 CANONICAL_NAN = {"bfloat16": 0x7FC0, "float16": 0x7E00, "float32": 0x7FC00000}
 _NP_INT = {2: np.int16, 4: np.int32}
+ROW_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # row ids a lookup takes
 
 
 def to_f32(t: torch.Tensor) -> np.ndarray:

@@ -276,3 +276,12 @@ def test_without_avx512_the_general_path_and_the_smallest_code(tmp_path):
     env = dict(__import__("os").environ, NZRT_NUMBA_NO_AVX512="1", NUMBA_CACHE_DIR=str(tmp_path))
     r = subprocess.run([sys.executable, "-c", PORTABLE], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_rows_of_a_window_coded_weight(gen):
+    """The embedding lookup (``FusedWeight.rows``) reads the window code too: the decoded rows."""
+    w = noisy(weights(300, 128, torch.bfloat16, gen), gen)
+    fw = cpu_fused.FusedWeight(codec.compress(w, tile=1024, widths=W4))
+    ids = torch.randint(0, 300, (4, 3), generator=gen)
+    ids[0, 0], ids[-1, -1] = 0, 299
+    assert torch.equal(ints(fw.rows(ids)), ints(w[ids]))

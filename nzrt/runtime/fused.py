@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-_INTS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+from ..kernels.fused_reference import ROW_ID_DTYPES as _INTS  # integer ids: a lookup's input
 
 
 class FusedStats:
