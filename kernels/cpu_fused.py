@@ -438,10 +438,12 @@ class FusedWeight:
             xp = self._local.xperm = np.empty(n, np.float32)
         return xp
 
-    def _bias_f32(self) -> np.ndarray:
+    def _bias_f32(self) -> tuple:
+        """This thread's float32 bias buffer and its bits view."""
         bf = getattr(self._local, "bias", None)
         if bf is None:
-            bf = self._local.bias = np.empty(self.N, np.float32)
+            b = np.empty(self.N, np.float32)
+            bf = self._local.bias = (b, b.view(np.uint32))
         return bf
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -482,12 +484,6 @@ class FusedWeight:
             return out.copy_(fused_reference.linear(self.ct, x, bias))
         xb = _bits(x.detach().contiguous())
         y = out.view(_INT[out.element_size()]).numpy().view(spec.LAYOUTS[odt].uint)
-        if bias is not None:
-            bb = _bits(bias.detach().contiguous())
-            bkind = _KIND[str(bias.dtype).removeprefix("torch.")]
-            bf = np.empty(N, np.float32)
-        else:
-            bb, bkind, bf = _NO_BITS, 0, _NO_F32
         threads = numba.get_num_threads()
         bounds = self._bounds.get(threads)
         if bounds is None:
@@ -497,18 +493,18 @@ class FusedWeight:
         if bias is not None:
             bb = _bits(bias.detach().contiguous())
             bkind = _TKIND[bias.dtype]
-            bf = self._bias_f32()
+            bf, bfu = self._bias_f32()
         else:
-            bb, bkind, bf = _NO_BITS, 0, _NO_F32
+            bb, bkind, bf, bfu = _NO_BITS, 0, _NO_F32, _NO_F32U
         if self._w4 is not None:  # the window code's path (cpu_fused_w4): the same bits
             kern = self._w4_kernels[0 if nch > 1 else 1]
             xp = self._xperm(len(xf))
             kern(bounds, errs, K, _TKIND[out.dtype], _TKIND[x.dtype], xb, xf, xfu, xp, bkind, bb, bf,
-                 bf.view(np.uint32), y, accs, tmps, tmpu, self._args[0], self.tile, *self._w4)
+                 bfu, y, accs, tmps, tmpu, self._args[0], self.tile, *self._w4)
         else:
             kern = _fused_par if nch > 1 else _fused_ser
             kern(bounds, errs, K, self.kind, _TKIND[out.dtype], _TKIND[x.dtype], xb, xf, xfu, bkind, bb, bf,
-                 bf.view(np.uint32), y, self._pidx, self._pval, self._pstart, bufs, wfs, wfu, accs, tmps, tmpu,
+                 bfu, y, self._pidx, self._pval, self._pstart, bufs, wfs, wfu, accs, tmps, tmpu,
                  *self._args)
         err = int(np.bitwise_or.reduce(errs)) if nch > 1 else int(errs[0])
         if err:
@@ -519,6 +515,7 @@ class FusedWeight:
 
 _NO_BITS = np.zeros(1, np.uint16)
 _NO_F32 = np.zeros(0, np.float32)
+_NO_F32U = _NO_F32.view(np.uint32)
 
 
 def linear(ct, x: torch.Tensor, bias: torch.Tensor | None = None, *,
