@@ -506,7 +506,8 @@ def encode_blob(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = sp
     build from its sections: (widths, has_raw, symbols, blob, table, crc32), table[name] =
     (byte offset, nbytes, rows, cols). Every byte of the blob is written once; padding is zero.
     ``widths``: the coded levels to use instead of the planner's (``spec.forced_cascade``)."""
-    forced = np.asarray(spec.check_widths(widths, layout.exp_bits) if widths else (), np.int64)
+    # forced[0]: 1 to use the widths forced[1:] (none: every exponent raw), 0 for the planner's
+    forced = np.asarray((1, *spec.check_widths(widths, layout.exp_bits)) if widths is not None else (0,), np.int64)
     bits = np.ascontiguousarray(bits, dtype=layout.uint).reshape(-1)
     n = len(bits)
     s = layout.man_bits - keep

@@ -107,8 +107,8 @@ def choose_cascade(hist: np.ndarray, exp_bits: int, tile: int) -> tuple[tuple[in
 @njit(cache=True, nogil=True)
 def _plan(th, n, tile, exp_bits, max_levels, max_width, forced):
     """Everything between the histogram and the stream writes, in one compiled call:
-    spec.choose_cascade (or the ``forced`` widths when non-empty, a raw level added when they
-    cannot name every exponent present: ``spec.forced_cascade``), spec.symbol_order,
+    spec.choose_cascade (or, when ``forced[0]`` is 1, the widths ``forced[1:]`` with a raw level
+    added when they cannot name every exponent present: ``spec.forced_cascade``), spec.symbol_order,
     reference.code_tables, the per-level code tables and the tile offsets. Returns (widths,
     has_raw, symbols, L, W, CT, SYM, offsets, sizes)."""
     tiles = th.shape[0]
@@ -132,8 +132,8 @@ def _plan(th, n, tile, exp_bits, max_levels, max_width, forced):
     counts = np.empty(npres, np.int64)
     for j in range(npres):
         counts[j] = hist[order[j]]
-    if npres and len(forced):
-        widths = forced.copy()
+    if npres and forced[0] == 1:
+        widths = forced[1:].copy()
         fcap = 0
         for w in widths:
             fcap += (1 << w) - 1

@@ -70,7 +70,7 @@ def encode(bits: np.ndarray, layout: FloatLayout, keep: int, tile: int = spec.DE
     bits, patch_idx, patch_val = spec.lossy_round(bits, layout, keep)
     sm, exp = split(bits, layout, keep)
     hist = np.bincount(exp, minlength=1 << layout.exp_bits)
-    if widths:
+    if widths is not None:
         widths, has_raw = spec.forced_cascade(hist, widths, layout.exp_bits)
     else:
         widths, has_raw = spec.choose_cascade(hist, layout.exp_bits, tile)

@@ -146,16 +146,16 @@ WINDOW4 = (4,)  # one 4-bit level (15 exponents, code 15 escapes to a raw byte):
 
 
 def check_widths(widths, exp_bits: int) -> tuple[int, ...]:
-    """``widths`` as a tuple of ints: 1..``MAX_LEVELS`` coded levels of 1..min(MAX_WIDTH, exp_bits)
-    bits each; ValueError otherwise."""
+    """``widths`` as a tuple of ints: 0..``MAX_LEVELS`` coded levels (none: every exponent raw) of
+    1..min(MAX_WIDTH, exp_bits) bits each; ValueError otherwise."""
     try:
         w = tuple(int(v) for v in widths)
     except TypeError:
         raise ValueError(f"widths must be a sequence of level widths, got {widths!r}") from None
     top = min(MAX_WIDTH, exp_bits)
-    if not 1 <= len(w) <= MAX_LEVELS or not all(1 <= v <= top for v in w) or any(
+    if not len(w) <= MAX_LEVELS or not all(1 <= v <= top for v in w) or any(
             isinstance(v, bool) or int(v) != v for v in widths):
-        raise ValueError(f"widths {widths!r}: 1..{MAX_LEVELS} coded levels of 1..{top} bits each")
+        raise ValueError(f"widths {widths!r}: 0..{MAX_LEVELS} coded levels of 1..{top} bits each")
     return w
 
 

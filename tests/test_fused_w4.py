@@ -81,6 +81,22 @@ def test_window_encoders_agree_and_round_trip(dtype, n, tile, gen):
         assert torch.equal(ints(codec.decompress(ct, backend=backend)), ints(w))
 
 
+@pytest.mark.parametrize("widths", [(), (3,), (2, 2, 5)], ids=str)
+def test_other_forced_codes_agree(widths, gen):
+    """Any forced cascade (none: every exponent raw) is the reference's bytes and round-trips."""
+    w = special(torch.randn(9000, generator=gen).bfloat16(), gen, 0.01)
+    bits = w.view(torch.int16).numpy().view(np.uint16)
+    lay = spec.LAYOUTS["bfloat16"]
+    ref = reference.encode(bits, lay, 7, 2048, widths=widths)
+    got = numba_cpu.encode(bits, lay, 7, 2048, widths=widths)
+    assert tuple(ref[0]) == tuple(got[0]) == widths and ref[1] == got[1]
+    for name in ref[3]:
+        assert np.array_equal(ref[3][name], got[3][name]), name
+    ct = codec.compress(w, tile=2048, widths=widths)
+    assert ct.header.widths == widths
+    assert torch.equal(ints(codec.decompress(ct)), ints(w))
+
+
 def test_window_raw_level_only_when_needed(gen):
     few = (torch.randn(4096, generator=gen) * 0.02).bfloat16()
     few = torch.where(few.abs() < 2 ** -10, torch.zeros_like(few), few)  # under 15 exponents
@@ -100,7 +116,7 @@ def test_window_costs_about_twelve_bits(gen):
     assert 11.9 < 8 * win.nbytes / w.numel() < 12.2
 
 
-@pytest.mark.parametrize("bad", [(), (0,), (6,), (1, 1, 1, 1, 1), (True,), ("4",), 4, (4.5,)])
+@pytest.mark.parametrize("bad", [(0,), (6,), (1, 1, 1, 1, 1), (True,), ("4",), 4, (4.5,)])
 def test_widths_checked(bad):
     with pytest.raises(ValueError, match="widths"):
         codec.compress(torch.zeros(8), widths=bad)
