@@ -10,7 +10,7 @@ i (a multiple of 64) the streams are:
   * ``level1``: uint8 exponents of the escapes in value order, tile t's from byte
     ``offsets[t, 0] * 8``.
 So bf16 bits = ``(sm & 0x80) << 8 | exp << 7 | sm & 0x7f``: byte-wise, low byte
-``(exp & 1) << 7 | sm & 0x7f`` and high byte ``sm & 0x80 | exp >> 1``. ``_w4_dot`` builds both
+``(exp & 1) << 7 | sm & 0x7f`` and high byte ``sm & 0x80 | exp >> 1``. ``_w4_rows`` builds both
 bytes of 64 weights with two 16-entry table lookups (VPSHUFB), takes the escapes' exponents with
 one masked expand-load (VPEXPANDB where VBMI2 is present), widens to float32 in registers and adds
 the products into the 64 lanes, exactly as ``cpu_fused`` does: the same arithmetic
@@ -25,14 +25,14 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import spec
+from . import fused_reference, spec
 from .cpu_common import _OPTS, ERR_CODE, ERR_ESCAPES
-from .cpu_fused import _inputs, _round_bits
-from .cpu_intrinsics import _elem_ptr, _host_has, _prefetch
+from .cpu_fused import _inputs, _prefetch_bytes, _round_bits
+from .cpu_intrinsics import _elem_ptr, _host_has
 
-LANES = 64
+LANES = fused_reference.LANES  # 64: the unpack tables and the tree below hard-code it
 HAS_AVX512BW = _host_has("avx512bw")
-_RP_BITS = 48  # _w4_dot returns the raw cursor in its low bits and "a code named nothing" above
+_RP_BITS = 48  # _w4_rows returns the raw cursor in its low bits and "a code named nothing" above
 
 
 # The lanes a register holds after the unpacks: in each 128-bit lane L of the 64 bytes, the
@@ -225,12 +225,6 @@ def _rows_piece(acc, xp, R, K, z, zs, sm, L0, s, raw, rp, tabs, maxc, ng, g0):
 
 
 @njit(**_OPTS)
-def _prefetch_range(st, b0, nb):
-    for b in range(b0, b0 + nb, 64):
-        _prefetch(st, b)
-
-
-@njit(**_OPTS)
 def chunk_w4(r0, r1, K, okind, xp, bias, has_bias, y, acc, tmp, tmpu, n, tile, sm, L0, raw, off,
              has_raw, tabs, maxc):
     """Output rows [r0, r1) (K and tile multiples of 64), tile by tile: the rows completed in a
@@ -251,8 +245,8 @@ def chunk_w4(r0, r1, K, okind, xp, bias, has_bias, y, acc, tmp, tmpu, n, tile, s
         cnt = min(tile, n - a)
         if t + 2 < tiles:  # the streams of the tile after next, from DRAM while this one runs
             b = (t + 2) * tile
-            _prefetch_range(sm, b, tile)
-            _prefetch_range(L0, b >> 1, tile >> 1)
+            _prefetch_bytes(sm, b, tile)
+            _prefetch_bytes(L0, b >> 1, tile >> 1)
         s = max(a, e0)
         e = min(a + cnt, e1)
         rp = np.int64(off[t, 0]) * 8 if has_raw else np.int64(0)
@@ -260,9 +254,9 @@ def chunk_w4(r0, r1, K, okind, xp, bias, has_bias, y, acc, tmp, tmpu, n, tile, s
         if s > a:
             rp += _escapes_before(L0, a, s)
         res = _rows_piece(acc, xp, R, K, z, zs, sm, L0, s, raw, rp, tabs, maxc, (e - s) >> 6, kpos >> 6)
-        if res >> 48:
+        if res >> _RP_BITS:
             err |= ERR_CODE
-        rp = res & ((np.int64(1) << 48) - 1)
+        rp = res & ((np.int64(1) << _RP_BITS) - 1)
         done = (kpos + e - s) // K
         kpos = (kpos + e - s) % K
         for j in range(done):
@@ -299,14 +293,9 @@ def fused_ser(bounds, errs, K, okind, xkind, xbits, xf, xfu, xp, bkind, bbits, b
 
 
 def eligible(ct) -> bool:
-    """Whether ``ct`` (2-D, non-empty) takes this path: lossless bf16, one 4-bit coded level
-    (with or without the raw one), no patches, rows and tiles of whole 64-weight groups, and a
-    CPU with AVX-512BW."""
-    h = ct.header
-    if not HAS_AVX512BW or h.dtype != "bfloat16" or h.mantissa_bits != 7 or tuple(h.widths) != (4,):
-        return False
-    N, K = ct.shape
-    return K % 64 == 0 and h.tile % 64 == 0 and N * K > 0
+    """Whether ``ct`` takes this path: ``spec.window_fusable`` (lossless bf16 in the window code,
+    rows and tiles of whole 64-weight groups) on a CPU with AVX-512BW."""
+    return HAS_AVX512BW and spec.window_fusable(ct.header, ct.shape)
 
 
 def prepare(ct) -> tuple:

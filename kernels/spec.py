@@ -145,6 +145,17 @@ WINDOW4 = (4,)  # one 4-bit level (15 exponents, code 15 escapes to a raw byte):
 # weight against the planner's ~10.7, and the shape ``cpu_fused_w4`` multiplies fastest from
 
 
+def window_fusable(header, shape) -> bool:
+    """Whether a compressed W [N, K] is what the window fused kernels (``cpu_fused_w4``,
+    ``triton_fused``) multiply from: lossless bf16 (so no patches) in the ``WINDOW4`` code, rows
+    and tiles of whole 64-weight groups, not empty."""
+    if (header.dtype != "bfloat16" or header.mantissa_bits != 7 or tuple(header.widths) != WINDOW4
+            or len(shape) != 2):
+        return False
+    N, K = shape
+    return K % 64 == 0 and header.tile % 64 == 0 and N * K > 0
+
+
 def check_widths(widths, exp_bits: int) -> tuple[int, ...]:
     """``widths`` as a tuple of ints: 0..``MAX_LEVELS`` coded levels (none: every exponent raw) of
     1..min(MAX_WIDTH, exp_bits) bits each; ValueError otherwise."""

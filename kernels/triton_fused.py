@@ -105,12 +105,8 @@ def _fused_w4_kernel(sm_ptr, l0_ptr, raw_ptr, off_ptr, cur0_ptr, tab_ptr, x_ptr,
 
 
 def eligible(ct) -> bool:
-    """Lossless bf16 in the window code, K and the tile multiples of 64, no patches."""
-    h = ct.header
-    if h.dtype != "bfloat16" or h.mantissa_bits != 7 or tuple(h.widths) != (4,) or len(ct.shape) != 2:
-        return False
-    N, K = ct.shape
-    return K % 64 == 0 and h.tile % 64 == 0 and N * K > 0  # lossless: no patches (the header checks)
+    """``spec.window_fusable``: lossless bf16 in the window code, K and the tile multiples of 64."""
+    return spec.window_fusable(ct.header, ct.shape)
 
 
 def _row_cursors(ct) -> np.ndarray:

@@ -29,7 +29,7 @@ number of new tokens) over the first ``--prompts`` prompts of ``nzrt/data/prompt
 warm-up generation, for plain bf16 PyTorch, ``nzrt.managed(policy="auto")`` (decode then matmul,
 bit-identical to plain), ``policy="fused"`` (window code) and ``Fused(widths=None)`` (the smallest
 code: the same sums, so the same tokens); each (model, mode) runs in a process of its own,
-the three modes interleaved over ``--rounds`` rounds, the median shown. Models: the embedded
+the four modes interleaved over ``--rounds`` rounds, the median shown. Models: the embedded
 SmolLM2-135M; a TinyLlama-1.1B-shaped Llama (hidden 2048, 22 layers, std-0.02 weights). The last
 RSS: the process's resident memory right after the timed generations (plain: the dense
 model; nzrt and fused: compressed weights and the runtime; the loading before entry included as
