@@ -1,10 +1,20 @@
 """Pure placement and prefetch decisions (installed as ``nzrt.policies``). No torch, no CUDA."""
-from .core import (ALIASES, POLICIES, Auto, Belady, Fused, Lru, Offload, Resident, entry_need, fallback_need,
-                   fallback_plan, get_policy, on_demand_fallbacks, smallest_budget_for)
-from .plan import (BudgetError, Costs, LayerInfo, Plan, PlanError, SimResult, Step, Tier,
-                   estimate_seconds, simulate, static_bytes)
+import os as _os
 
-__all__ = ["Auto", "Belady", "Fused", "Lru", "Offload", "Resident", "get_policy", "POLICIES", "ALIASES", "BudgetError",
-           "entry_need", "fallback_need", "fallback_plan", "on_demand_fallbacks", "smallest_budget_for",
-           "Costs", "LayerInfo", "Plan", "PlanError", "SimResult", "Step", "Tier", "estimate_seconds",
-           "simulate", "static_bytes"]
+if __name__ == "policies":  # the project root is on sys.path: `import policies` means the installed package
+    import importlib.util as _u
+    _s = _u.spec_from_file_location(
+        "_nzrt_step_aside", _os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "nzrt", "_step_aside.py"))
+    _m = _u.module_from_spec(_s)
+    _s.loader.exec_module(_m)
+    _m.step_aside(__name__, __file__)
+else:
+    from .core import (ALIASES, POLICIES, Auto, Belady, Fused, Lru, Offload, Resident, entry_need, fallback_need,
+                       fallback_plan, get_policy, on_demand_fallbacks, smallest_budget_for)
+    from .plan import (BudgetError, Costs, LayerInfo, Plan, PlanError, SimResult, Step, Tier,
+                       estimate_seconds, simulate, static_bytes)
+
+    __all__ = ["Auto", "Belady", "Fused", "Lru", "Offload", "Resident", "get_policy", "POLICIES", "ALIASES", "BudgetError",
+               "entry_need", "fallback_need", "fallback_plan", "on_demand_fallbacks", "smallest_budget_for",
+               "Costs", "LayerInfo", "Plan", "PlanError", "SimResult", "Step", "Tier", "estimate_seconds",
+               "simulate", "static_bytes"]
