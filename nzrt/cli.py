@@ -249,6 +249,9 @@ def profile(
             from .models import parse_dtype
 
             parse_dtype(dtype)  # a bad --dtype is one line before any run starts
+        from .models import check_spec
+
+        model = check_spec(model)  # so is a bad MODEL: a missing path, an unknown file, no such module
         prog, make = _run_progress()
         with prog:
             res = prof.profile(model, dtype=dtype, policies=policy or None, budget=budget, device=device,

@@ -561,25 +561,21 @@ def _tokenizer_from_tensors(tensors: dict):
         return transformers.AutoTokenizer.from_pretrained(tmp)
 
 
-def resolve(spec: str | None = None, *, dtype=None, device=None, lazy: bool = False) -> LoadedModel:
-    """Load MODEL (see the module docstring). Raises ModelError with a one-line message.
-
-    ``lazy``: a transformers directory (the embedded models too) comes back as a meta model
-    whose weights are read one tensor at a time when the runtime takes them (``from_pretrained``);
-    otherwise it is loaded dense by transformers."""
-    dt = parse_dtype(dtype)
-    load_dir = load_transformers_dir_lazy if lazy else load_transformers_dir
+def _classify(spec: str | None) -> tuple[str, Path | None]:
+    """What MODEL names, read from the spec and at most a file's first 8 bytes (nothing loaded):
+    ``(kind, path)`` with kind one of smollm2, minilm, dir, gguf, nzrt, config, factory. Raises
+    ModelError with a one-line message for a missing path or a file of no known format."""
     if spec is None or spec.strip() == "" or spec.lower() in ("smollm2", "default"):
-        return load_embedded("smollm2", dt, lazy=lazy)
+        return "smollm2", None
     if spec.lower() == "minilm":
-        return load_embedded("minilm", dt, lazy=lazy)
+        return "minilm", None
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
-            return load_dir(path, dt, source=spec)
+            return "dir", path
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return load_gguf(ggufs[0], dt, source=spec)
+            return "gguf", ggufs[0]
         raise ModelError(f"{spec} is a directory without config.json; {MODEL_HELP}")
     if path.is_file():
         with open(path, "rb") as f:
@@ -588,19 +584,60 @@ def resolve(spec: str | None = None, *, dtype=None, device=None, lazy: bool = Fa
             if magic != NZRT_MAGIC:
                 raise ModelError(f"{spec} is not a .nzrt checkpoint (bad magic bytes: corrupted or "
                                  f"another format); re-create it with `nzrt compress`")
-            lm = load_checkpoint(path, device)
-            if dt is not None and lm.dtype != dt:
-                raise ModelError(f"{spec} stores {lm.dtype}; --dtype cannot change a checkpoint's dtype "
-                                 f"(re-create it with `nzrt compress --dtype ...`)")
-            return lm
+            return "nzrt", path
         if magic[:4] == GGUF_MAGIC or path.suffix == ".gguf":
-            return load_gguf(path, dt, source=spec)  # check_gguf: empty, truncated, bad magic
+            return "gguf", path  # check_gguf (at load): empty, truncated, bad magic
         if path.name == "config.json":
-            return load_dir(path.parent, dt, source=spec)
+            return "config", path.parent
         raise ModelError(f"{spec} is not a model file; {MODEL_HELP}")
     if ":" in spec and not spec.startswith((".", "/", "~")):
-        return load_factory(spec, dt)
+        return "factory", None
     raise ModelError(f"no such file or directory: {spec}; {MODEL_HELP}")
+
+
+def check_spec(spec: str | None) -> str | None:
+    """MODEL checked before any work starts (``nzrt profile`` checks it before its first run):
+    ModelError for a missing path, a file of no known format or a factory whose module cannot be
+    found. Returns the spec with a path made absolute, since child processes run elsewhere."""
+    kind, _ = _classify(spec)
+    if kind == "factory":
+        import importlib.util
+
+        module = spec.partition(":")[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ModelError(f"{spec}: no module named {module!r}; {MODEL_HELP}")
+        return spec
+    if kind in ("smollm2", "minilm"):
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def resolve(spec: str | None = None, *, dtype=None, device=None, lazy: bool = False) -> LoadedModel:
+    """Load MODEL (see the module docstring). Raises ModelError with a one-line message.
+
+    ``lazy``: a transformers directory (the embedded models too) comes back as a meta model
+    whose weights are read one tensor at a time when the runtime takes them (``from_pretrained``);
+    otherwise it is loaded dense by transformers."""
+    dt = parse_dtype(dtype)
+    load_dir = load_transformers_dir_lazy if lazy else load_transformers_dir
+    kind, path = _classify(spec)
+    if kind in ("smollm2", "minilm"):
+        return load_embedded(kind, dt, lazy=lazy)
+    if kind in ("dir", "config"):
+        return load_dir(path, dt, source=spec)
+    if kind == "gguf":
+        return load_gguf(path, dt, source=spec)
+    if kind == "nzrt":
+        lm = load_checkpoint(path, device)
+        if dt is not None and lm.dtype != dt:
+            raise ModelError(f"{spec} stores {lm.dtype}; --dtype cannot change a checkpoint's dtype "
+                             f"(re-create it with `nzrt compress --dtype ...`)")
+        return lm
+    return load_factory(spec, dt)
 
 
 # -- compression of a whole model into a .nzrt ----------------------------------------------

@@ -155,11 +155,18 @@ class ChildError(RuntimeError):
     """A profile child process that ended without a result (crashed, killed, out of memory)."""
 
 
-def _child_env() -> dict:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+_ROOT = Path(__file__).resolve().parent.parent  # the source checkout (editable install)
+
+
+def _child_sys_path() -> list:
+    """The parent's import path for a child, without the project root: there, its kernels/ would
+    shadow Hugging Face's `kernels` package, which transformers imports (the editable install makes
+    nzrt importable without it)."""
+    out = []
+    for p in sys.path:
+        if p and os.path.isdir(p) and Path(p).resolve() != _ROOT:
+            out.append(p)
+    return out
 
 
 def run_child(args: dict, workdir: str, timeout: float | None = None) -> dict:
@@ -167,12 +174,13 @@ def run_child(args: dict, workdir: str, timeout: float | None = None) -> dict:
     row raised: rebuilt by ``child_error``)."""
     tag = f"{args['mode']}-{args.get('policy') or ''}-{time.perf_counter_ns()}"
     args = dict(args, result=os.path.join(workdir, f"result-{tag}.json"),
-                sys_path=[p for p in sys.path if p and os.path.isdir(p)])
+                sys_path=_child_sys_path())
     arg_path = os.path.join(workdir, f"args-{tag}.json")
     with open(arg_path, "w") as f:
         json.dump(args, f)
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "nzrt.profile_child", arg_path], env=_child_env(),
+    # run in workdir: `-m` puts the working directory on sys.path, and it must not be the root
+    p = subprocess.run([sys.executable, "-m", "nzrt.profile_child", arg_path], cwd=workdir,
                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        timeout=timeout)
     wall = time.perf_counter() - t
@@ -272,7 +280,11 @@ def profile(model=None, *, dtype=None, policies=None, budget=None, device=None, 
     ``progress(done, total, what)`` is called as each run starts and as it ends.
     """
     spec = model
-    if model is not None and not isinstance(model, str):
+    if isinstance(model, str):
+        from . import models
+
+        spec = models.check_spec(model)  # before any run starts; a path made absolute for the children
+    elif model is not None:
         spec = getattr(model, "source", None) or None
         if dtype is None and getattr(model, "dtype", None) is not None:
             dtype = str(model.dtype).removeprefix("torch.")

@@ -380,7 +380,7 @@ def test_cli_compress_directory_streams_with_line_progress(tmp_path):
             "from nzrt.cli import main\n"
             "sys.argv = ['nzrt', 'compress', sys.argv[1], sys.argv[2]]\n"
             "main()\n")
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     r = subprocess.run([sys.executable, "-c", code, str(src), str(out)], capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -451,7 +451,7 @@ def test_streamed_compress_peak_rss_is_one_tensor(tmp_path):
     total = sum(t.numel() * t.element_size() for t in ts.values())
     del ts
     small = _llama_dir(tmp_path / "small", False, layers=1, hidden=256, inter=512, vocab=512)
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     r = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(small), str(tmp_path / "o.nzrt")],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
