@@ -11,9 +11,11 @@ decoded on demand and the next pass is traced again, so results never depend on 
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 from .pool import SlotPool
@@ -94,15 +96,32 @@ class _Job:
             raise self.error
 
 
+_LIVE_WORKERS: "weakref.WeakSet[CpuWorker]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_workers() -> None:
+    """At interpreter exit, before daemon threads are abandoned: let each worker finish its job and
+    end. A session left open (``from_pretrained`` without ``release``) may still be decoding a
+    prefetch; a daemon thread inside numba's or torch's OpenMP pool while the process tears those
+    pools down aborts it (``terminate called without an active exception``, exit status 134)."""
+    for worker in list(_LIVE_WORKERS):
+        worker.stop()
+
+
 class CpuWorker:
     """One daemon thread running decode jobs in order. The numba decoder releases the GIL, so
-    decoding overlaps the model's compute."""
+    decoding overlaps the model's compute. After ``stop`` (the session's end, or interpreter exit)
+    a submitted job runs in the caller's thread, so nothing waits on a thread that is gone."""
 
     def __init__(self, threads: int | None = None):
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = threads
+        self._stopped = False
+        self._lock = threading.Lock()  # a job is queued before the stop mark, or runs in its caller
         self._thread = threading.Thread(target=self._loop, name="nzrt-decode", daemon=True)
         self._thread.start()
+        _LIVE_WORKERS.add(self)
 
     def _loop(self):
         if self._threads:
@@ -122,11 +141,26 @@ class CpuWorker:
             del job
 
     def submit(self, job: _Job) -> None:
-        self._q.put(job)
+        with self._lock:
+            if not self._stopped:
+                self._q.put(job)
+                return
+        job.run()
 
-    def stop(self) -> None:
-        self._q.put(None)
-        self._thread.join(timeout=60)
+    @property
+    def alive(self) -> bool:
+        return not self._stopped and self._thread.is_alive()
+
+    def stop(self, wait: bool = True) -> None:
+        """End the thread after the jobs already queued; ``wait``: join it (never from itself)."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._q.put(None)
+        _LIVE_WORKERS.discard(self)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join(timeout=60)
 
 
 class Scheduler:

@@ -209,7 +209,7 @@ class Managed:
         self.scheduler.plan = initial
         worker = self.scheduler._worker
         if worker is not None:  # collected without detach (from_pretrained): stop the thread
-            self._finalizer = weakref.finalize(self, worker._q.put, None)
+            self._finalizer = weakref.finalize(self, worker.stop, False)
         self._install_forwards()
         if self.training is not None:
             self.trainer = Trainer(self, self.training)

@@ -45,7 +45,7 @@ def _prefetch(h) -> None:
     mp = h.mp
     run = mp.manager
     worker = getattr(run.scheduler, "_worker", None)  # CPU only: on a GPU there is none
-    if worker is None or h.ahead is not None or not mp.active or not worker._thread.is_alive():
+    if worker is None or h.ahead is not None or not mp.active or not worker.alive:
         return
     from ..scheduler.engine import _Job
     dense = torch.empty(mp.shape, dtype=mp.dtype)
