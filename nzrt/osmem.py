@@ -10,6 +10,9 @@ Two leaks that no Python-level ``del`` fixes (both measured as process RSS):
   written (copy-on-write, so anonymous) is never dropped -- at worst swapped out.
 * **The allocator's arenas.** glibc keeps freed memory for reuse; ``trim`` returns it
   (``malloc_trim(0)``).
+* **Idle library code.** Loading numba's cached codec touches ~70-100 MiB of ``libllvmlite.so``
+  (LLVM) that sit idle afterwards; ``release_idle_code`` unmaps those clean pages
+  (``madvise(MADV_DONTNEED)``), so the codec's fixed cost is what it really uses.
 
 Both are best-effort and silent no-ops where unsupported (other platforms, old kernels).
 """
@@ -20,7 +23,9 @@ import ctypes.util
 import os
 import sys
 
+MADV_DONTNEED = 4
 MADV_PAGEOUT = 21
+IDLE_CODE_LIBRARIES = ("libllvmlite",)  # LLVM: used to load or compile numba code, idle between
 _LIBC = None
 _PAGE = None
 
@@ -111,6 +116,52 @@ def release_file_pages(tensor, maps=None, *, trusted: bool = False) -> int:
     if lib.madvise(lo, hi - lo, MADV_PAGEOUT) != 0:
         return 0
     return hi - lo
+
+
+def _clean_readonly_mappings(names) -> list[tuple[int, int]]:
+    """[(start, end)] of the mappings of files whose name contains one of ``names`` that are not
+    writable and hold no anonymous (copy-on-write) page, from ``/proc/self/smaps``."""
+    out, cur = [], None
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 5)
+                if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:  # a mapping's first line
+                    path = head[5].strip() if len(head) > 5 else ""
+                    perms = head[1]
+                    cur = None
+                    if "w" not in perms and any(n in os.path.basename(path) for n in names):
+                        lo, hi = head[0].split("-")
+                        cur = [int(lo, 16), int(hi, 16)]
+                        out.append(cur)
+                elif cur is not None and line.startswith("Anonymous:") and int(head[1]) != 0:
+                    out.remove(cur)  # a page was written (relocations): never drop such a page
+                    cur = None
+    except (OSError, ValueError, IndexError):
+        return []
+    return [tuple(m) for m in out]
+
+
+def release_idle_code(names=IDLE_CODE_LIBRARIES) -> int:
+    """Unmap this process's pages of the named shared libraries' read-only, unwritten mappings
+    (``madvise(MADV_DONTNEED)``); returns the bytes advised. Safe whenever the code runs again: a
+    clean page of a file mapping is faulted back in from the page cache or the file, unchanged.
+    Writable mappings and any holding a copy-on-write page are left alone."""
+    lib = _libc()
+    if not lib:
+        return 0
+    done = 0
+    for lo, hi in _clean_readonly_mappings(tuple(names)):
+        if lib.madvise(lo, hi - lo, MADV_DONTNEED) == 0:
+            done += hi - lo
+    return done
+
+
+def settle() -> None:
+    """After a phase that allocated and compiled (compression, a traced pass): the allocator's
+    free memory and idle library code go back to the operating system."""
+    trim()
+    release_idle_code()
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

@@ -285,7 +285,7 @@ def _import_transformers(spec) -> None:
 
 def _settle():
     gc.collect()
-    osmem.trim()
+    osmem.settle()
 
 
 def run(args: dict) -> dict:
