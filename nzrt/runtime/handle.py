@@ -19,9 +19,10 @@ from ..policies import Fused, Tier, get_policy
 from ..rowchunks import RowChunks
 from ..scheduler import Scheduler, TensorSlot
 from . import accounting, fused, placement
+from .blocked import chunked_linear_forward
 from .embedding import chunked_embedding_forward
 from .errors import ManagedError
-from .params import FLOATS, Param, chunk_spans, chunkable_embedding, find_params
+from .params import FLOATS, Param, chunk_spans, chunkable_embedding, chunkable_head, find_params, head_spans
 from .passes import PassLock, root_forward, unit_forward
 from .spill import RestoreSpill
 from .training import LRSchedulers, Trainer, as_config
@@ -104,6 +105,7 @@ class Managed:
         self.fused_pass = False       # inside a fused pass (policies.Fused; runtime/fused.py)
         self.fused_stats = fused.FusedStats()
         self._fused_weights: dict = {}  # key -> kernels.cpu_fused.FusedWeight of its compressed copy
+        self.blocked_stats: dict = {"blocked": 0, "whole": 0}  # head calls by path (blocked.py)
 
     # -- context manager --------------------------------------------------------------------
     def __enter__(self) -> "Managed":
@@ -184,8 +186,15 @@ class Managed:
                     except ValueError as e:
                         raise ValueError(f"{names[0]!r} ({p.dtype}): {e}") from None
         self._move_buffers(weights, used, dev)
+        code_loaded = False
         for p, names, owners in found:
             self._take_param(p, names, owners, weights, used, dev)
+            if not code_loaded and self.params:
+                # the first compression loaded the codec's machine code (LLVM's pages, ~100 MiB,
+                # idle from now on): give them back before the model's compressed copy grows
+                self._warm_decoders()
+                osmem.release_idle_code()
+                code_loaded = True
             if p.numel() * p.element_size() >= _TRIM_BYTES:
                 # give each freed original back now: glibc would keep it in its arenas, and the
                 # peak of entry would be the dense and the compressed model together again
@@ -217,7 +226,7 @@ class Managed:
         self.weights_dense_bytes = sum(s.dense_bytes for s in self.tensors.values())
         self.weights_compressed_bytes = sum(s.ct.nbytes for s in self.tensors.values())
         self._file_maps = None
-        osmem.trim()  # the compressor's temporaries go back to the operating system
+        osmem.settle()  # the compressor's temporaries and LLVM's idle code go back to the OS
         self.tracker.sample()
 
     def _verify_given(self) -> None:
@@ -269,10 +278,12 @@ class Managed:
         lookup_in_file = compressible and dev.type == "cpu" and \
             not (self.training is not None and p.requires_grad) and \
             chunkable_embedding(tuple(p.shape), p.element_size(), owners, self.chunk_bytes)
+        # a head kept in row chunks is compressed chunk by chunk from its file map: never dense whole
+        head_in_file = compressible and not lookup_in_file and self._chunks_head(p.shape, p, owners)
         mapped = None
         if src_name is not None:
             used.add(src_name)
-            if lookup_in_file:  # mapped from the caller's file (SafetensorsDir): never read whole
+            if lookup_in_file or head_in_file:  # mapped from the caller's file (SafetensorsDir): never read whole
                 finder = getattr(weights, "mapped", None)
                 mapped = finder(src_name) if finder is not None else None
                 if mapped is not None and (tuple(mapped.shape) != tuple(p.shape) or mapped.dtype != p.dtype):
@@ -285,7 +296,7 @@ class Managed:
                 raise ManagedError(f"weights[{src_name!r}] is {src.dtype} {tuple(src.shape)}, the "
                                    f"parameter is {p.dtype} {tuple(p.shape)}")
             compressible = True
-        if mapped is not None:
+        if mapped is not None and lookup_in_file:
             compressible = False
             self.kept_mapped.append(names[0])
         elif lookup_in_file and not is_meta and osmem.is_file_backed(p.detach(), self._file_maps):
@@ -326,10 +337,11 @@ class Managed:
         if isinstance(src, RowChunks) and not lookup_only:  # a GEMM needs the weight whole
             src = src.decompress(backend=self.backend)
         given = src.parts if isinstance(src, RowChunks) else None  # stored as row chunks (.nzrt)
-        chunked = given is not None or (not isinstance(src, CompressedTensor) and
-                                        chunkable_embedding(mp.shape, itemsize, owners, self.chunk_bytes))
-        spans = src.spans if given is not None else chunk_spans(mp.shape, itemsize, self.chunk_bytes) \
-            if chunked else [(0, mp.shape[0] if mp.shape else 0)]
+        head = given is None and not isinstance(src, CompressedTensor) and self._chunks_head(mp.shape, p, owners)
+        chunked = given is not None or head or (not isinstance(src, CompressedTensor) and
+                                                chunkable_embedding(mp.shape, itemsize, owners, self.chunk_bytes))
+        spans = src.spans if given is not None else head_spans(mp.shape, itemsize) if head else \
+            chunk_spans(mp.shape, itemsize, self.chunk_bytes) if chunked else [(0, mp.shape[0] if mp.shape else 0)]
         dense_src = None
         if src is None:
             dense_src = p.detach()
@@ -341,6 +353,7 @@ class Managed:
         # an original that views a memory-mapped file is kept (its pages are reclaimed below and
         # cost nothing while managed): exit points the parameter back at it, no decode, no copy
         keep_original = src is None and not was_meta and osmem.is_file_backed(p.detach(), self._file_maps)
+        src_mapped = dense_src is not None and chunked and osmem.is_file_backed(dense_src)
         slots = []
         for i, (a, b) in enumerate(spans):
             key = f"{names[0]}#{i}" if chunked else names[0]
@@ -354,6 +367,8 @@ class Managed:
                 on_disk = False
                 if lossy and not was_meta and not keep_original:  # the exact original: on disk, not in RAM
                     self.restore.add(key, codec.compress(part, backend=self.compress_backend(part)))
+                if src_mapped:  # its file pages are read once: give them back chunk by chunk
+                    osmem.release_file_pages(part, trusted=True)
             if dense_src is not None:
                 ct.verify()
             # else verified in _verify_given, after the budget check: reading a .nzrt's blobs
@@ -393,6 +408,30 @@ class Managed:
             # would stay in RSS beside the compressed copy; reclaim them now, one weight at a time
             osmem.release_file_pages(orig, self._file_maps)
         del orig
+
+    def _warm_decoders(self) -> None:
+        """Load the decoder's machine code now, for each dtype the model has, so that the first
+        pass touches no compiler pages (they would add to that pass's peak)."""
+        if self.device.type != "cpu":
+            return
+        g = torch.Generator().manual_seed(0)
+        for dtype in dict.fromkeys(p.dtype for p, _, _ in find_params(self.model) if p.dtype in FLOATS):
+            t = torch.randn(8192, generator=g).mul_(0.02).to(dtype)
+            ct = codec.compress(t, backend=self.compress_backend(t), widths=self.compress_widths)
+            codec.decode_into(ct, torch.empty_like(t), backend=self.backend)
+
+    def _chunks_head(self, shape, p, owners) -> bool:
+        """A large frozen output head is kept in row chunks and multiplied block by block
+        (``blocked.py``), unless the fused policy multiplies it from its compressed bytes.
+        ``shape``: the parameter's (a meta parameter's stand-in is empty)."""
+        if self.fused is not None or not self.chunk_bytes or p.requires_grad or p.dtype not in FLOATS:
+            return False
+        out = getattr(self.model, "get_output_embeddings", None)
+        try:
+            heads = {id(out())} if callable(out) and out() is not None else set()
+        except Exception:  # noqa: BLE001 - a model's own hook: no head known
+            heads = set()
+        return chunkable_head(tuple(shape), p.element_size(), owners, heads, p.requires_grad)
 
     @property
     def compress_widths(self):
@@ -482,7 +521,10 @@ class Managed:
 
     def _install_forwards(self) -> None:
         for module, (unit, chunked_mp, chunk_units) in self._module_units.items():
-            if chunked_mp is not None:  # a plain Embedding: its only weight is in chunks
+            if chunked_mp is not None and isinstance(module, nn.Linear):  # a head in row chunks
+                self._wrap(module, lambda inner, m=chunked_mp, c=chunk_units:
+                           chunked_linear_forward(self, m, c, lambda m=m: self.dense_copy(m)))
+            elif chunked_mp is not None:  # a plain Embedding: its only weight is in chunks
                 self._wrap(module, lambda inner, m=chunked_mp, c=chunk_units:
                            chunked_embedding_forward(self, m, c))
             elif unit is not None:
@@ -520,6 +562,7 @@ class Managed:
     def _planner(self, trace, seconds):
         costs = placement.costs_for(self.device, seconds, self._measured_decode_bps())
         self.costs = costs
+        osmem.release_idle_code()  # the recorded pass loaded the decoders' code: LLVM is idle again
         return placement.replan(self.policy, trace, self.layers, self.budget, self.fixed_bytes, costs,
                                 self.device, self.warnings.append)
 

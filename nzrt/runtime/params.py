@@ -71,6 +71,45 @@ def chunkable_embedding(shape, itemsize, owners, chunk_bytes) -> bool:
     return True
 
 
+HEAD_BLOCK_ROWS = 4096          # a head chunk: whole multiples of this many rows ...
+HEAD_CHUNK_BYTES = 8 << 20      # ... about this many bytes (a slot the pool reuses)
+
+
+def _plain_linear(module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward and \
+        "forward" not in module.__dict__ and module.bias is None
+
+
+def chunkable_head(shape, itemsize, owners, heads, requires_grad: bool) -> bool:
+    """Row chunks for a large output head, tied to its embeddings or not (``blocked.py``): owned
+    only by plain bias-free Linears (at least one; a tied one counts when an Embedding owns it too,
+    an untied one when it is in ``heads``, the model's output embeddings) and plain Embeddings, at
+    least two head chunks large, and frozen (a trained head is multiplied whole: the backward of a
+    blocked product would sum in another order)."""
+    if requires_grad or len(shape) != 2 or shape[0] < 2 * HEAD_BLOCK_ROWS:
+        return False
+    if shape[0] * shape[1] * itemsize < 2 * HEAD_CHUNK_BYTES:
+        return False
+    linears = embeddings = 0
+    for module, name in owners:
+        if name != "weight":
+            return False
+        if _plain_linear(module):
+            linears += 1
+        elif chunkable_embedding(shape, itemsize, [(module, name)], 1):
+            embeddings += 1
+        else:
+            return False
+    return linears > 0 and (embeddings > 0 or any(id(m) in heads for m, _ in owners))
+
+
+def head_spans(shape, itemsize) -> list:
+    """Row spans of whole multiples of ``HEAD_BLOCK_ROWS`` rows, about ``HEAD_CHUNK_BYTES`` each."""
+    per = HEAD_CHUNK_BYTES // max(1, shape[1] * itemsize) // HEAD_BLOCK_ROWS * HEAD_BLOCK_ROWS
+    rows = max(HEAD_BLOCK_ROWS, per)
+    return [(a, min(a + rows, shape[0])) for a in range(0, shape[0], rows)]
+
+
 def chunk_spans(shape, itemsize, chunk_bytes) -> list:
     """Row spans of whole multiples of 256 rows, about ``chunk_bytes`` each."""
     rows = max(256, chunk_bytes // (shape[1] * itemsize) // 256 * 256)

@@ -1,0 +1,102 @@
+"""A large frozen output head (tied or not) in row chunks: the lookup reads the chunks of its ids,
+the head multiplies block by block through a small slot, and the result is plain's, bit for bit,
+on every machine -- because the blocked path runs only where a probe of the same shapes showed
+that this machine's matmul gives the whole product's bits (nzrt/runtime/blocked.py)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nzrt.runtime import blocked
+from nzrt.runtime.params import HEAD_BLOCK_ROWS, HEAD_CHUNK_BYTES, chunkable_head, head_spans
+
+sys.path.insert(0, str(Path(__file__).parent))  # pytest runs with --import-mode=importlib
+from test_managed_safety import _isa_caps  # noqa: E402
+
+CHILD = Path(__file__).with_name("_blocked_child.py")
+
+
+def _split_invariant(x, w):
+    """Each output on its own in float64, rounded once: the same bits however the rows split."""
+    return (x.double() @ w.double().T).to(x.dtype)
+
+
+def _split_dependent(x, w):
+    """A matmul whose result depends on how many output rows it was given (as oneDNN's AMX
+    kernels do for ~0.01% of outputs): the probe must see it."""
+    y = x.float() @ w.float().T
+    return (y + (w.shape[0] % 3) * 2.0 ** -10).to(x.dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+def test_probe_tells_both_branches(rows):
+    assert blocked.blocked_equals_whole(rows, 256, 512, 512, torch.bfloat16, "cpu", linear=_split_invariant)
+    assert not blocked.blocked_equals_whole(rows, 256, 512, 300, torch.bfloat16, "cpu", linear=_split_dependent)
+
+
+def test_never_mode_is_the_differs_branch(monkeypatch):
+    monkeypatch.setenv("NZRT_BLOCKED_MATMUL", "never")
+    assert not blocked.blocked_exact(1, 64, 256, 256, torch.bfloat16, "cpu")
+    monkeypatch.setenv("NZRT_BLOCKED_MATMUL", "sometimes")
+    with pytest.raises(ValueError, match="NZRT_BLOCKED_MATMUL"):
+        blocked.mode()
+
+
+def test_which_weights_are_chunked_as_a_head():
+    emb, head = nn.Embedding(16384, 1024), nn.Linear(1024, 16384, bias=False)
+    shape, owners = (16384, 1024), [(emb, "weight"), (head, "weight")]
+    assert chunkable_head(shape, 2, owners, set(), requires_grad=False)           # tied
+    assert chunkable_head(shape, 2, [(head, "weight")], {id(head)}, False)      # untied, the model's head
+    assert not chunkable_head(shape, 2, [(head, "weight")], set(), False)       # another Linear
+    assert not chunkable_head(shape, 2, owners, set(), requires_grad=True)      # trained: multiplied whole
+    assert not chunkable_head((4096, 1024), 2, owners, set(), False)            # one block: nothing to split
+    biased = nn.Linear(1024, 16384)
+    assert not chunkable_head(shape, 2, [(emb, "weight"), (biased, "weight")], set(), False)
+    spans = head_spans((262144, 640), 2)
+    assert spans[0] == (0, spans[0][1]) and spans[-1][1] == 262144
+    assert all(b - a == spans[0][1] for a, b in spans[:-1]) and spans[0][1] % HEAD_BLOCK_ROWS == 0
+    assert spans[0][1] * 640 * 2 <= max(HEAD_CHUNK_BYTES, HEAD_BLOCK_ROWS * 640 * 2)
+
+
+def _child(hidden, vocab, tokens, env=None):
+    e = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    e.pop("ONEDNN_MAX_CPU_ISA", None)
+    e.update(env or {})
+    r = subprocess.run([sys.executable, str(CHILD), str(hidden), str(vocab), str(tokens)], capture_output=True,
+                       text=True, env=e, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("cap", _isa_caps())
+def test_tied_head_bit_identical_under_each_isa_cap(cap):
+    """hidden 1024, a 16384 x 1024 tied table (4 chunks), a 64-token prompt and 4 greedy tokens:
+    plain's bits whichever path the probe chose on this machine under this cap."""
+    res = _child(1024, 16384, 64, None if cap == "DEFAULT" else {"ONEDNN_MAX_CPU_ISA": cap})
+    assert res["exact"] and res["tokens_equal"] and res["restored"], res
+    assert res["chunks"] == 4 and res["blocked"] + res["whole"] == 5, res
+    if res["blocked"]:  # no dense copy of the table: at most two chunk slots (one prefetched)
+        assert res["pool_peak"] <= 2 * HEAD_CHUNK_BYTES < res["table_bytes"], res
+
+
+def test_forced_differs_branch_multiplies_whole_and_stays_exact():
+    res = _child(1024, 16384, 64, {"NZRT_BLOCKED_MATMUL": "never"})
+    assert res["exact"] and res["tokens_equal"] and res["restored"], res
+    assert res["blocked"] == 0 and res["whole"] == 5, res
+
+
+def test_gemma3_shaped_tied_table():
+    """The tied large-vocabulary shape (262,144 x 640, the table 63% of a Gemma3-270M): logits
+    bit-identical; where the blocked path runs, no buffer of the scheduler near the table's size."""
+    res = _child(640, 262144, 64)
+    assert res["exact"] and res["tokens_equal"], res
+    assert res["chunks"] == len(head_spans((262144, 640), 2)) > 2
+    assert res["blocked"] + res["whole"] == 5, res
+    if res["blocked"]:
+        assert res["pool_peak"] <= 4 * HEAD_CHUNK_BYTES < res["table_bytes"] // 8, res
