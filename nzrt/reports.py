@@ -47,6 +47,7 @@ class Report:
     weights_compressed_bytes: int = 0
     training: str = ""                   # optimizers and their states (optimizer=...)
     fused: str = ""                      # fused passes (policies.Fused)
+    blocked: str = ""                    # heads in row chunks and how their calls ran (runtime/blocked.py)
 
     # -- totals -------------------------------------------------------------------------------
     @property
@@ -120,6 +121,8 @@ class Report:
             lines.append(f"  {self.training}")
         if self.fused:
             lines.append(f"  {self.fused}")
+        if self.blocked:
+            lines.append(f"  {self.blocked}")
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         return "\n".join(lines)
@@ -155,6 +158,8 @@ class Report:
             lines.append(f"  {self.training}")
         if self.fused:
             lines.append(f"  {self.fused}")
+        if self.blocked:
+            lines.append(f"  {self.blocked}")
         for w in self.warnings:
             lines.append(f"  warning: {w}")
         lines.append("")

@@ -1,6 +1,8 @@
 """What a managed model holds (measured from storages) and the report of a run."""
 from __future__ import annotations
 
+from torch import nn
+
 from ..memory import storage_bytes
 from ..reports import LayerReport, Report
 
@@ -75,4 +77,19 @@ def build_report(run, held: dict) -> Report:
         weights_dense_bytes=run.weights_dense_bytes,
         weights_compressed_bytes=run.weights_compressed_bytes,
         training=run.trainer.summary() if run.trainer is not None else "",
-        fused=run.fused_stats.summary() if run.fused is not None else "")
+        fused=run.fused_stats.summary() if run.fused is not None else "",
+        blocked=blocked_summary(run))
+
+
+def blocked_summary(run) -> str:
+    """What the report says of heads kept in row chunks (``blocked.py``): where, how large a slot,
+    and how their calls ran."""
+    heads = [(mp, mp.rows) for mp in run.params
+             if mp.chunked and any(isinstance(m, nn.Linear) for m, _ in mp.owners)]
+    if not heads:
+        return ""
+    parts = [f"{mp.names[0]} in {len(rows)} row chunks of {rows[0][1] - rows[0][0]} rows" for mp, rows in heads]
+    st = run.blocked_stats
+    return (f"heads: {'; '.join(parts)} (no dense copy of the whole weight); calls: {st['blocked']} blocked "
+            f"(the blocked product probed bit-identical here), {st['whole']} whole (a transient dense copy: "
+            f"the probe differed, NZRT_BLOCKED_MATMUL=never, or autograd)")

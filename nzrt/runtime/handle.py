@@ -190,9 +190,8 @@ class Managed:
         for p, names, owners in found:
             self._take_param(p, names, owners, weights, used, dev)
             if not code_loaded and self.params:
-                # the first compression loaded the codec's machine code (LLVM's pages, ~100 MiB,
+                # the first compression loaded the encoder's machine code (LLVM's pages, ~100 MiB,
                 # idle from now on): give them back before the model's compressed copy grows
-                self._warm_decoders()
                 osmem.release_idle_code()
                 code_loaded = True
             if p.numel() * p.element_size() >= _TRIM_BYTES:
@@ -210,6 +209,7 @@ class Managed:
         costs = placement.costs_for(dev, {})
         initial = placement.initial_plan(self.policy, self.layers, self.budget, self.fixed_bytes, costs)
         self._verify_given()
+        self._warm_decoders()  # their code pages go back at the end of entry (settle)
         threads = os.environ.get("NZRT_DECODE_THREADS")  # numba threads of the CPU decode worker
         self.scheduler = Scheduler(self.units, self.tensors, dev, planner=self._planner, place=self._place,
                                    decode=self._decode, prefetch=self.prefetch,
