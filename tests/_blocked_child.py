@@ -1,7 +1,10 @@
 """Child process for tests/test_blocked_head.py (each ONEDNN_MAX_CPU_ISA cap is set before torch
 loads): a frozen Llama with a tied head, plain against ``nzrt.managed``.
 
-    python _blocked_child.py HIDDEN VOCAB TOKENS
+    python _blocked_child.py ARCH HIDDEN VOCAB TOKENS
+
+ARCH: llama, or gemma3 (transformers' Gemma3ForCausalLM: its scaled word embedding has a forward
+of its own, so its lookups reach the row chunks through ``F.embedding``).
 
 Prints one JSON line: the prompt's logits and 4 greedy tokens bit-identical to plain's
 (``exact``, ``tokens_equal``), the head's path counts (``blocked``, ``whole``), how many row chunks
@@ -11,17 +14,24 @@ import json
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 import nzrt
 
 
-def main(hidden: int, vocab: int, tokens: int) -> dict:
+def main(arch: str, hidden: int, vocab: int, tokens: int) -> dict:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=256)
-    model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval().requires_grad_(False)
+    if arch == "gemma3":
+        cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                               max_position_embeddings=256, sliding_window=32)
+        model = Gemma3ForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    else:
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+                          max_position_embeddings=256)
+        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16)
+    model = model.eval().requires_grad_(False)
     with torch.no_grad():  # std-0.02 weights, as trained ones (the default init gives the head 0.02 too)
         for p in model.parameters():
             p.normal_(0, 0.02)
@@ -44,4 +54,4 @@ def main(hidden: int, vocab: int, tokens: int) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(*map(int, sys.argv[1:]))))
+    print(json.dumps(main(sys.argv[1], *map(int, sys.argv[2:]))))

@@ -64,11 +64,11 @@ def test_which_weights_are_chunked_as_a_head():
     assert spans[0][1] * 640 * 2 <= max(HEAD_CHUNK_BYTES, HEAD_BLOCK_ROWS * 640 * 2)
 
 
-def _child(hidden, vocab, tokens, env=None):
+def _child(hidden, vocab, tokens, env=None, arch="llama"):
     e = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     e.pop("ONEDNN_MAX_CPU_ISA", None)
     e.update(env or {})
-    r = subprocess.run([sys.executable, str(CHILD), str(hidden), str(vocab), str(tokens)], capture_output=True,
+    r = subprocess.run([sys.executable, str(CHILD), arch, str(hidden), str(vocab), str(tokens)], capture_output=True,
                        text=True, env=e, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -91,10 +91,11 @@ def test_forced_differs_branch_multiplies_whole_and_stays_exact():
     assert res["blocked"] == 0 and res["whole"] == 5, res
 
 
-def test_gemma3_shaped_tied_table():
-    """The tied large-vocabulary shape (262,144 x 640, the table 63% of a Gemma3-270M): logits
+def test_gemma3_tied_table():
+    """transformers' Gemma3 at its tied large-vocabulary shape (262,144 x 640, the table 63% of a
+    Gemma3-270M; its scaled embedding has a forward of its own): logits and greedy tokens
     bit-identical; where the blocked path runs, no buffer of the scheduler near the table's size."""
-    res = _child(640, 262144, 64)
+    res = _child(640, 262144, 64, arch="gemma3")
     assert res["exact"] and res["tokens_equal"], res
     assert res["chunks"] == len(head_spans((262144, 640), 2)) > 2
     assert res["blocked"] + res["whole"] == 5, res

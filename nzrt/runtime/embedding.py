@@ -13,7 +13,20 @@ import torch
 
 
 def chunked_embedding_forward(run, mp, chunk_units):
-    """``chunk_units``: [(unit, key, (first row, end row))] in row order."""
+    """The forward of a plain ``nn.Embedding`` whose weight is in row chunks.
+    ``chunk_units``: [(unit, key, (first row, end row))] in row order."""
+    lookup = row_lookup(run, mp, chunk_units)
+    module = next(m for m, _ in mp.owners if isinstance(m, torch.nn.Embedding))
+
+    def forward(input):
+        if torch.is_grad_enabled() and mp.param.requires_grad:
+            return _Lookup.apply(input, mp.param, lookup, module)
+        return lookup(input)
+    return forward
+
+
+def row_lookup(run, mp, chunk_units):
+    """``ids -> weight[ids]`` decoding only the chunks the ids fall in (no autograd)."""
     num, dim = mp.shape
     rows_per_chunk = chunk_units[0][2][1]
     lock = run.lock
@@ -37,14 +50,7 @@ def chunked_embedding_forward(run, mp, chunk_units):
                 finally:
                     s.exit(unit)
             return out.view(*input.shape, dim)
-
-    module = next(m for m, _ in mp.owners)
-
-    def forward(input):
-        if torch.is_grad_enabled() and mp.param.requires_grad:
-            return _Lookup.apply(input, mp.param, lookup, module)
-        return lookup(input)
-    return forward
+    return lookup
 
 
 class _Lookup(torch.autograd.Function):

@@ -20,9 +20,10 @@ from ..rowchunks import RowChunks
 from ..scheduler import Scheduler, TensorSlot
 from . import accounting, fused, placement
 from .blocked import chunked_linear_forward
-from .embedding import chunked_embedding_forward
+from .embedding import chunked_embedding_forward, row_lookup
 from .errors import ManagedError
-from .params import FLOATS, Param, chunk_spans, chunkable_embedding, chunkable_head, find_params, head_spans
+from .params import (FLOATS, Param, chunk_spans, chunkable_embedding, chunkable_head, find_params, head_spans,
+                     plain_embedding)
 from .passes import PassLock, root_forward, unit_forward
 from .spill import RestoreSpill
 from .training import LRSchedulers, Trainer, as_config
@@ -524,9 +525,11 @@ class Managed:
             if chunked_mp is not None and isinstance(module, nn.Linear):  # a head in row chunks
                 self._wrap(module, lambda inner, m=chunked_mp, c=chunk_units:
                            chunked_linear_forward(self, m, c, lambda m=m: self.dense_copy(m)))
-            elif chunked_mp is not None:  # a plain Embedding: its only weight is in chunks
+            elif chunked_mp is not None and plain_embedding(module):  # its only weight is in chunks
                 self._wrap(module, lambda inner, m=chunked_mp, c=chunk_units:
                            chunked_embedding_forward(self, m, c))
+            elif chunked_mp is not None:  # its own forward runs; its F.embedding reads the chunks
+                chunked_mp.row_lookup = row_lookup(self, chunked_mp, chunk_units)
             elif unit is not None:
                 def make(inner, u=unit, m=module, b=self._bindings[module]):
                     f = unit_forward(self, u, b, inner)

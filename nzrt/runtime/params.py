@@ -24,6 +24,7 @@ class Param:
         self.keys: list = []        # tensor keys of its chunks (one key when not chunked)
         self.rows: list = []        # (start, stop) rows of each chunk
         self.chunked = False
+        self.row_lookup = None      # ids -> rows from the chunks (an Embedding with its own forward)
         self.placeholder = None
         self.manager = manager
         self.active = False         # True from commit (entry) to restore (exit)
@@ -54,21 +55,26 @@ def find_params(model: nn.Module) -> list:
     return list(by_id.values())
 
 
+def plain_embedding(module) -> bool:
+    """An ``nn.Embedding`` whose forward is ``nn.Embedding.forward``: the runtime may replace it."""
+    return isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward and \
+        module.max_norm is None and "forward" not in module.__dict__
+
+
+def embedding_via_function(module) -> bool:
+    """An ``nn.Embedding`` subclass with a forward of its own (Gemma3's scaled word embedding:
+    ``super().forward(ids) * embed_scale``): its forward runs unchanged and its ``F.embedding``
+    on the managed weight is answered from the row chunks (``weight.py``)."""
+    return isinstance(module, nn.Embedding) and module.max_norm is None and not plain_embedding(module)
+
+
 def chunkable_embedding(shape, itemsize, owners, chunk_bytes) -> bool:
     """Row chunks only for weights used solely as plain ``nn.Embedding`` lookups (a lookup copies
-    rows: exact whatever the split). A weight that a Linear also uses (a tied output head) is
-    never chunked: a GEMM's result may depend on how its output is split (oneDNN's AMX kernels
-    on Intel Xeons differ in ~0.01% of outputs), so the head always multiplies the whole weight."""
+    rows: exact whatever the split). A weight that a Linear also uses (an output head) is chunked
+    only as a head (``chunkable_head``), where a blocked product was probed exact."""
     if not chunk_bytes or len(shape) != 2 or shape[0] * shape[1] * itemsize <= chunk_bytes:
         return False
-    for module, name in owners:
-        if name != "weight" or not isinstance(module, nn.Embedding):
-            return False
-        if type(module).forward is not nn.Embedding.forward or module.max_norm is not None:
-            return False
-        if "forward" in module.__dict__:
-            return False
-    return True
+    return all(name == "weight" and plain_embedding(module) for module, name in owners)
 
 
 HEAD_BLOCK_ROWS = 4096          # a head chunk: whole multiples of this many rows ...
@@ -83,7 +89,8 @@ def _plain_linear(module) -> bool:
 def chunkable_head(shape, itemsize, owners, heads, requires_grad: bool) -> bool:
     """Row chunks for a large output head, tied to its embeddings or not (``blocked.py``): owned
     only by plain bias-free Linears (at least one; a tied one counts when an Embedding owns it too,
-    an untied one when it is in ``heads``, the model's output embeddings) and plain Embeddings, at
+    an untied one when it is in ``heads``, the model's output embeddings) and Embeddings (plain, or
+    with a forward of their own that looks up through ``F.embedding``), at
     least two head chunks large, and frozen (a trained head is multiplied whole: the backward of a
     blocked product would sum in another order)."""
     if requires_grad or len(shape) != 2 or shape[0] < 2 * HEAD_BLOCK_ROWS:
@@ -96,7 +103,7 @@ def chunkable_head(shape, itemsize, owners, heads, requires_grad: bool) -> bool:
             return False
         if _plain_linear(module):
             linears += 1
-        elif chunkable_embedding(shape, itemsize, [(module, name)], 1):
+        elif plain_embedding(module) or embedding_via_function(module):
             embeddings += 1
         else:
             return False

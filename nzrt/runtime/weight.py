@@ -154,8 +154,28 @@ def _stale_error() -> ManagedError:
                         "released or garbage-collected; read the parameter again from a live model")
 
 
+def _row_lookup(args, kwargs):
+    """``F.embedding(ids, weight)`` on a weight kept in row chunks, outside a forward that bound
+    it, without autograd through the weight: the rows from the chunks the ids fall in, never the
+    whole table (an Embedding subclass with its own forward, e.g. Gemma3's scaled one)."""
+    w = args[1] if len(args) > 1 else kwargs.get("weight")
+    mp = lookup(w) if isinstance(w, torch.Tensor) else None
+    if mp is None or not mp.active or getattr(mp, "row_lookup", None) is None or mp.bound_here():
+        return None
+    if kwargs.get("max_norm") is not None or (torch.is_grad_enabled() and mp.param.requires_grad):
+        return None
+    ids = args[0] if args else kwargs.get("input")
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32):
+        return None
+    return mp.row_lookup(ids)
+
+
 def _torch_function(func, types, args, kwargs):
     kwargs = kwargs or {}
+    if func is torch.nn.functional.embedding:
+        rows = _row_lookup(args, kwargs)
+        if rows is not None:
+            return rows
     kind, name = _name_of(func)
     self_mp = lookup(args[0]) if args else None
     passthrough = False
