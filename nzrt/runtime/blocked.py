@@ -46,8 +46,9 @@ def blocked_equals_whole(rows: int, k: int, block: int, last: int, dtype, device
     random data of those shapes (std-0.02 weights, unit inputs), compared as integers."""
     g = torch.Generator().manual_seed(0x5EED + rows)
     n = block + last
-    w = torch.randn(n, k, generator=g).mul_(0.02).to(dtype).to(device)
-    x = torch.randn(max(rows, 1), k, generator=g).to(dtype).to(device)
+    # drawn in the weight's dtype: no float32 copy (the probe runs inside a pass: it adds to its peak)
+    w = torch.randn(n, k, generator=g, dtype=dtype).mul_(0.02).to(device)
+    x = torch.randn(max(rows, 1), k, generator=g, dtype=dtype).to(device)
     whole = linear(x, w)
     parts = torch.cat([linear(x, w[:block]), linear(x, w[block:])], dim=-1)
     return whole.shape == parts.shape and torch.equal(_bits(whole), _bits(parts))

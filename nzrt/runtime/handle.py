@@ -107,6 +107,7 @@ class Managed:
         self.fused_stats = fused.FusedStats()
         self._fused_weights: dict = {}  # key -> kernels.cpu_fused.FusedWeight of its compressed copy
         self.blocked_stats: dict = {"blocked": 0, "whole": 0}  # head calls by path (blocked.py)
+        self.rss_after_trim = 0       # RSS after the last end-of-pass trim (passes.py)
 
     # -- context manager --------------------------------------------------------------------
     def __enter__(self) -> "Managed":
@@ -187,14 +188,12 @@ class Managed:
                     except ValueError as e:
                         raise ValueError(f"{names[0]!r} ({p.dtype}): {e}") from None
         self._move_buffers(weights, used, dev)
-        code_loaded = False
+        # load the encoder's machine code first, then give LLVM's pages (~70-100 MiB, idle from
+        # now on) back, before the model's compressed copy grows beside them
+        self._warm_codec(found, decode=False)
+        osmem.release_idle_code()
         for p, names, owners in found:
             self._take_param(p, names, owners, weights, used, dev)
-            if not code_loaded and self.params:
-                # the first compression loaded the encoder's machine code (LLVM's pages, ~100 MiB,
-                # idle from now on): give them back before the model's compressed copy grows
-                osmem.release_idle_code()
-                code_loaded = True
             if p.numel() * p.element_size() >= _TRIM_BYTES:
                 # give each freed original back now: glibc would keep it in its arenas, and the
                 # peak of entry would be the dense and the compressed model together again
@@ -210,7 +209,7 @@ class Managed:
         costs = placement.costs_for(dev, {})
         initial = placement.initial_plan(self.policy, self.layers, self.budget, self.fixed_bytes, costs)
         self._verify_given()
-        self._warm_decoders()  # their code pages go back at the end of entry (settle)
+        self._warm_codec(found, decode=True)  # the decoders' code pages go back at the end of entry (settle)
         threads = os.environ.get("NZRT_DECODE_THREADS")  # numba threads of the CPU decode worker
         self.scheduler = Scheduler(self.units, self.tensors, dev, planner=self._planner, place=self._place,
                                    decode=self._decode, prefetch=self.prefetch,
@@ -410,16 +409,19 @@ class Managed:
             osmem.release_file_pages(orig, self._file_maps)
         del orig
 
-    def _warm_decoders(self) -> None:
-        """Load the decoder's machine code now, for each dtype the model has, so that the first
-        pass touches no compiler pages (they would add to that pass's peak)."""
+    def _warm_codec(self, found, decode: bool) -> None:
+        """Load the codec's machine code now (the encoder, or the decoder), for each dtype the
+        model has, on a tensor large enough for the parallel kernels: so that no compiler page is
+        touched later, while the model's compressed copy is held (compression, the first pass)."""
         if self.device.type != "cpu":
             return
         g = torch.Generator().manual_seed(0)
-        for dtype in dict.fromkeys(p.dtype for p, _, _ in find_params(self.model) if p.dtype in FLOATS):
-            t = torch.randn(8192, generator=g).mul_(0.02).to(dtype)
-            ct = codec.compress(t, backend=self.compress_backend(t), widths=self.compress_widths)
-            codec.decode_into(ct, torch.empty_like(t), backend=self.backend)
+        for dtype in dict.fromkeys(p.dtype for p, _, _ in found if p.dtype in FLOATS and p.numel() >= self.min_numel):
+            t = torch.randn(1 << 17, generator=g).mul_(0.02).to(dtype)  # 16 tiles: the parallel path
+            ct = codec.compress(t, mantissa_bits=self.mantissa_bits, backend=self.compress_backend(t),
+                                widths=self.compress_widths)
+            if decode:
+                codec.decode_into(ct, torch.empty_like(t), backend=self.backend)
 
     def _chunks_head(self, shape, p, owners) -> bool:
         """A large frozen output head is kept in row chunks and multiplied block by block

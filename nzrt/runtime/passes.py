@@ -18,6 +18,7 @@ import threading
 
 import torch
 
+from .. import osmem
 from .fused import wants_fused_pass
 from .saved import weight_hooks
 from .weight import set_data
@@ -110,12 +111,29 @@ def root_forward(run, inner):
                 s.end_pass(ok)
                 if s.depth == 0:
                     run.tracker.sample()
+                    if not s.cuda:
+                        _trim_if_grown(run)
                     if torch.is_grad_enabled() and not s.cuda:
                         # the backward decodes each weight afresh: the pool's idle slots would
                         # sit beside those copies until the next pass (on a GPU a freed slot
                         # may still be read by the side stream; the caching allocator keeps it)
                         s.pool.clear()
     return forward
+
+
+TRIM_GROWTH = 8 << 20  # RSS grown since the last trim that makes a pass end with one
+
+
+def _trim_if_grown(run) -> None:
+    """At the end of an outermost pass on the CPU: when RSS grew by ``TRIM_GROWTH`` since the last
+    trim (a prefill's activations, say), the freed temporaries leave glibc's arenas, where they
+    would sit beside the compressed model; a 1-token step seldom grows it, so seldom pays the
+    trim (milliseconds on a fragmented heap)."""
+    now = osmem.rss().get("rss") or 0
+    last = run.rss_after_trim
+    if now > last + TRIM_GROWTH or now < last:
+        osmem.trim()
+        run.rss_after_trim = osmem.rss().get("rss") or 0
 
 
 def fused_pass(run, inner, args, kwargs):
