@@ -101,3 +101,23 @@ def test_gemma3_tied_table():
     assert res["blocked"] + res["whole"] == 5, res
     if res["blocked"]:
         assert res["pool_peak"] <= 4 * HEAD_CHUNK_BYTES < res["table_bytes"] // 8, res
+
+
+@pytest.mark.parametrize("dtype,kw", [(torch.bfloat16, {}), (torch.bfloat16, {"mantissa_bits": 3}),
+                                      (torch.float16, {}), (torch.float32, {})])
+def test_lookups_decode_only_tiles_and_give_the_decoded_rows(dtype, kw):
+    """A chunked table's lookup on the CPU reads rows straight from the compressed chunk
+    (``FusedWeight.rows``): the decoded weight's rows, bit for bit, NaN payloads and inf included,
+    ids repeated and out of order, a chunk not a multiple of the tile."""
+    import nzrt
+    from nzrt.kernels.cpu_fused import FusedWeight
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(5003, 640, generator=g).mul(0.02).to(dtype)
+    w.view(-1)[::997] = float("nan")
+    w.view(-1)[5] = float("inf")
+    ct = nzrt.compress(w, **kw)
+    dense = nzrt.decompress(ct)
+    ids = torch.cat([torch.randint(0, 5003, (300,), generator=g), torch.tensor([5002, 0, 0, 5002])])
+    ints = {2: torch.int16, 4: torch.int32}[dense.element_size()]
+    assert torch.equal(FusedWeight(ct).rows(ids).view(ints), dense[ids].view(ints))

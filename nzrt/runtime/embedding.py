@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import codec
+
 
 def chunked_embedding_forward(run, mp, chunk_units):
     """The forward of a plain ``nn.Embedding`` whose weight is in row chunks.
@@ -26,10 +28,13 @@ def chunked_embedding_forward(run, mp, chunk_units):
 
 
 def row_lookup(run, mp, chunk_units):
-    """``ids -> weight[ids]`` decoding only the chunks the ids fall in (no autograd)."""
+    """``ids -> weight[ids]`` (no autograd). On the CPU with the numba codec only the tiles that
+    hold the ids' rows are decoded, straight from each chunk's compressed bytes
+    (``FusedWeight.rows``: no dense chunk at all); elsewhere the chunks the ids fall in are decoded."""
     num, dim = mp.shape
     rows_per_chunk = chunk_units[0][2][1]
     lock = run.lock
+    tiles = run.device.type == "cpu" and codec.resolve_backend(run.backend, run.device) == "numba"
 
     def lookup(input):
         with lock:
@@ -42,6 +47,12 @@ def row_lookup(run, mp, chunk_units):
             hit = torch.unique(chunk_of).tolist() if flat.numel() else []
             for c in hit:
                 unit, key, (a, b) = chunk_units[c]
+                if tiles and flat.device.type == "cpu":
+                    sel = (chunk_of == c).nonzero().squeeze(1)
+                    fw = run.fused_weight(key)
+                    out.index_copy_(0, sel, fw.rows(flat.index_select(0, sel) - a))
+                    run.after_read(fw.ct)
+                    continue
                 bufs = s.enter(unit, traced=False)
                 try:
                     sel = (chunk_of == c).nonzero().squeeze(1)
