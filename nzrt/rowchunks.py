@@ -74,15 +74,26 @@ class RowChunks:
 
 def plan(model, chunk_bytes: int | None = None) -> dict:
     """``{parameter name: [(start, stop), ...]}`` for the model's lookup-only embedding weights
-    large enough to be split (the runtime's own rule and chunk size)."""
+    large enough to be split, and its large output heads, tied or not (the runtime's own rules and
+    chunk sizes; a file only stores: whether a head is multiplied in blocks is decided at load)."""
     from .runtime.handle import DEFAULT_CHUNK_BYTES
-    from .runtime.params import chunk_spans, chunkable_embedding, find_params
+    from .runtime.params import chunk_spans, chunkable_embedding, chunkable_head, find_params, head_spans
 
     chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    out_emb = getattr(model, "get_output_embeddings", None)
+    try:
+        heads = {id(out_emb())} if callable(out_emb) and out_emb() is not None else set()
+    except Exception:  # noqa: BLE001 - a model's own hook: no head known
+        heads = set()
     out = {}
     for p, names, owners in find_params(model):
-        if p.is_floating_point() and chunkable_embedding(tuple(p.shape), p.element_size(), owners, chunk_bytes):
-            out[names[0]] = chunk_spans(tuple(p.shape), p.element_size(), chunk_bytes)
+        if not p.is_floating_point() or not chunk_bytes:
+            continue
+        shape, itemsize = tuple(p.shape), p.element_size()
+        if chunkable_embedding(shape, itemsize, owners, chunk_bytes):
+            out[names[0]] = chunk_spans(shape, itemsize, chunk_bytes)
+        elif chunkable_head(shape, itemsize, owners, heads, requires_grad=False):
+            out[names[0]] = head_spans(shape, itemsize)
     return out
 
 

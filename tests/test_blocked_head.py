@@ -121,3 +121,34 @@ def test_lookups_decode_only_tiles_and_give_the_decoded_rows(dtype, kw):
     ids = torch.cat([torch.randint(0, 5003, (300,), generator=g), torch.tensor([5002, 0, 0, 5002])])
     ints = {2: torch.int16, 4: torch.int32}[dense.element_size()]
     assert torch.equal(FusedWeight(ct).rows(ids).view(ints), dense[ids].view(ints))
+
+
+def test_a_nzrt_file_keeps_the_head_in_row_chunks(tmp_path):
+    """`nzrt compress` writes a large tied head as row chunks and `from_pretrained(FILE)` keeps them
+    (no whole decode at load): logits bit-identical to plain's, the head's calls ran through chunks."""
+    import nzrt
+    from nzrt import models
+    from nzrt.runtime import handle_of
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=16384, hidden_size=1024, intermediate_size=2048, num_hidden_layers=1,
+                      num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
+    plain = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.02)
+    plain.save_pretrained(tmp_path / "dir")
+    models.compress_model(str(tmp_path / "dir"), tmp_path / "m.nzrt")
+    ids = torch.randint(0, 16384, (1, 64), generator=torch.Generator().manual_seed(3))
+    model = nzrt.from_pretrained(tmp_path / "m.nzrt")
+    try:
+        with torch.no_grad():
+            ref, out = plain(ids).logits, model(ids).logits
+        run = handle_of(model)
+        heads = [mp for mp in run.params if mp.chunked and any(isinstance(m, nn.Linear) for m, _ in mp.owners)]
+        assert len(heads) == 1 and len(heads[0].keys) == len(head_spans((16384, 1024), 2))
+        assert torch.equal(ref.view(torch.int16), out.view(torch.int16))
+        assert run.blocked_stats["blocked"] + run.blocked_stats["whole"] == 1
+    finally:
+        nzrt.release(model)

@@ -334,8 +334,8 @@ class Managed:
         # a CompressedTensor given by the caller (e.g. memory-mapped by nzrt.load) is used as it is:
         # re-chunking it would decode it and hold the new chunks in RAM, off the file
         lookup_only = chunkable_embedding(mp.shape, itemsize, owners, self.chunk_bytes or 1)
-        if isinstance(src, RowChunks) and not lookup_only:  # a GEMM needs the weight whole
-            src = src.decompress(backend=self.backend)
+        if isinstance(src, RowChunks) and not lookup_only and not self._chunks_head(mp.shape, p, owners):
+            src = src.decompress(backend=self.backend)  # a GEMM that is not a chunked head needs it whole
         given = src.parts if isinstance(src, RowChunks) else None  # stored as row chunks (.nzrt)
         head = given is None and not isinstance(src, CompressedTensor) and self._chunks_head(mp.shape, p, owners)
         chunked = given is not None or head or (not isinstance(src, CompressedTensor) and
