@@ -14,7 +14,7 @@ echo "refresh: running the suite with them"
 "$SCRATCH/venv/bin/pytest" "$@"
 {
     sed -n '1,/^# Last refreshed/p' tools/constraints.txt | sed '$d'
-    echo "# Last refreshed: $(date -u +%Y-%m-%d), $("$SCRATCH/venv/bin/python" -V), $(uname -m); suite green."
+    echo "# Last refreshed: $(date -u +%Y-%m-%d), $("$SCRATCH/venv/bin/python" -V), $(uname -m); green: pytest ${*:-(the whole suite)}."
     "$SCRATCH/venv/bin/python" -m pip freeze --all | grep -v -e '^-e' -e '^#' -e '^nzrt' | sed 's/+[a-z0-9.]*$//'
 } > "$SCRATCH/constraints.txt"
 mv "$SCRATCH/constraints.txt" tools/constraints.txt
