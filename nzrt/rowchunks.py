@@ -77,14 +77,11 @@ def plan(model, chunk_bytes: int | None = None) -> dict:
     large enough to be split, and its large output heads, tied or not (the runtime's own rules and
     chunk sizes; a file only stores: whether a head is multiplied in blocks is decided at load)."""
     from .runtime.handle import DEFAULT_CHUNK_BYTES
-    from .runtime.params import chunk_spans, chunkable_embedding, chunkable_head, find_params, head_spans
+    from .runtime.params import (chunk_spans, chunkable_embedding, chunkable_head, find_params, head_spans,
+                                 output_heads)
 
     chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    out_emb = getattr(model, "get_output_embeddings", None)
-    try:
-        heads = {id(out_emb())} if callable(out_emb) and out_emb() is not None else set()
-    except Exception:  # noqa: BLE001 - a model's own hook: no head known
-        heads = set()
+    heads = output_heads(model)
     out = {}
     for p, names, owners in find_params(model):
         if not p.is_floating_point() or not chunk_bytes:

@@ -1,13 +1,8 @@
 """Pure placement and prefetch decisions (installed as ``nzrt.policies``). No torch, no CUDA."""
-import os as _os
-
 if __name__ == "policies":  # the project root is on sys.path: `import policies` means the installed package
-    import importlib.util as _u
-    _s = _u.spec_from_file_location(
-        "_nzrt_step_aside", _os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "nzrt", "_step_aside.py"))
-    _m = _u.module_from_spec(_s)
-    _s.loader.exec_module(_m)
-    _m.step_aside(__name__, __file__)
+    import os as _os, runpy as _runpy  # nzrt/_step_aside.py by path: importing nzrt here could recurse
+    _runpy.run_path(_os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "nzrt", "_step_aside.py"))[
+        "step_aside"](__name__, __file__)
 else:
     from .core import (ALIASES, POLICIES, Auto, Belady, Fused, Lru, Offload, Resident, entry_need, fallback_need,
                        fallback_plan, get_policy, on_demand_fallbacks, smallest_budget_for)

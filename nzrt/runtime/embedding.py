@@ -47,15 +47,14 @@ def row_lookup(run, mp, chunk_units):
             hit = torch.unique(chunk_of).tolist() if flat.numel() else []
             for c in hit:
                 unit, key, (a, b) = chunk_units[c]
+                sel = (chunk_of == c).nonzero().squeeze(1)
                 if tiles and flat.device.type == "cpu":
-                    sel = (chunk_of == c).nonzero().squeeze(1)
                     fw = run.fused_weight(key)
                     out.index_copy_(0, sel, fw.rows(flat.index_select(0, sel) - a))
                     run.after_read(fw.ct)
                     continue
                 bufs = s.enter(unit, traced=False)
                 try:
-                    sel = (chunk_of == c).nonzero().squeeze(1)
                     w = bufs[key].view(b - a, dim)
                     out.index_copy_(0, sel, w.index_select(0, flat.index_select(0, sel) - a))
                 finally:

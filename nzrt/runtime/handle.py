@@ -23,7 +23,7 @@ from .blocked import chunked_linear_forward
 from .embedding import chunked_embedding_forward, row_lookup
 from .errors import ManagedError
 from .params import (FLOATS, Param, chunk_spans, chunkable_embedding, chunkable_head, find_params, head_spans,
-                     plain_embedding)
+                     output_heads, plain_embedding)
 from .passes import PassLock, root_forward, unit_forward
 from .spill import RestoreSpill
 from .training import LRSchedulers, Trainer, as_config
@@ -108,6 +108,7 @@ class Managed:
         self._fused_weights: dict = {}  # key -> kernels.cpu_fused.FusedWeight of its compressed copy
         self.blocked_stats: dict = {"blocked": 0, "whole": 0}  # head calls by path (blocked.py)
         self.rss_after_trim = 0       # RSS after the last end-of-pass trim (passes.py)
+        self._heads: set = set()      # id() of the model's output embeddings, read once at entry
 
     # -- context manager --------------------------------------------------------------------
     def __enter__(self) -> "Managed":
@@ -192,6 +193,7 @@ class Managed:
         # now on) back, before the model's compressed copy grows beside them
         self._warm_codec(found, decode=False)
         osmem.release_idle_code()
+        self._heads = output_heads(self.model)
         for p, names, owners in found:
             self._take_param(p, names, owners, weights, used, dev)
             if p.numel() * p.element_size() >= _TRIM_BYTES:
@@ -279,7 +281,8 @@ class Managed:
             not (self.training is not None and p.requires_grad) and \
             chunkable_embedding(tuple(p.shape), p.element_size(), owners, self.chunk_bytes)
         # a head kept in row chunks is compressed chunk by chunk from its file map: never dense whole
-        head_in_file = compressible and not lookup_in_file and self._chunks_head(p.shape, p, owners)
+        head = self._chunks_head(p.shape, p, owners)  # decided once: its compression follows it
+        head_in_file = compressible and not lookup_in_file and head
         mapped = None
         if src_name is not None:
             used.add(src_name)
@@ -312,16 +315,16 @@ class Managed:
             if not compressible:
                 stand_in.data = _dense_from(src, p, dev, src_name)
                 return
-            self._compress_param(stand_in, names, owners, src, was_meta=True, shape=p.shape)
+            self._compress_param(stand_in, names, owners, src, head, was_meta=True, shape=p.shape)
             return
         if not compressible:
             if p.device != dev:
                 self._moved.append(("param", p, None, p.data))
                 p.data = p.data.to(dev)
             return
-        self._compress_param(p, names, owners, src)
+        self._compress_param(p, names, owners, src, head)
 
-    def _compress_param(self, p, names, owners, src, was_meta=False, shape=None) -> None:
+    def _compress_param(self, p, names, owners, src, head: bool, was_meta=False, shape=None) -> None:
         """Compress every chunk first; then commit (swap the data for the placeholder, the class
         for ManagedParameter) in one step that Ctrl-C cannot split. Until the commit the
         parameter is untouched, so a failure while compressing leaves nothing to undo."""
@@ -334,10 +337,10 @@ class Managed:
         # a CompressedTensor given by the caller (e.g. memory-mapped by nzrt.load) is used as it is:
         # re-chunking it would decode it and hold the new chunks in RAM, off the file
         lookup_only = chunkable_embedding(mp.shape, itemsize, owners, self.chunk_bytes or 1)
-        if isinstance(src, RowChunks) and not lookup_only and not self._chunks_head(mp.shape, p, owners):
+        if isinstance(src, RowChunks) and not lookup_only and not head:
             src = src.decompress(backend=self.backend)  # a GEMM that is not a chunked head needs it whole
         given = src.parts if isinstance(src, RowChunks) else None  # stored as row chunks (.nzrt)
-        head = given is None and not isinstance(src, CompressedTensor) and self._chunks_head(mp.shape, p, owners)
+        head = head and given is None and not isinstance(src, CompressedTensor)
         chunked = given is not None or head or (not isinstance(src, CompressedTensor) and
                                                 chunkable_embedding(mp.shape, itemsize, owners, self.chunk_bytes))
         spans = src.spans if given is not None else head_spans(mp.shape, itemsize) if head else \
@@ -427,14 +430,9 @@ class Managed:
         """A large frozen output head is kept in row chunks and multiplied block by block
         (``blocked.py``), unless the fused policy multiplies it from its compressed bytes.
         ``shape``: the parameter's (a meta parameter's stand-in is empty)."""
-        if self.fused is not None or not self.chunk_bytes or p.requires_grad or p.dtype not in FLOATS:
+        if self.fused is not None or not self.chunk_bytes or p.dtype not in FLOATS:
             return False
-        out = getattr(self.model, "get_output_embeddings", None)
-        try:
-            heads = {id(out())} if callable(out) and out() is not None else set()
-        except Exception:  # noqa: BLE001 - a model's own hook: no head known
-            heads = set()
-        return chunkable_head(tuple(shape), p.element_size(), owners, heads, p.requires_grad)
+        return chunkable_head(tuple(shape), p.element_size(), owners, self._heads, p.requires_grad)
 
     @property
     def compress_widths(self):

@@ -110,6 +110,17 @@ def chunkable_head(shape, itemsize, owners, heads, requires_grad: bool) -> bool:
     return linears > 0 and (embeddings > 0 or any(id(m) in heads for m, _ in owners))
 
 
+def output_heads(model) -> set:
+    """``{id(module)}`` of the model's output embeddings (transformers' ``get_output_embeddings``),
+    the untied Linears ``chunkable_head`` accepts; empty where the model names none."""
+    out = getattr(model, "get_output_embeddings", None)
+    try:
+        head = out() if callable(out) else None
+    except Exception:  # noqa: BLE001 - a model's own hook: no head known
+        head = None
+    return {id(head)} if head is not None else set()
+
+
 def head_spans(shape, itemsize) -> list:
     """Row spans of whole multiples of ``HEAD_BLOCK_ROWS`` rows, about ``HEAD_CHUNK_BYTES`` each."""
     per = HEAD_CHUNK_BYTES // max(1, shape[1] * itemsize) // HEAD_BLOCK_ROWS * HEAD_BLOCK_ROWS

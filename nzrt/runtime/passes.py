@@ -110,9 +110,9 @@ def root_forward(run, inner):
             finally:
                 s.end_pass(ok)
                 if s.depth == 0:
-                    run.tracker.sample()
+                    snap = run.tracker.sample()
                     if not s.cuda:
-                        _trim_if_grown(run)
+                        _trim_if_grown(run, snap.get("host_rss") or 0)
                     if torch.is_grad_enabled() and not s.cuda:
                         # the backward decodes each weight afresh: the pool's idle slots would
                         # sit beside those copies until the next pass (on a GPU a freed slot
@@ -124,12 +124,11 @@ def root_forward(run, inner):
 TRIM_GROWTH = 8 << 20  # RSS grown since the last trim that makes a pass end with one
 
 
-def _trim_if_grown(run) -> None:
+def _trim_if_grown(run, now: int) -> None:
     """At the end of an outermost pass on the CPU: when RSS grew by ``TRIM_GROWTH`` since the last
     trim (a prefill's activations, say), the freed temporaries leave glibc's arenas, where they
     would sit beside the compressed model; a 1-token step seldom grows it, so seldom pays the
-    trim (milliseconds on a fragmented heap)."""
-    now = osmem.rss().get("rss") or 0
+    trim (milliseconds on a fragmented heap). ``now``: this process's RSS."""
     last = run.rss_after_trim
     if now > last + TRIM_GROWTH or now < last:
         osmem.trim()
