@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import osmem, rowchunks
+from .runtime.params import row_chunk_plan
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED = {
@@ -730,7 +731,7 @@ def _compress_loaded(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
     done = 0
     dense_bytes = comp_bytes = 0
     t0 = time.perf_counter()
-    chunks = rowchunks.plan(lm.model)  # lookup-only embeddings: written as row chunks
+    chunks = row_chunk_plan(lm.model)  # lookup-only embeddings: written as row chunks
     if chunks:
         metadata[MODEL_META_KEY][rowchunks.META_KEY] = {n: [list(s) for s in sp] for n, sp in chunks.items()}
     for name, p in params:
@@ -898,7 +899,7 @@ def compress_transformers_dir(path, out, *, mantissa_bits: int | None = None,
         except (TypeError, ValueError) as e:
             raise ValueError(f"--mantissa-bits {mantissa_bits} does not fit {lm.name}: {e}") from None
     metadata = model_metadata(lm, mantissa_bits)
-    chunks = rowchunks.plan(model)  # lookup-only embeddings: written as row chunks
+    chunks = row_chunk_plan(model)  # lookup-only embeddings: written as row chunks
     if chunks:
         metadata[MODEL_META_KEY][rowchunks.META_KEY] = {n: [list(s) for s in sp] for n, sp in chunks.items()}
     tokenizer = None

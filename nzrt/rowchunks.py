@@ -72,28 +72,6 @@ class RowChunks:
         return f"RowChunks({self.name!r}, {tuple(self.shape)}, {self.dtype}, {len(self.parts)} chunks)"
 
 
-def plan(model, chunk_bytes: int | None = None) -> dict:
-    """``{parameter name: [(start, stop), ...]}`` for the model's lookup-only embedding weights
-    large enough to be split, and its large output heads, tied or not (the runtime's own rules and
-    chunk sizes; a file only stores: whether a head is multiplied in blocks is decided at load)."""
-    from .runtime.handle import DEFAULT_CHUNK_BYTES
-    from .runtime.params import (chunk_spans, chunkable_embedding, chunkable_head, find_params, head_spans,
-                                 output_heads)
-
-    chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    heads = output_heads(model)
-    out = {}
-    for p, names, owners in find_params(model):
-        if not p.is_floating_point() or not chunk_bytes:
-            continue
-        shape, itemsize = tuple(p.shape), p.element_size()
-        if chunkable_embedding(shape, itemsize, owners, chunk_bytes):
-            out[names[0]] = chunk_spans(shape, itemsize, chunk_bytes)
-        elif chunkable_head(shape, itemsize, owners, heads, requires_grad=False):
-            out[names[0]] = head_spans(shape, itemsize)
-    return out
-
-
 def gather(tensors: dict, row_chunks: dict, source: str = "") -> dict:
     """``{name: RowChunks}`` from a loaded ``.nzrt``'s entries and its metadata's ``row_chunks``."""
     from .format import FormatError

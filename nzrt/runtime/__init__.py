@@ -46,7 +46,8 @@ from __future__ import annotations
 
 from ..policies import BudgetError
 from .errors import ManagedError
-from .handle import DEFAULT_CHUNK_BYTES, DEFAULT_MIN_NUMEL, Managed, handle_of
+from .handle import Managed, handle_of
+from .params import DEFAULT_CHUNK_BYTES, DEFAULT_MIN_NUMEL
 from .training import OptimizerConfig
 
 __all__ = ["managed", "Managed", "BudgetError", "ManagedError", "OptimizerConfig", "handle_of"]

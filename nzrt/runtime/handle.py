@@ -22,7 +22,7 @@ from . import accounting, fused, placement
 from .blocked import chunked_linear_forward
 from .embedding import chunked_embedding_forward, row_lookup
 from .errors import ManagedError
-from .params import (FLOATS, Param, chunk_spans, chunkable_embedding, chunkable_head, find_params, head_spans,
+from .params import (DEFAULT_CHUNK_BYTES, DEFAULT_MIN_NUMEL, FLOATS, Param, chunk_spans, chunkable_embedding, chunkable_head, find_params, head_spans,
                      output_heads, plain_embedding)
 from .passes import PassLock, root_forward, unit_forward
 from .spill import RestoreSpill
@@ -41,8 +41,6 @@ def handle_of(model) -> "Managed | None":
     ref = _REGISTRY.get(model)
     run = ref() if ref is not None else None
     return run if run is not None and run.attached else None
-DEFAULT_MIN_NUMEL = 2048
-DEFAULT_CHUNK_BYTES = 2 << 20
 _TRIM_BYTES = 1 << 20
 
 

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+DEFAULT_MIN_NUMEL = 2048          # smaller parameters stay dense
+DEFAULT_CHUNK_BYTES = 2 << 20     # row-chunk size of a large plain embedding
 
 
 class Param:
@@ -132,3 +134,21 @@ def chunk_spans(shape, itemsize, chunk_bytes) -> list:
     """Row spans of whole multiples of 256 rows, about ``chunk_bytes`` each."""
     rows = max(256, chunk_bytes // (shape[1] * itemsize) // 256 * 256)
     return [(a, min(a + rows, shape[0])) for a in range(0, shape[0], rows)]
+
+
+def row_chunk_plan(model, chunk_bytes: int | None = None) -> dict:
+    """``{parameter name: [(start, stop), ...]}`` for the model's lookup-only embedding weights
+    large enough to be split, and its large output heads, tied or not (the runtime's own rules and
+    chunk sizes; a file only stores: whether a head is multiplied in blocks is decided at load)."""
+    chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    heads = output_heads(model)
+    out = {}
+    for p, names, owners in find_params(model):
+        if not p.is_floating_point() or not chunk_bytes:
+            continue
+        shape, itemsize = tuple(p.shape), p.element_size()
+        if chunkable_embedding(shape, itemsize, owners, chunk_bytes):
+            out[names[0]] = chunk_spans(shape, itemsize, chunk_bytes)
+        elif chunkable_head(shape, itemsize, owners, heads, requires_grad=False):
+            out[names[0]] = head_spans(shape, itemsize)
+    return out
