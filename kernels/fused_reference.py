@@ -1,6 +1,6 @@
 """Readable numpy definition of the fused linear ``y = x @ W.T (+ bias)`` on a CompressedTensor W.
 
-This is the arithmetic every fused kernel (numba ``cpu_fused``, later Triton) must reproduce bit
+This is the arithmetic every fused kernel (numba ``cpu.fused``, later Triton) must reproduce bit
 for bit. It lives beside ``reference`` rather than in it: ``reference`` defines the *format* (the
 bytes and the decoded bits), this module defines an *operation* on the decoded values, and it may
 change (a different lane count for a GPU, say) without touching the format.

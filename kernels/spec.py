@@ -142,12 +142,12 @@ def choose_cascade(hist: np.ndarray, exp_bits: int, tile: int) -> tuple[tuple[in
 
 
 WINDOW4 = (4,)  # one 4-bit level (15 exponents, code 15 escapes to a raw byte): ~12 bits a bf16
-# weight against the planner's ~10.7, and the shape ``cpu_fused_w4`` multiplies fastest from
+# weight against the planner's ~10.7, and the shape ``cpu.fused_w4`` multiplies fastest from
 
 
 def window_fusable(header, shape) -> bool:
-    """Whether a compressed W [N, K] is what the window fused kernels (``cpu_fused_w4``,
-    ``triton_fused``) multiply from: lossless bf16 (so no patches) in the ``WINDOW4`` code, rows
+    """Whether a compressed W [N, K] is what the window fused kernels (``cpu.fused_w4``,
+    ``triton.fused``) multiply from: lossless bf16 (so no patches) in the ``WINDOW4`` code, rows
     and tiles of whole 64-weight groups, not empty."""
     if (header.dtype != "bfloat16" or header.mantissa_bits != 7 or tuple(header.widths) != WINDOW4
             or len(shape) != 2):

@@ -1,29 +1,20 @@
 """compress / decompress / decode_into: torch tensors in and out, a kernel backend underneath."""
 from __future__ import annotations
 
-import importlib
 import numbers
-import os
 
 import numpy as np
 import torch
 
 from .format import CompressedTensor
-from .kernels import spec
+from .kernels import backends, env, spec
 
-BACKENDS = ("reference", "numba", "triton")
-_MODULES = {"reference": "reference", "numba": "numba_cpu", "triton": "triton_gpu"}
-
-
-def _backend_module(name):
-    if name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    return importlib.import_module(f"{__package__}.kernels.{_MODULES[name]}")
+BACKENDS = backends.NAMES
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend that will run: the argument, else $NZRT_BACKEND, else the best for the device."""
-    name = backend or os.environ.get("NZRT_BACKEND") or None
+    name = backend or env.get("NZRT_BACKEND") or None
     if name:
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r} (from {'argument' if backend else 'NZRT_BACKEND'}); "
@@ -108,17 +99,14 @@ def compress(tensor: torch.Tensor, *, mantissa_bits: int | None = None,
         widths = spec.check_widths(widths, layout.exp_bits)
     device = tensor.device
     name = resolve_backend(backend, device)
-    mod = _backend_module(name)
     bits = tensor.detach().contiguous().view(_int_dtype(layout)).reshape(-1)
     fields = dict(dtype=layout.name, shape=tuple(tensor.shape), mantissa_bits=keep, tile=tile)
-    if name != "triton":
-        bits = bits.cpu().numpy().view(layout.uint)
-    if hasattr(mod, "encode_blob"):  # writes the blob in place: no copy of the sections
-        widths, has_raw, symbols, blob, table, crc = mod.encode_blob(bits, layout, keep, tile, widths)
-        ct = CompressedTensor.from_blob(_fields(fields, widths, has_raw, symbols), blob, table, crc)
+    enc = backends.get(name).encode(bits, layout, keep, tile, widths)
+    fields = _fields(fields, enc.widths, enc.has_raw, enc.symbols)
+    if enc.blob is not None:  # the backend wrote the blob in place: no copy of the sections
+        ct = CompressedTensor.from_blob(fields, enc.blob, enc.table, enc.crc)
     else:
-        widths, has_raw, symbols, sections = mod.encode(bits, layout, keep, tile, widths=widths)
-        ct = CompressedTensor.from_sections(_fields(fields, widths, has_raw, symbols), sections)
+        ct = CompressedTensor.from_sections(fields, enc.sections)
     return ct.to(device) if device.type != "cpu" else ct
 
 
@@ -141,16 +129,10 @@ def decode_into(ct: CompressedTensor, out: torch.Tensor, *, backend: str | None 
                          f"move one of them (ct.to(device))")
     ct.verify()
     name = resolve_backend(backend, ct.device)
-    mod = _backend_module(name)
     layout = spec.LAYOUTS[ct.header.dtype]
     flat = out.view(-1).view(_int_dtype(layout))
     try:
-        if name == "triton":
-            mod.decode_into(ct, flat)
-        else:
-            if ct.device.type != "cpu":
-                raise ValueError(f"the {name} backend decodes CPU tensors; this one is on {ct.device}")
-            mod.decode_into(ct, flat.numpy().view(layout.uint))
+        backends.get(name).decode_into(ct, flat, layout)
     except spec.FormatError as e:  # a decoder's content check: name the file and the tensor
         label = getattr(ct, "label", "")
         if label and not str(e).startswith(label):

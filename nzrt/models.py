@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import osmem, rowchunks
+from . import osmem
+from .format import rowchunks
 from .runtime.params import row_chunk_plan
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -491,7 +492,7 @@ def load_checkpoint(path: Path, device=None) -> LoadedModel:
     import torch
 
     import nzrt
-    from nzrt.checkpoint import load_metadata
+    from nzrt.format.checkpoint import load_metadata
 
     meta = load_metadata(path)
     info = meta.get(MODEL_META_KEY)
@@ -872,7 +873,7 @@ def compress_transformers_dir(path, out, *, mantissa_bits: int | None = None,
 
     import nzrt
 
-    from .checkpoint import Writer
+    from .format.checkpoint import Writer
     from .evaluate import min_lossy_numel
     from .safetensors_io import has_safetensors
 

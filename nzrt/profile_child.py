@@ -251,7 +251,7 @@ def _model_type(spec) -> str | None:
             with open(path, "rb") as f:
                 if f.read(8) != models.NZRT_MAGIC:
                     return None
-            from .checkpoint import load_metadata
+            from .format.checkpoint import load_metadata
 
             info = load_metadata(path).get(models.MODEL_META_KEY) or {}
             return (info.get("config") or {}).get("model_type")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import header as H
+from .format import header as H
 from .format import FormatError
 
 SINGLE = "model.safetensors"

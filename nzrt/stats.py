@@ -95,7 +95,7 @@ def totals(rows: list[dict]) -> dict:
 
 def inspect_file(path, progress=None) -> dict:
     """Stats of every tensor of a ``.nzrt`` file (each decoded once, one at a time)."""
-    from .checkpoint import load, load_metadata
+    from .format.checkpoint import load, load_metadata
 
     path = Path(path)
     meta = load_metadata(path)

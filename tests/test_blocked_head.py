@@ -110,7 +110,7 @@ def test_lookups_decode_only_tiles_and_give_the_decoded_rows(dtype, kw):
     (``FusedWeight.rows``): the decoded weight's rows, bit for bit, NaN payloads and inf included,
     ids repeated and out of order, a chunk not a multiple of the tile."""
     import nzrt
-    from nzrt.kernels.cpu_fused import FusedWeight
+    from nzrt.kernels.cpu.fused import FusedWeight
 
     g = torch.Generator().manual_seed(7)
     w = torch.randn(5003, 640, generator=g).mul(0.02).to(dtype)

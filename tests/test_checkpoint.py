@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import nzrt
-from nzrt import checkpoint
+from nzrt.format import checkpoint
 
 INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
@@ -158,7 +158,7 @@ def _rewrite(path, edit=None, text_edit=None, reseal=True):
     """Rewrite ``path``'s header as an adversary would: ``edit(head)`` on the parsed JSON or
     ``text_edit(text)`` on its text, then every CRC recomputed (``reseal``) so only the strict
     checks stand in the way."""
-    from nzrt import header as H
+    from nzrt.format import header as H
     raw = path.read_bytes()
     _, hlen, _, _ = checkpoint.PREFIX.unpack(raw[:checkpoint.PREFIX.size])
     data = raw[checkpoint._pad(checkpoint.PREFIX.size + hlen):]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import nzrt
 from nzrt.kernels import spec
 
-BACKENDS = ["reference"] + (["numba"] if importlib.util.find_spec("nzrt.kernels.numba_cpu") else [])
+BACKENDS = ["reference"] + (["numba"] if importlib.util.find_spec("nzrt.kernels.cpu") else [])
 INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 POISON = 0x5A5A
 

@@ -16,7 +16,7 @@ import torch
 
 import nzrt
 from nzrt.format import CompressedTensor
-from nzrt.kernels import numba_cpu, reference, spec
+from nzrt.kernels import cpu as cpu_backend, reference, spec
 from nzrt.kernels.spec import FormatError
 
 POISON = 0x5A5A
@@ -44,7 +44,7 @@ def check_same(bits: np.ndarray, dtype: str, keep: int | None = None, tile: int 
     lay = spec.LAYOUTS[dtype]
     keep = lay.man_bits if keep is None else keep
     ref = reference.encode(bits, lay, keep, tile)
-    got = numba_cpu.encode(bits, lay, keep, tile)
+    got = cpu_backend.encode(bits, lay, keep, tile)
     assert got[0] == ref[0] and got[1] == ref[1]
     assert np.array_equal(got[2], ref[2]) and got[2].dtype == ref[2].dtype
     assert list(got[3]) == list(ref[3]), "section names or order differ"
@@ -55,14 +55,14 @@ def check_same(bits: np.ndarray, dtype: str, keep: int | None = None, tile: int 
     ct = as_ct(dtype, len(bits), keep, tile, ref)
     # the blob the numba backend writes in place is the one from_sections lays out, padding
     # included, and its CRC is zlib's
-    _, _, _, blob, table, crc = numba_cpu.encode_blob(bits, lay, keep, tile)
+    _, _, _, blob, table, crc = cpu_backend.encode_blob(bits, lay, keep, tile)
     assert table == ct.header.sections
     assert np.array_equal(blob, ct.data.numpy()), "blob differs from from_sections' layout"
     assert crc == zlib.crc32(blob) == ct.header.crc32
     want = poisoned(len(bits), lay)
     reference.decode_into(ct, want)
     out = poisoned(len(bits), lay)
-    numba_cpu.decode_into(ct, out)
+    cpu_backend.decode_into(ct, out)
     assert np.array_equal(out, want)
     if keep == lay.man_bits:
         assert np.array_equal(out, bits)
@@ -90,8 +90,8 @@ def test_choose_cascade_is_specs():
         hist[idx] = (rng.pareto(rng.uniform(0.3, 3), size=k) * scale).astype(np.int64) + 1
         exp_bits = 5 if nsym == 32 else 8
         tile = int(rng.choice([8, 64, 8192]))
-        assert numba_cpu.choose_cascade(hist, exp_bits, tile) == spec.choose_cascade(hist, exp_bits, tile)
-    assert numba_cpu.choose_cascade(np.zeros(256, np.int64), 8, 8192) == ((), False)
+        assert cpu_backend.choose_cascade(hist, exp_bits, tile) == spec.choose_cascade(hist, exp_bits, tile)
+    assert cpu_backend.choose_cascade(np.zeros(256, np.int64), 8, 8192) == ((), False)
 
 
 def test_crc32_is_zlibs():
@@ -99,11 +99,11 @@ def test_crc32_is_zlibs():
     for n in list(range(0, 300)) + [1000, 4096 + 17, 1 << 16]:
         buf = rng.integers(0, 256, n, dtype=np.uint8)
         for start in (0, 1, 0xFFFFFFFF, 0x1234567):
-            assert numba_cpu.crc32(buf, start) == zlib.crc32(buf, start), (n, start)
+            assert cpu_backend.crc32(buf, start) == zlib.crc32(buf, start), (n, start)
     buf = rng.integers(0, 256, 5000, dtype=np.uint8)
-    assert numba_cpu.crc32(buf[3:]) == zlib.crc32(buf[3:].tobytes())  # unaligned start
+    assert cpu_backend.crc32(buf[3:]) == zlib.crc32(buf[3:].tobytes())  # unaligned start
     buf[1234] ^= 4
-    assert numba_cpu.crc32(buf) == zlib.crc32(buf)
+    assert cpu_backend.crc32(buf) == zlib.crc32(buf)
 
 
 # --- exhaustive bit patterns --------------------------------------------------------------------
@@ -194,9 +194,9 @@ def test_threads_and_concurrent_callers():
     prev = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        one = numba_cpu.encode(bits, lay, 7, 1024)
+        one = cpu_backend.encode(bits, lay, 7, 1024)
         numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        many = numba_cpu.encode(bits, lay, 7, 1024)
+        many = cpu_backend.encode(bits, lay, 7, 1024)
     finally:
         numba.set_num_threads(prev)
     for name in one[3]:
@@ -207,7 +207,7 @@ def test_threads_and_concurrent_callers():
     def work():
         out = poisoned(len(bits), lay)
         for _ in range(5):
-            numba_cpu.decode_into(ct, out)
+            cpu_backend.decode_into(ct, out)
             if not np.array_equal(out, bits):
                 errors.append("mismatch")
 
@@ -244,7 +244,7 @@ def test_tampered_streams_raise_or_match_reference():
             bad = _tampered(ct, section, rng)
             out = poisoned(t.numel(), lay)
             try:
-                numba_cpu.decode_into(bad, out)
+                cpu_backend.decode_into(bad, out)
             except FormatError:
                 raised += 1
                 continue
@@ -271,13 +271,13 @@ def test_decode_rejects_escapes_past_offsets_and_unnamed_codes():
     off, nb = h.sections["level0"][:2]
     blob[off:off + nb - spec.STREAM_PAD] = 0xFF
     with pytest.raises(FormatError, match="escapes"):
-        numba_cpu.decode_into(CompressedTensor(h, blob, verified=True), poisoned(t.numel(), lay))
+        cpu_backend.decode_into(CompressedTensor(h, blob, verified=True), poisoned(t.numel(), lay))
     # a symbol table shorter than the codes in use
     fields = dict(dtype=h.dtype, shape=h.shape, mantissa_bits=h.mantissa_bits, tile=h.tile,
                   widths=h.widths, has_raw=h.has_raw, symbols=h.symbols[:1])
     short = CompressedTensor.from_sections(fields, {k: v for k, v in sec.items()})
     with pytest.raises(FormatError, match="names no symbol"):
-        numba_cpu.decode_into(short, poisoned(t.numel(), lay))
+        cpu_backend.decode_into(short, poisoned(t.numel(), lay))
 
 
 # --- import stays cheap ---------------------------------------------------------------------------
@@ -291,8 +291,8 @@ def test_portable_paths_without_avx512(tmp_path):
     """The encode paths for CPUs without AVX-512 (compiled in a fresh cache) give the same bytes."""
     code = """
 import zlib, numpy as np, torch
-from nzrt.kernels import numba_cpu, reference, spec
-assert not numba_cpu._HAS_VBMI2 and not numba_cpu._HAS_VPCLMUL
+from nzrt.kernels import cpu as cpu_backend, reference, spec
+assert not cpu_backend._HAS_VBMI2 and not cpu_backend._HAS_VPCLMUL
 all16 = np.arange(65536, dtype=np.uint32).astype(np.uint16)
 g = torch.Generator().manual_seed(0)
 # lossy fp16 at every k (k = 7 once took lossless bf16's byte path) and lossy fp32
@@ -304,12 +304,12 @@ cases = [(all16, "bfloat16", 7), (all16, "float16", 10), (all16, "bfloat16", 3),
 for bits, dtype, keep in cases:
     lay = spec.LAYOUTS[dtype]
     ref = reference.encode(bits, lay, keep, 512)
-    got = numba_cpu.encode(bits, lay, keep, 512)
+    got = cpu_backend.encode(bits, lay, keep, 512)
     assert got[:2] == ref[:2] and np.array_equal(got[2], ref[2])
     for name in ref[3]:
         assert np.array_equal(got[3][name], ref[3][name]), (dtype, keep, name)
-    blob = numba_cpu.encode_blob(bits, lay, keep, 512)[3]
-    assert numba_cpu.crc32(blob) == zlib.crc32(blob)
+    blob = cpu_backend.encode_blob(bits, lay, keep, 512)[3]
+    assert cpu_backend.crc32(blob) == zlib.crc32(blob)
 """
     env = dict(os.environ, NZRT_NUMBA_NO_AVX512="1", NUMBA_CACHE_DIR=str(tmp_path))
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -1,4 +1,4 @@
-"""The numba fused decode-matmul (``numba_cpu.linear``) is bit-identical to ``fused_reference.linear``,
+"""The numba fused decode-matmul (``cpu_backend.linear``) is bit-identical to ``fused_reference.linear``,
 independent of the thread count, and within the stated error bound of an fp64 result.
 
 Integers are compared (bit patterns), never floats. Output buffers are poisoned before the kernel
@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import nzrt
-from nzrt.kernels import cpu_fused, fused_reference, numba_cpu, spec
+from nzrt.kernels import fused_reference, spec
+from nzrt.kernels import cpu as cpu_backend
+from nzrt.kernels.cpu import fused as cpu_fused
 
 INT = {2: torch.int16, 4: torch.int32}
 POISON = {2: 0x5A5A, 4: 0x5A5A5A5A}
@@ -31,7 +33,7 @@ def ints(t: torch.Tensor) -> torch.Tensor:
 def fused(ct, x, bias=None) -> torch.Tensor:
     out = torch.empty((x.shape[0], ct.shape[0]), dtype=x.dtype)
     ints(out).fill_(POISON[out.element_size()])
-    y = numba_cpu.linear(ct, x, bias, out=out)
+    y = cpu_backend.linear(ct, x, bias, out=out)
     assert y is out
     return out
 
@@ -157,15 +159,15 @@ def test_output_rounding_matches_reference(gen):
 def test_argument_checks(gen):
     ct = nzrt.compress(weights(4, 8, torch.bfloat16, gen))
     with pytest.raises(ValueError):
-        numba_cpu.linear(ct, torch.randn(2, 9).bfloat16())
+        cpu_backend.linear(ct, torch.randn(2, 9).bfloat16())
     with pytest.raises(ValueError):
-        numba_cpu.linear(ct, torch.randn(2, 8).half())
+        cpu_backend.linear(ct, torch.randn(2, 8).half())
     with pytest.raises(ValueError):
-        numba_cpu.linear(ct, torch.randn(2, 8).bfloat16(), torch.randn(5).bfloat16())
+        cpu_backend.linear(ct, torch.randn(2, 8).bfloat16(), torch.randn(5).bfloat16())
     with pytest.raises(ValueError):
-        numba_cpu.linear(ct, torch.randn(2, 8).bfloat16(), out=torch.empty(2, 4))
+        cpu_backend.linear(ct, torch.randn(2, 8).bfloat16(), out=torch.empty(2, 4))
     with pytest.raises(ValueError):
-        numba_cpu.linear(nzrt.compress(torch.randn(8).bfloat16()), torch.randn(2, 8).bfloat16())
+        cpu_backend.linear(nzrt.compress(torch.randn(8).bfloat16()), torch.randn(2, 8).bfloat16())
 
 
 # --- thread count ------------------------------------------------------------------------------
@@ -212,8 +214,8 @@ def test_real_size_bits_and_error_bound(N, K, rows, gen):
     ct = nzrt.compress(w)
     x = torch.randn(rows, K, generator=gen).bfloat16()
     b = (torch.randn(N, generator=gen) * 0.1).bfloat16()
-    y = check(ct, x, b, decode=numba_cpu.decode_into)
-    check(ct, x.float(), b, decode=numba_cpu.decode_into)  # float32 out: the sums' bits show
+    y = check(ct, x, b, decode=cpu_backend.decode_into)
+    check(ct, x.float(), b, decode=cpu_backend.decode_into)  # float32 out: the sums' bits show
     y64 = F.linear(x.double(), w.double(), b.double())
     err = (y.double() - y64).abs()
     assert (err <= bound(x, w, b, y64, torch.bfloat16)).all()

@@ -1,5 +1,5 @@
 """The 4-bit window exponent code (``widths=WINDOW4``) and the fused kernel's fast path for it
-(``cpu_fused_w4``): every encoder writes the reference's bytes, every decoder reads them back
+(``fused_w4``): every encoder writes the reference's bytes, every decoder reads them back
 bit for bit, and the fast path's outputs are the bits of ``fused_reference.linear`` and of the
 general fused path, on random, edge and odd-sized inputs, at real sizes, with 1 or 2 threads.
 Corrupted streams end in FormatError (checked in a child process).
@@ -17,7 +17,9 @@ import torch
 
 import nzrt
 from nzrt import codec
-from nzrt.kernels import cpu_fused, cpu_fused_w4, fused_reference, numba_cpu, reference, spec
+from nzrt.kernels import fused_reference, reference, spec
+from nzrt.kernels import cpu as cpu_backend
+from nzrt.kernels.cpu import fused as cpu_fused, fused_w4
 from nzrt.policies import Fused
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
@@ -35,7 +37,7 @@ def fast(ct, x, bias=None) -> torch.Tensor:
     """The fused output through a FusedWeight that must take the window path where the CPU has
     AVX-512BW (and the general path where it has not), into a poisoned buffer."""
     fw = cpu_fused.FusedWeight(ct)
-    assert (fw._w4 is not None) == cpu_fused_w4.HAS_AVX512BW
+    assert (fw._w4 is not None) == fused_w4.HAS_AVX512BW
     out = torch.empty((x.shape[0], ct.shape[0]), dtype=x.dtype)
     ints(out).fill_(POISON[out.element_size()])
     return fw.linear(x, bias, out=out)
@@ -70,7 +72,7 @@ def test_window_encoders_agree_and_round_trip(dtype, n, tile, gen):
     lay = spec.LAYOUTS[str(dtype).removeprefix("torch.")]
     bits = w.view(ints(w).dtype).numpy().view(lay.uint)
     ref = reference.encode(bits, lay, lay.man_bits, tile, widths=W4)
-    got = numba_cpu.encode(bits, lay, lay.man_bits, tile, widths=W4)
+    got = cpu_backend.encode(bits, lay, lay.man_bits, tile, widths=W4)
     assert tuple(ref[0]) == tuple(got[0]) == ((4,) if n else ())
     assert ref[1] == got[1] and np.array_equal(ref[2], got[2])
     for name in ref[3]:
@@ -88,7 +90,7 @@ def test_other_forced_codes_agree(widths, gen):
     bits = w.view(torch.int16).numpy().view(np.uint16)
     lay = spec.LAYOUTS["bfloat16"]
     ref = reference.encode(bits, lay, 7, 2048, widths=widths)
-    got = numba_cpu.encode(bits, lay, 7, 2048, widths=widths)
+    got = cpu_backend.encode(bits, lay, 7, 2048, widths=widths)
     assert tuple(ref[0]) == tuple(got[0]) == widths and ref[1] == got[1]
     for name in ref[3]:
         assert np.array_equal(ref[3][name], got[3][name]), name
@@ -133,13 +135,13 @@ def test_fused_policy_widths():
 
 def test_eligibility(gen):
     w = weights(8, 128, torch.bfloat16, gen)
-    on = cpu_fused_w4.HAS_AVX512BW
-    assert cpu_fused_w4.eligible(codec.compress(w, widths=W4)) == on
-    assert not cpu_fused_w4.eligible(codec.compress(w))  # the cascade: the general path
-    assert not cpu_fused_w4.eligible(codec.compress(w, widths=W4, mantissa_bits=3))  # lossy
-    assert not cpu_fused_w4.eligible(codec.compress(w.half(), widths=W4))
-    assert not cpu_fused_w4.eligible(codec.compress(weights(8, 96, torch.bfloat16, gen), widths=W4))  # K % 64
-    assert not cpu_fused_w4.eligible(codec.compress(w, widths=W4, tile=96))  # tile % 64
+    on = fused_w4.HAS_AVX512BW
+    assert fused_w4.eligible(codec.compress(w, widths=W4)) == on
+    assert not fused_w4.eligible(codec.compress(w))  # the cascade: the general path
+    assert not fused_w4.eligible(codec.compress(w, widths=W4, mantissa_bits=3))  # lossy
+    assert not fused_w4.eligible(codec.compress(w.half(), widths=W4))
+    assert not fused_w4.eligible(codec.compress(weights(8, 96, torch.bfloat16, gen), widths=W4))  # K % 64
+    assert not fused_w4.eligible(codec.compress(w, widths=W4, tile=96))  # tile % 64
 
 
 @pytest.mark.parametrize("N,K,tile", [(1, 64, 64), (3, 128, 64), (7, 576, 8192), (33, 640, 128),
@@ -177,7 +179,7 @@ def test_window_real_sizes(N, K, gen):
     for rows in (1, 16):
         x = torch.randn(rows, K, generator=gen).bfloat16()
         b = (torch.randn(N, generator=gen) * 0.1).bfloat16()
-        same(fast(ct, x, b), fused_reference.linear(ct, x, b, decode=numba_cpu.decode_into))
+        same(fast(ct, x, b), fused_reference.linear(ct, x, b, decode=cpu_backend.decode_into))
 
 
 def test_window_thread_count_independent(gen, monkeypatch):
@@ -207,7 +209,8 @@ def test_window_thread_count_independent(gen, monkeypatch):
 CORRUPT = textwrap.dedent("""
     import sys, numpy as np, torch
     from nzrt import codec
-    from nzrt.kernels import cpu_fused, cpu_fused_w4, spec
+    from nzrt.kernels import spec
+    from nzrt.kernels.cpu import fused as cpu_fused, fused_w4
     g = torch.Generator().manual_seed(7)
     w = (torch.randn(64, 256, generator=g) * 0.02).bfloat16()
     if sys.argv[1] == "no_raw":
@@ -216,7 +219,7 @@ CORRUPT = textwrap.dedent("""
         w.view(-1)[::97] = 1e30
     ct = codec.compress(w, tile=1024, widths=codec.WINDOW4)
     fw = cpu_fused.FusedWeight(ct)  # checked and prepared: the streams are now changed under it
-    assert (fw._w4 is not None) == cpu_fused_w4.HAS_AVX512BW  # else the general path, the same checks
+    assert (fw._w4 is not None) == fused_w4.HAS_AVX512BW  # else the general path, the same checks
     assert ct.header.has_raw == (sys.argv[1] != "no_raw")
     L0 = ct.np_sections()["level0"]
     L0[:1024 // 2] = 0xFF  # tile 0: every code an escape (more than its raw entries)
@@ -241,7 +244,7 @@ def test_corrupted_window_stream_is_an_error(case, msg):
 def test_managed_fused_compresses_with_the_window(gen):
     from torch import nn
     m = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 128)).bfloat16()
-    fast_here = cpu_fused_w4.HAS_AVX512BW  # "auto": the window code where its fast path runs
+    fast_here = fused_w4.HAS_AVX512BW  # "auto": the window code where its fast path runs
     with nzrt.managed(m, policy="fused") as run:
         assert all((s.ct.header.widths == (4,)) == fast_here for s in run.tensors.values() if s.ct.numel() > 64)
     with nzrt.managed(m, policy=Fused(widths=(4,))) as run:
@@ -267,14 +270,15 @@ PORTABLE = textwrap.dedent("""
     from torch import nn
     import nzrt
     from nzrt import codec
-    from nzrt.kernels import cpu_fused, cpu_fused_w4, fused_reference
-    assert not cpu_fused_w4.HAS_AVX512BW
+    from nzrt.kernels import fused_reference
+    from nzrt.kernels.cpu import fused as cpu_fused, fused_w4
+    assert not fused_w4.HAS_AVX512BW
     g = torch.Generator().manual_seed(3)
     w = (torch.randn(96, 256, generator=g) * 0.02).bfloat16()
     w.view(-1)[::37] = 3e20  # escapes
     ct = codec.compress(w, tile=1024, widths=codec.WINDOW4)
     fw = cpu_fused.FusedWeight(ct)
-    assert fw._w4 is None and not cpu_fused_w4.eligible(ct)
+    assert fw._w4 is None and not fused_w4.eligible(ct)
     for x in (torch.randn(1, 256, generator=g).bfloat16(), torch.randn(5, 256, generator=g)):
         y, r = fw.linear(x), fused_reference.linear(ct, x)
         assert torch.equal(y.view(torch.int16) if y.dtype == torch.bfloat16 else y.view(torch.int32),

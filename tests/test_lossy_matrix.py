@@ -153,7 +153,7 @@ _TRITON_SCRIPT = textwrap.dedent("""
     import os, sys
     os.environ["TRITON_INTERPRET"] = "1"
     import numpy as np, torch, nzrt
-    from nzrt.kernels import reference, spec, triton_gpu as tg
+    from nzrt.kernels import reference, spec, triton as tg
     assert tg.INTERPRET
     lay = spec.LAYOUTS["float16"]
     perm = np.random.default_rng(1).permutation(1 << 16)

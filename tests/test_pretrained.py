@@ -232,7 +232,7 @@ def test_a_lookup_only_embedding_stays_in_its_file_map_on_the_cpu(tmp_path):
 
 
 def test_a_lookup_only_embedding_is_stored_in_row_chunks_and_read_chunk_by_chunk(tmp_path):
-    from nzrt import rowchunks
+    from nzrt.format import rowchunks
     from nzrt.format import FormatError
 
     d = _save_llama(tmp_path / "m", tied=False)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import nzrt
-from nzrt import checkpoint, models
+from nzrt import models
+from nzrt.format import checkpoint
 from nzrt import safetensors_io as sio
 from nzrt.format import FormatError
 

@@ -17,9 +17,23 @@ pytest.importorskip("triton")
 from nzrt import codec  # noqa: E402
 from nzrt.kernels import fused_reference  # noqa: E402
 
-if "nzrt.kernels.triton_fused" in sys.modules and not sys.modules["nzrt.kernels.triton_fused"].INTERPRET:
-    importlib.reload(sys.modules["nzrt.kernels.triton_fused"])
-from nzrt.kernels import triton_fused as tf  # noqa: E402
+def _interpreted_triton():
+    """nzrt.kernels.triton with its kernels made for the interpreter: reloaded in place (so every
+    reference to its modules sees the new kernels) when an earlier test imported it compiled."""
+    os.environ["TRITON_INTERPRET"] = "1"  # an earlier module's teardown may have removed it
+    common = sys.modules.get("nzrt.kernels.triton.common")
+    if common is not None and not common.INTERPRET:
+        for name in ("common", "decode", "encode", "fused", ""):
+            mod = sys.modules.get("nzrt.kernels.triton" + ("." + name if name else ""))
+            if mod is not None:
+                importlib.reload(mod)
+    import nzrt.kernels.triton as package
+    assert package.INTERPRET
+    return package
+
+
+_interpreted_triton()
+from nzrt.kernels.triton import fused as tf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_fused import ints, weights  # noqa: E402
@@ -28,13 +42,16 @@ from test_fused_w4 import noisy  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
 def _interpreter_only_in_this_module():
+    global tf
+    _interpreted_triton()
+    tf = sys.modules["nzrt.kernels.triton.fused"]
     yield
     if _PREV is None:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = _PREV
-    if sys.modules.get("nzrt.kernels.triton_fused") is tf:
-        del sys.modules["nzrt.kernels.triton_fused"]
+    for name in [m for m in sys.modules if m == "nzrt.kernels.triton" or m.startswith("nzrt.kernels.triton.")]:
+        del sys.modules[name]  # the next import (a real GPU's) compiles afresh
 
 
 def same(a, b):

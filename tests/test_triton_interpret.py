@@ -22,22 +22,40 @@ from nzrt.format import CompressedTensor  # noqa: E402
 from nzrt.kernels import reference as ref  # noqa: E402
 from nzrt.kernels import spec  # noqa: E402
 
-if "nzrt.kernels.triton_gpu" in sys.modules and not sys.modules["nzrt.kernels.triton_gpu"].INTERPRET:
-    importlib.reload(sys.modules["nzrt.kernels.triton_gpu"])  # imported earlier without the flag
-from nzrt.kernels import triton_gpu as tg  # noqa: E402
+def _interpreted_triton():
+    """nzrt.kernels.triton with its kernels made for the interpreter: reloaded in place (so every
+    reference to its modules sees the new kernels) when an earlier test imported it compiled."""
+    os.environ["TRITON_INTERPRET"] = "1"  # an earlier module's teardown may have removed it
+    common = sys.modules.get("nzrt.kernels.triton.common")
+    if common is not None and not common.INTERPRET:
+        for name in ("common", "decode", "encode", "fused", ""):
+            mod = sys.modules.get("nzrt.kernels.triton" + ("." + name if name else ""))
+            if mod is not None:
+                importlib.reload(mod)
+    import nzrt.kernels.triton as package
+    assert package.INTERPRET
+    return package
+
+
+tg = _interpreted_triton()
+from nzrt.kernels.triton import decode as tgd  # noqa: E402
 
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _interpreter_only_in_this_module():
-    """Leave no interpreted kernel module (or flag) behind for tests that run on a real GPU."""
+    """Interpreted kernels while this module runs (modules collected earlier may have removed
+    them), and no interpreted kernel module (or flag) left behind for tests on a real GPU."""
+    global tg, tgd
+    tg = _interpreted_triton()
+    tgd = sys.modules["nzrt.kernels.triton.decode"]
     yield
     if _PREV_INTERPRET is None:
         os.environ.pop("TRITON_INTERPRET", None)
     else:
         os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
-    if sys.modules.get("nzrt.kernels.triton_gpu") is tg:
-        del sys.modules["nzrt.kernels.triton_gpu"]
+    for name in [m for m in sys.modules if m == "nzrt.kernels.triton" or m.startswith("nzrt.kernels.triton.")]:
+        del sys.modules[name]  # the next import (a real GPU's) compiles afresh
 
 
 BF16, FP16, FP32 = (spec.LAYOUTS[k] for k in ("bfloat16", "float16", "float32"))
@@ -191,17 +209,17 @@ def test_decode_many_one_launch_per_signature(monkeypatch):
             nzrt.compress(z, mantissa_bits=3, backend="reference", tile=tile),
             nzrt.compress(torch.zeros(0, dtype=torch.bfloat16), backend="reference", tile=tile)]
     xs += [y, z, torch.zeros(0, dtype=torch.bfloat16)]
-    sigs = {tuple(sorted(tg._signature(c.header).items())) for c in cts if c.numel()}
+    sigs = {tuple(sorted(tgd._signature(c.header).items())) for c in cts if c.numel()}
 
     launches = []
-    real = tg._decode_many_kernel
+    real = tgd._decode_many_kernel
 
     class Spy:
         def __getitem__(self, grid):
             launches.append(grid)
             return real[grid]
 
-    monkeypatch.setattr(tg, "_decode_many_kernel", Spy())
+    monkeypatch.setattr(tgd, "_decode_many_kernel", Spy())
     for attempt in range(2):  # the second call hits the descriptor cache
         launches.clear()
         outs = [_poisoned(c.numel(), c.header.layout) for c in cts] if attempt == 0 else outs
@@ -234,7 +252,7 @@ def test_no_triton_at_nzrt_import():
     import subprocess
     code = ("import sys, nzrt, nzrt.codec, nzrt.format; "
             "assert 'triton' not in sys.modules, 'triton imported'; "
-            "assert 'nzrt.kernels.triton_gpu' not in sys.modules")
+            "assert 'nzrt.kernels.triton' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

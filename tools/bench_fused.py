@@ -21,7 +21,7 @@ average is printed before and after: on a shared machine the times are only as g
 Large shapes get fewer repetitions (``--reps`` scaled down by size, at least 3).
 
 ``window``: the same weight compressed with the window code (``widths=WINDOW4``, one 4-bit
-exponent level, ~12 bits/weight), which ``cpu_fused_w4`` multiplies from. ``--bits``: bits/weight of
+exponent level, ~12 bits/weight), which ``nzrt.kernels.cpu.fused_w4`` multiplies from. ``--bits``: bits/weight of
 the embedded MiniLM and SmolLM2 under the smallest code and the window code.
 
 End to end (``--e2e``): tokens/s of greedy generation (``model.generate``, no sampling, a fixed
@@ -61,7 +61,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import nzrt  # noqa: E402
 from nzrt import codec  # noqa: E402
-from nzrt.kernels import cpu_fused  # noqa: E402
+from nzrt.kernels.cpu import fused as cpu_fused  # noqa: E402
 
 SHAPES = {  # name: [(label, in_features K, out_features N)]
     "smol": [("smol q/o", 576, 576), ("smol k/v", 576, 192), ("smol gate/up", 576, 1536),
@@ -309,7 +309,7 @@ def kernel_table(args) -> None:
             del w, ws, cts, fws, wcts, wfws, dense, srcs, dst
     print(f"# {time.perf_counter() - t_start:.0f} s; load avg after {os.getloadavg()[0]:.2f}; GB/s: "
           f"fused and copy = compressed bytes / time, plain = dense bf16 bytes / time; window: the same "
-          f"weight compressed with widths=WINDOW4 (cpu_fused_w4's path)")
+          f"weight compressed with widths=WINDOW4 (cpu.fused_w4's path)")
 
 
 if __name__ == "__main__":

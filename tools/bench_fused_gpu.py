@@ -7,7 +7,7 @@ Per shape (Llama-3-8B: q/o 4096->4096, gate/up 4096->14336, down 14336->4096; Sm
 576->49152) and batch: first the fused output for fresh x is compared bit for bit with
 ``fused_reference.linear`` (on the CPU; any difference is printed and the exit status is 1:
 e.g. an FMA the launch did not forbid); then median times over ``--reps`` calls (CUDA events) of
-  fused   ``triton_fused.FusedWeightW4(ct, "cuda").linear(x)`` (W in the window code);
+  fused   ``triton.fused.FusedWeightW4(ct, "cuda").linear(x)`` (W in the window code);
   plain   ``F.linear(x, W)`` on the dense bf16 W (cuBLAS);
   copy    a device ``copy_`` of the compressed bytes (the roofline of any kernel reading them once).
 ``plain/fused`` > 1: the fused kernel is faster than plain (the issue's goal: >= 1.2x at batch 1
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from nzrt import codec
-from nzrt.kernels import fused_reference, triton_fused
+from nzrt.kernels import fused_reference
+from nzrt.kernels.triton import fused as triton_fused
 
 SHAPES = {"8b": [("8b q/o", 4096, 4096), ("8b gate/up", 4096, 14336), ("8b down", 14336, 4096)],
           "smol": [("smol head", 576, 49152)], "tiny": [("tiny", 128, 96)]}

@@ -55,7 +55,8 @@ def static_report(configs=CONFIGS):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from nzrt.kernels import triton_gpu as tg
+    from nzrt.kernels import triton as tg
+    from nzrt.kernels.triton import decode as tgd
 
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     sig = {"blob_ptr": "*u8", "out_ptr": "*i16", "sym_ptr": "*i32", "n": "i32", "tile": "i32",
@@ -76,7 +77,7 @@ def static_report(configs=CONFIGS):
                          F3=first[3], N_LEVELS=nl, N_CODED=nc, KEEP=7, MAN=7, TOTAL=16, BLOCK=blk)
             names = list(sig)
             attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in div16}
-            src = ASTSource(fn=tg._decode_kernel, signature={**sig, **{k: "constexpr" for k in const}},
+            src = ASTSource(fn=tgd._decode_kernel, signature={**sig, **{k: "constexpr" for k in const}},
                             constexprs=const, attrs=attrs)
             c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -163,7 +164,8 @@ def run(args):
     from nzrt.format import CompressedTensor
     from nzrt.kernels import reference as ref
     from nzrt.kernels import spec
-    from nzrt.kernels import triton_gpu as tg
+    from nzrt.kernels import triton as tg
+    from nzrt.kernels.triton import decode as tgd
 
     dev = torch.device("cpu" if SMOKE else "cuda")
     env = _env()
@@ -334,7 +336,7 @@ def run(args):
     _sync()
     ok = ok and all(torch.equal(outs[k].view(torch.int16), xs[k].view(torch.int16)) for k in BLOCK_SHAPES)
     failures += not ok
-    sigs = {tuple(sorted(tg._signature(c.header).items())) for c in clist}
+    sigs = {tuple(sorted(tgd._signature(c.header).items())) for c in clist}
     n_w = sum(x.numel() for x in xs.values())
     comp_bytes = sum(c.nbytes for c in clist)
     out("| what | value |")
@@ -345,7 +347,7 @@ def run(args):
     out(f"| decode_into x7 (one launch per tensor), ms | {t_each:.3f} |")
     out(f"| decode results bit-exact | {ok} |")
     out(f"| encode, nzrt.compress(backend='triton') x7 (kernels + host blob/CRC + H2D), s | {enc_s:.2f} |")
-    out(f"| encode, triton_gpu.encode x7 (kernels + sections to host), s | {enc_dev_s:.2f} |")
+    out(f"| encode, triton.encode x7 (kernels + sections to host), s | {enc_dev_s:.2f} |")
     out(f"\nwall time {time.time() - t_start:.0f} s; failures: {failures}")
     return lines, env, failures
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import nzrt
-from nzrt import checkpoint
+from nzrt.format import checkpoint
 from nzrt.format import CompressedTensor, Header
 
 INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}

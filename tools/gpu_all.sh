@@ -46,7 +46,7 @@ main() {
         bash tools/setup.sh || { echo "gpu_all: tools/setup.sh failed"; return 2; }
         PY=$ROOT/.venv/bin/python
     fi
-    pyc "import sys, nzrt.runtime, nzrt.kernels.triton_gpu, torch, triton, transformers, accelerate
+    pyc "import sys, nzrt.runtime, nzrt.kernels.triton, torch, triton, transformers, accelerate
 print('gpu_all:', sys.executable, '· nzrt from', nzrt.__file__, '· torch', torch.__version__, '· triton',
       triton.__version__, '· transformers', transformers.__version__, '· accelerate', accelerate.__version__,
       '·', torch.cuda.get_device_name())" || { echo "gpu_all: nzrt or a dependency does not import with $PY"; return 2; }

@@ -16,7 +16,7 @@ from ..budget import parse_budget
 from ..format import CompressedTensor
 from ..memory import MemoryTracker
 from ..policies import Fused, Tier, get_policy
-from ..rowchunks import RowChunks
+from ..format.rowchunks import RowChunks
 from ..scheduler import Scheduler, TensorSlot
 from . import accounting, fused, placement
 from .blocked import chunked_linear_forward
@@ -438,7 +438,7 @@ class Managed:
         window code where its fast fused path runs), else the planner's (None)."""
         w = self.fused.widths if self.fused is not None else None
         if w == "auto":
-            from ..kernels.cpu_fused_w4 import HAS_AVX512BW  # numba: not at import
+            from ..kernels.cpu.fused_w4 import HAS_AVX512BW  # numba: not at import
             w = codec.WINDOW4 if self.device.type == "cpu" and HAS_AVX512BW else None
         return w
 
@@ -543,7 +543,7 @@ class Managed:
         ct = self.tensors[key].ct
         fw = self._fused_weights.get(key)
         if fw is None or fw.ct is not ct:
-            from ..kernels.cpu_fused import FusedWeight
+            from ..kernels.cpu.fused import FusedWeight
             fw = self._fused_weights[key] = FusedWeight(ct)
         return fw
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import codec, rowchunks
-from ..checkpoint import Writer
+from .. import codec
+from ..format import rowchunks
+from ..format.checkpoint import Writer
 from .weight import lookup
 
 

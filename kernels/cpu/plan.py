@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from . import spec
-from .cpu_common import _NLEV
+from .. import spec
+from .common import _NLEV
 
 
 @njit(cache=True, nogil=True)

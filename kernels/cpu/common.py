@@ -1,4 +1,4 @@
-"""What the numba CPU kernels (the ``cpu_*`` modules behind ``numba_cpu``) share, in one place:
+"""What the numba CPU kernels (the modules of ``nzrt.kernels.cpu``) share, in one place:
 compile options, the sizes of the per-level tables, the error flags a decode kernel returns (and
 their messages), and when a call goes parallel. No kernels; importing it imports numba (which
 ``import nzrt`` never does).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numba
 
-from . import spec
+from .. import spec
 
 
 def _drop_stale_cache() -> None:
@@ -30,8 +30,8 @@ def _drop_stale_cache() -> None:
     if os.environ.get("NUMBA_CACHE_DIR") or not os.access(cache if cache.is_dir() else here, os.W_OK):
         return
     h = hashlib.sha256()
-    for src in sorted(here.glob("*.py")):
-        h.update(src.name.encode() + b"\0" + src.read_bytes())
+    for src in sorted(here.glob("*.py")) + sorted(here.parent.glob("*.py")):  # + spec, references
+        h.update(str(src.relative_to(here.parent)).encode() + b"\0" + src.read_bytes())
     stamp = cache / "numba-sources.sha256"
     digest = h.hexdigest()
     try:

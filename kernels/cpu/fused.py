@@ -5,7 +5,7 @@ arithmetic: 64 float32 lanes in increasing k, a pairwise tree, + bias, one round
 W is never written densely. The output rows are split into chunks, run in parallel; a chunk
 walks the tiles that hold its rows' weights (tiles run over the flattened row-major W, so a tile
 may hold several rows and a row may span several tiles), and for each tile:
-  1. decodes it with ``cpu_decode._decode_tile`` into a chunk-local buffer of ``tile`` values
+  1. decodes it with ``decode._decode_tile`` into a chunk-local buffer of ``tile`` values
      (the streams are passed from the tile's first byte, so the tile decodes as tile 0 of a
      ``cnt``-value tensor), then writes the tile's NaN patches into it;
   2. widens the bits to float32 (exact), in a second chunk-local buffer;
@@ -29,43 +29,20 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import fused_reference, spec
-from .cpu_common import _ERRORS, _OPTS
-from .cpu_decode import _decode_tile, tile_args
-from .cpu_intrinsics import _elem_ptr, _prefetch
-from .spec import FormatError
+from .. import fused_reference, spec
+from .common import _ERRORS, _OPTS
+from .decode import _decode_tile, tile_args
+from . import fused_w4
+from .fused_common import _inputs, _prefetch_bytes, _round_bits, _widen
+from .intrinsics import _elem_ptr
+from ..spec import FormatError
 
 LANES = fused_reference.LANES  # 64: the kernels below hard-code it (k % 64, the 6-level tree)
 
 _KIND = {"bfloat16": 0, "float16": 1, "float32": 2}
 _TKIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _INT = {2: torch.int16, 4: torch.int32}
-_F16_SUB = np.float32(2.0 ** -24)
 ROW_ID_DTYPES = fused_reference.ROW_ID_DTYPES
-
-
-@njit(**_OPTS)
-def _widen(kind, buf, cnt, wf, wu):
-    """Bits buf[:cnt] of the weight dtype as float32 values in wf[:cnt] (wu: wf's bits)."""
-    if kind == 0:
-        for i in range(cnt):
-            wu[i] = np.uint32(buf[i]) << np.uint32(16)
-    elif kind == 2:
-        for i in range(cnt):
-            wu[i] = np.uint32(buf[i])
-    else:
-        for i in range(cnt):
-            h = np.int64(buf[i])
-            s = (h & 0x8000) << 16
-            e = (h >> 10) & 31
-            m = h & 0x3FF
-            if e == 0:  # zero or subnormal: m * 2**-24, exact in float32
-                v = np.float32(m) * _F16_SUB
-                wf[i] = -v if s else v
-            elif e == 31:
-                wu[i] = np.uint32(s | 0x7F800000 | (m << 13))
-            else:
-                wu[i] = np.uint32(s | ((e + 112) << 23) | (m << 13))
 
 
 def _make_lane_dot(G, bf16_bits=False):
@@ -193,39 +170,6 @@ def _tree_reset(typingctx, acc, ao):
 
 
 @njit(**_OPTS)
-def _round_bits(z, okind, tmp, tmpu):
-    """Step 5: a float32 to the output dtype's bits, nearest even, NaN canonical."""
-    tmp[0] = z
-    u = np.int64(tmpu[0])
-    a = u & 0x7FFFFFFF
-    if okind == 2:
-        return np.int64(0x7FC00000) if a > 0x7F800000 else u
-    if okind == 0:
-        if a > 0x7F800000:
-            return np.int64(0x7FC0)
-        return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    # float16
-    if a > 0x7F800000:
-        return np.int64(0x7E00)
-    s = (u >> 16) & 0x8000
-    if a >= 0x477FF000:  # >= 65520 rounds to inf
-        return s | 0x7C00
-    if a >= 0x38800000:  # a normal half: rebias the exponent, round off 13 bits
-        r = a - 0x38000000
-        return s | ((r + 0xFFF + ((r >> 13) & 1)) >> 13)
-    e = a >> 23
-    if e < 102:  # below 2**-25: rounds to zero (2**-25 itself is a tie, to even zero)
-        return s
-    m = (a & 0x7FFFFF) | 0x800000
-    sh = 126 - e  # the value in units of 2**-24 is m >> sh
-    q = m >> sh
-    rem = m & ((np.int64(1) << sh) - 1)
-    half = np.int64(1) << (sh - 1)
-    q += np.int64(rem > half) | (np.int64(rem == half) & (q & 1))
-    return s | q
-
-
-@njit(**_OPTS)
 def _emit(acc, R, row, okind, bias, has_bias, y, tmp, tmpu):
     """The lane tree, + bias, rounding: row ``row`` of every output row; acc reset to -0.0."""
     for q in range(R):
@@ -233,13 +177,6 @@ def _emit(acc, R, row, okind, bias, has_bias, y, tmp, tmpu):
         if has_bias:
             z = z + bias[row]
         y[q, row] = _round_bits(z, okind, tmp, tmpu)
-
-
-@njit(**_OPTS)
-def _prefetch_bytes(st, b0, nb):
-    """Prefetch bytes [b0, b0 + nb) of a byte stream, a cache line at a time."""
-    for b in range(b0, b0 + nb, 64):
-        _prefetch(st, b)
 
 
 @njit(**_OPTS)
@@ -298,14 +235,6 @@ def _chunk(r0, r1, K, kind, okind, xf, bias, has_bias, y, pidx, pval, pstart, bu
                 row += 1
                 kpos = 0
     return err
-
-
-@njit(**_OPTS)
-def _inputs(xkind, xbits, xf, xfu, bkind, bbits, bf, bfu):
-    """x and the bias as float32 (exact), once per call, before the chunks run."""
-    _widen(xkind, xbits, len(xf), xf, xfu)
-    if len(bf):
-        _widen(bkind, bbits, len(bf), bf, bfu)
 
 
 @njit(parallel=True, **_OPTS)
@@ -408,9 +337,8 @@ class FusedWeight:
         self._pstart = np.searchsorted(self._pidx, np.arange(tiles + 1, dtype=np.int64) * tile).astype(np.int64)
         self._bounds: dict = {}
         self._local = threading.local()  # per-thread scratch (_scratch)
-        from . import cpu_fused_w4  # imports this module: not at the top
-        self._w4 = cpu_fused_w4.prepare(ct) if cpu_fused_w4.eligible(ct) else None
-        self._w4_kernels = (cpu_fused_w4.fused_par, cpu_fused_w4.fused_ser)
+        self._w4 = fused_w4.prepare(ct) if fused_w4.eligible(ct) else None
+        self._w4_kernels = (fused_w4.fused_par, fused_w4.fused_ser)
 
     def _scratch(self, nch: int, R: int) -> tuple:
         """This thread's scratch for ``nch`` chunks and ``R`` x rows, kept between calls (every
@@ -432,7 +360,7 @@ class FusedWeight:
         return sc
 
     def _xperm(self, n: int) -> np.ndarray:
-        """This thread's buffer for x in the window path's order (``cpu_fused_w4.permute_x``)."""
+        """This thread's buffer for x in the window path's order (``fused_w4.permute_x``)."""
         xp = getattr(self._local, "xperm", None)
         if xp is None or len(xp) != n:
             xp = self._local.xperm = np.empty(n, np.float32)
@@ -496,7 +424,7 @@ class FusedWeight:
             bf, bfu = self._bias_f32()
         else:
             bb, bkind, bf, bfu = _NO_BITS, 0, _NO_F32, _NO_F32U
-        if self._w4 is not None:  # the window code's path (cpu_fused_w4): the same bits
+        if self._w4 is not None:  # the window code's path (fused_w4): the same bits
             kern = self._w4_kernels[0 if nch > 1 else 1]
             xp = self._xperm(len(xf))
             kern(bounds, errs, K, _TKIND[out.dtype], _TKIND[x.dtype], xb, xf, xfu, xp, bkind, bb, bf,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 
-from .kernels.spec import FormatError
+from ..kernels.spec import FormatError
 
 MAX_HEADER_BYTES = 256 << 20
 MAX_DEPTH = 64

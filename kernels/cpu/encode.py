@@ -13,12 +13,12 @@ the blob, sections in place, and its CRC-32:
   1. the exponent histogram, per tile: exponents as bytes, then, 64 at a time, an AVX-512 byte
      compare and a popcount for each of 15 exponents guessed from a sample (the rare others
      one at a time; exact whatever the guess);
-  2. the plan (``cpu_plan``): codebook, code tables, tile offsets, hence every section's size
+  2. the plan (``plan``): codebook, code tables, tile offsets, hence every section's size
      and the blob's layout (``_layout``);
   3. per tile: the sign/mantissa bits; a level of width 1 or 2 codes 64 entries at a time (byte
      compares give the masks of its <= 3 symbols, PDEP interleaves them into 2-bit codes,
      VPCOMPRESSB packs the escaping exponents for the next level); wider levels use a bit writer;
-  4. zlib's CRC-32 of the blob (``cpu_crc``), ~30 GB/s.
+  4. zlib's CRC-32 of the blob (``crc``), ~30 GB/s.
 Without AVX-512 (VBMI2) the same bytes come from portable loops (three compares per entry, PEXT
 per 8 entries; a 4-way scalar histogram; 64-bit PCLMULQDQ).
 """
@@ -27,14 +27,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from . import spec
-from .cpu_common import _NLEV, _OPTS, _parallel
-from .cpu_crc import _CRC_TAB, _crc32_any
-from .cpu_intrinsics import (_HAS_VBMI2, _bf16_sm_bytes32, _compress64, _eqmask64, _exp_bytes16,
+from .. import spec
+from .common import _NLEV, _OPTS, _parallel
+from .crc import _CRC_TAB, _crc32_any
+from .intrinsics import (_HAS_VBMI2, _bf16_sm_bytes32, _compress64, _eqmask64, _exp_bytes16,
                              _exp_bytes32, _fp32_sm_bytes48, _ld64, _ldel, _pdep, _pext, _popc,
                              _st16, _st32, _st64, _stel)
-from .cpu_plan import _plan
-from .spec import FloatLayout
+from .plan import _plan
+from ..spec import FloatLayout
 
 
 @njit(**_OPTS)

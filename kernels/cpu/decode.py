@@ -26,7 +26,7 @@ AVX-512 VBMI2, 2-bit levels of 16-bit floats go 32 entries a step (``_codes2_x32
 ``_bf16_level0_x32`` for level 0 of lossless bf16 with its sign/mantissa bytes: the codes spread
 to 16-bit lanes, the escapes filled from the list by one VPEXPANDW).
 Errors (more escapes than the offsets allow, a code that names no symbol, offsets past a stream,
-a patch index out of range) come back as flags (``cpu_common.ERR_*``) and raise ``FormatError``.
+a patch index out of range) come back as flags (``common.ERR_*``) and raise ``FormatError``.
 """
 from __future__ import annotations
 
@@ -35,12 +35,12 @@ import functools
 import numpy as np
 from numba import njit, prange
 
-from . import spec
-from .cpu_common import (_ERRORS, _NCODE, _NLEV, _OPTS, ERR_CODE, ERR_ESCAPES, ERR_OFFSETS,
+from .. import spec
+from .common import (_ERRORS, _NCODE, _NLEV, _OPTS, ERR_CODE, ERR_ESCAPES, ERR_OFFSETS,
                          ERR_PATCH, _parallel)
-from .cpu_intrinsics import (_HAS_VBMI2, _bf16_level0_x32, _codes2_x32, _cmov, _ld32, _ld64, _ldel, _pdep, _popc,
+from .intrinsics import (_HAS_VBMI2, _bf16_level0_x32, _codes2_x32, _cmov, _ld32, _ld64, _ldel, _pdep, _popc,
                              _st64, _stel)
-from .spec import FormatError
+from ..spec import FormatError
 
 
 @njit(**_OPTS)
@@ -464,7 +464,7 @@ _EMPTY_U8 = np.zeros(16, np.uint8)
 def tile_args(ct):
     """The arguments ``_decode_tile`` takes after ``t`` (``n .. off``, streams checked long
     enough for every read), and (patch_idx, patch_val); for callers that decode tile by tile
-    (``cpu_fused``). ``ct`` holds at least one value."""
+    (``fused``). ``ct`` holds at least one value."""
     h = ct.header
     layout = spec.LAYOUTS[h.dtype]
     n = h.numel

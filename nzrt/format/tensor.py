@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .kernels import spec
-from .kernels.spec import FormatError
+from ..kernels import spec
+from ..kernels.spec import FormatError
 from . import header as H
 
 SECTION_DTYPES = {"offsets": np.uint32, "patch_idx": np.int64}  # others: uint8, or the float's uint
@@ -193,7 +193,7 @@ def checksum(blob: np.ndarray) -> int:
     global _crc32
     if _crc32 is None:
         try:
-            from .kernels.numba_cpu import crc32 as fast
+            from ..kernels.cpu import crc32 as fast
         except ImportError:
             fast = zlib.crc32
         _crc32 = fast

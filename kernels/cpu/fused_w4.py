@@ -13,9 +13,9 @@ So bf16 bits = ``(sm & 0x80) << 8 | exp << 7 | sm & 0x7f``: byte-wise, low byte
 ``(exp & 1) << 7 | sm & 0x7f`` and high byte ``sm & 0x80 | exp >> 1``. ``_w4_rows`` builds both
 bytes of 64 weights with two 16-entry table lookups (VPSHUFB), takes the escapes' exponents with
 one masked expand-load (VPEXPANDB where VBMI2 is present), widens to float32 in registers and adds
-the products into the 64 lanes, exactly as ``cpu_fused`` does: the same arithmetic
+the products into the 64 lanes, exactly as ``fused`` does: the same arithmetic
 (``fused_reference``), the same bits, without a tile buffer or the cascade's prefix counts.
-``cpu_fused.FusedWeight`` takes this path when ``eligible`` says so, else its general one.
+``fused.FusedWeight`` takes this path when ``eligible`` says so, else its general one.
 """
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import fused_reference, spec
-from .cpu_common import _OPTS, ERR_CODE, ERR_ESCAPES
-from .cpu_fused import _inputs, _prefetch_bytes, _round_bits
-from .cpu_intrinsics import _elem_ptr, _host_has
+from .. import fused_reference, spec
+from .common import _OPTS, ERR_CODE, ERR_ESCAPES
+from .fused_common import _inputs, _prefetch_bytes, _round_bits
+from .intrinsics import _elem_ptr, _host_has
 
 LANES = fused_reference.LANES  # 64: the unpack tables and the tree below hard-code it
 HAS_AVX512BW = _host_has("avx512bw")
@@ -228,7 +228,7 @@ def _rows_piece(acc, xp, R, K, z, zs, sm, L0, s, raw, rp, tabs, maxc, ng, g0):
 def chunk_w4(r0, r1, K, okind, xp, bias, has_bias, y, acc, tmp, tmpu, n, tile, sm, L0, raw, off,
              has_raw, tabs, maxc):
     """Output rows [r0, r1) (K and tile multiples of 64), tile by tile: the rows completed in a
-    tile get + bias and the rounding (``cpu_fused._round_bits``). Returns error flags."""
+    tile get + bias and the rounding (``fused_common._round_bits``). Returns error flags."""
     R = len(acc) // 64
     for i in range(len(acc)):
         acc[i] = -0.0

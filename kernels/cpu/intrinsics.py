@@ -18,13 +18,13 @@ constants.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .. import env
 
 
 def _elem_ptr(context, builder, aryty, ary, idx, idxty):
@@ -163,7 +163,7 @@ def _pdep_soft(x, m):
 
 
 # NZRT_NUMBA_NO_AVX512=1 compiles the portable paths (for tests; use a fresh NUMBA_CACHE_DIR)
-_NO_AVX512 = os.environ.get("NZRT_NUMBA_NO_AVX512") == "1"
+_NO_AVX512 = env.get("NZRT_NUMBA_NO_AVX512") == "1"
 
 
 def _host_has(feature: str) -> bool:

@@ -61,7 +61,7 @@ class RowChunks:
     def decompress(self, backend=None):
         import torch
 
-        from . import codec
+        from .. import codec
 
         out = torch.empty(tuple(self.shape), dtype=self.dtype)
         for (a, b), ct in zip(self.spans, self.parts):
@@ -74,7 +74,7 @@ class RowChunks:
 
 def gather(tensors: dict, row_chunks: dict, source: str = "") -> dict:
     """``{name: RowChunks}`` from a loaded ``.nzrt``'s entries and its metadata's ``row_chunks``."""
-    from .format import FormatError
+    from .tensor import FormatError
 
     out = {}
     if not isinstance(row_chunks, dict):

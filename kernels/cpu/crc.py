@@ -16,8 +16,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .cpu_common import _OPTS
-from .cpu_intrinsics import _HAS_PCLMUL, _HAS_VPCLMUL, _elem_ptr, _ld64, _ldel
+from .common import _OPTS
+from .intrinsics import _HAS_PCLMUL, _HAS_VPCLMUL, _elem_ptr, _ld64, _ldel
 
 
 @intrinsic

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import header as H
-from .format import MAX_RANK, CompressedTensor, FormatError, Header
+from .tensor import MAX_RANK, CompressedTensor, FormatError, Header
 
 MAGIC = b"NZRT\r\n\x1a\n"
 PREFIX = struct.Struct("<8sQII")

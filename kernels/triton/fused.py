@@ -2,7 +2,7 @@
 CompressedTensor W of lossless bf16 in the 4-bit window code (``widths=(4,)``), bits identical
 to ``fused_reference.linear``. GPU first; the tests run it under ``TRITON_INTERPRET=1``.
 
-Bit layout read (``spec``; the same streams ``cpu_fused_w4`` reads): for weight i of the
+Bit layout read (``spec``; the same streams ``cpu.fused_w4`` reads): for weight i of the
 flattened row-major W [N, K],
   * ``sm[i]``: uint8, ``sign << 7 | mantissa`` (8 bits a value for lossless bf16);
   * ``level0[i >> 1] >> 4 * (i & 1) & 15``: its code; codes 0..14 name ``symbols[code]``, code 15
@@ -34,12 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import fused_reference, spec
+from .. import fused_reference, spec
+from .common import INTERPRET
 
-try:
-    INTERPRET = bool(triton.knobs.runtime.interpret)
-except AttributeError:  # older Triton without knobs
-    INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 BLOCK_N = 64 if INTERPRET else 32
 
