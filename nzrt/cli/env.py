@@ -62,7 +62,8 @@ def backend_info() -> dict:
     """The decode backend that will run on the default device, and whether it loads."""
     import torch
 
-    from . import codec
+    from .. import codec
+    from ..kernels import env as settings
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = {"device": str(device)}
@@ -75,7 +76,7 @@ def backend_info() -> dict:
         codec._backend_module(name)
     except Exception as e:  # noqa: BLE001 - report why the backend cannot load
         info["error"] = f"{type(e).__name__}: {e}"
-    if os.environ.get("NZRT_BACKEND"):
+    if settings.get("NZRT_BACKEND"):
         info["forced_by"] = "NZRT_BACKEND"
     return info
 
