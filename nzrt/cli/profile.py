@@ -157,7 +157,7 @@ class ChildError(RuntimeError):
     """A profile child process that ended without a result (crashed, killed, out of memory)."""
 
 
-_ROOT = Path(__file__).resolve().parent.parent  # the source checkout (editable install)
+_ROOT = Path(__file__).resolve().parents[2]  # the source checkout (editable install): nzrt/cli/ up two
 
 
 def _child_sys_path() -> list:
@@ -172,7 +172,7 @@ def _child_sys_path() -> list:
 
 
 def run_child(args: dict, workdir: str, timeout: float | None = None) -> dict:
-    """Run one row in ``python -m nzrt.profile_child``; its result as a dict (``"error"`` when the
+    """Run one row in ``python -m nzrt.cli.profile_child``; its result as a dict (``"error"`` when the
     row raised: rebuilt by ``child_error``)."""
     tag = f"{args['mode']}-{args.get('policy') or ''}-{time.perf_counter_ns()}"
     args = dict(args, result=os.path.join(workdir, f"result-{tag}.json"),

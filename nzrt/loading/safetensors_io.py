@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from . import header as H
-from .format import FormatError
+from .. import header as H
+from ..format import FormatError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
