@@ -73,7 +73,8 @@ def check_mantissa_bits(mantissa_bits, dtype) -> int | None:
 WINDOW4 = spec.WINDOW4  # compress(..., widths=WINDOW4): the fused kernel's fast exponent code
 
 
-def _int_dtype(layout: spec.FloatLayout) -> torch.dtype:
+def int_dtype(layout: spec.FloatLayout) -> torch.dtype:
+    """The signed torch integer type whose view gives a float's bit patterns (int16 / int32)."""
     return {2: torch.int16, 4: torch.int32}[layout.itemsize]
 
 
@@ -99,7 +100,7 @@ def compress(tensor: torch.Tensor, *, mantissa_bits: int | None = None,
         widths = spec.check_widths(widths, layout.exp_bits)
     device = tensor.device
     name = resolve_backend(backend, device)
-    bits = tensor.detach().contiguous().view(_int_dtype(layout)).reshape(-1)
+    bits = tensor.detach().contiguous().view(int_dtype(layout)).reshape(-1)
     fields = dict(dtype=layout.name, shape=tuple(tensor.shape), mantissa_bits=keep, tile=tile)
     enc = backends.get(name).encode(bits, layout, keep, tile, widths)
     fields = _fields(fields, enc.widths, enc.has_raw, enc.symbols)
@@ -130,7 +131,7 @@ def decode_into(ct: CompressedTensor, out: torch.Tensor, *, backend: str | None 
     ct.verify()
     name = resolve_backend(backend, ct.device)
     layout = spec.LAYOUTS[ct.header.dtype]
-    flat = out.view(-1).view(_int_dtype(layout))
+    flat = out.view(-1).view(int_dtype(layout))
     try:
         backends.get(name).decode_into(ct, flat, layout)
     except spec.FormatError as e:  # a decoder's content check: name the file and the tensor

@@ -8,7 +8,7 @@
 
 * A transformers directory: the model is built with its parameters on the meta device (buffers
   are real: rotary tables are computed as transformers computes them), then each tensor is read
-  from the safetensors files on its own (``nzrt.safetensors_io``, no memory map), compressed,
+  from the safetensors files on its own (``nzrt.loading.safetensors_io``, no memory map), compressed,
   and dropped before the next is read.
 * A ``.nzrt``: the compressed blobs stay in the file's memory map (file-backed pages, which the
   runtime gives back after reading them); on the CPU none is copied into anonymous memory.
@@ -21,8 +21,6 @@ or until nothing refers to it any more.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = ["from_pretrained", "report", "release"]
@@ -37,13 +35,13 @@ def from_pretrained(path, *, policy="auto", budget=None, device=None, mantissa_b
     (``prefetch``, ``min_numel``, ``chunk_bytes``, ``backend``, ``optimizer``: with an optimizer
     every parameter is made trainable and the model is put in train mode).
     """
-    from . import models
+    from .loading.open_model import open_model
 
     if isinstance(path, Path):
         path = str(path)
     if not isinstance(path, str):
         raise TypeError(f"from_pretrained takes a path (str or Path), got {type(path).__name__}")
-    lm = models.resolve(path, dtype=dtype, lazy=True)
+    lm = open_model(path, dtype=dtype, lazy=True)
     if options.get("optimizer") is not None:  # to be trained: every parameter, in train mode
         lm.model.requires_grad_(True)
         lm.model.train()
@@ -52,11 +50,14 @@ def from_pretrained(path, *, policy="auto", budget=None, device=None, mantissa_b
 
 
 def manage_loaded(lm, **kwargs):
-    """Enter ``nzrt.managed`` on a ``models.LoadedModel`` and keep it entered: the model is
-    returned, its handle reachable through ``report``/``release``."""
-    from . import models
+    """Enter ``nzrt.managed`` on a ``nzrt.loading.loaded.LoadedModel`` and keep it entered: the
+    model is returned, its handle reachable through ``report``/``release``. A meta model (from a
+    ``.nzrt`` or read from safetensors) hands over its weights, so the dense model never exists
+    whole. An option given as None takes ``managed``'s default (``chunk_bytes``, ``min_numel``)."""
+    from .runtime import managed
 
-    run = models.managed(lm, **kwargs)
+    options = {k: v for k, v in kwargs.items() if v is not None or k == "policy"}
+    run = managed(lm.model, weights=lm.compressed, **options)
     run.attach()  # the model's wrapped forwards keep the handle alive from here on
     return lm.model
 
@@ -79,62 +80,3 @@ def release(model) -> None:
     """End the management of ``model``: a model built from a checkpoint goes back to the meta
     device (its weights are freed), a model that was loaded gets its dense weights back."""
     _handle(model).detach()
-
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Build modules with their parameters on the meta device and their buffers real, without
-    running weight initialisers (accelerate's ``init_empty_weights(include_buffers=False)``)."""
-    import torch
-    from torch import nn
-
-    old = nn.Module.register_parameter
-
-    def register(module, name, param):
-        old(module, name, param)
-        if param is not None and param.device.type != "meta":
-            kwargs = dict(param.__dict__) if type(param) is not nn.Parameter else {}
-            kwargs["requires_grad"] = param.requires_grad
-            module._parameters[name] = type(param)(module._parameters[name].to("meta"), **kwargs)
-
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - older transformers
-        from transformers.modeling_utils import no_init_weights
-    nn.Module.register_parameter = register
-    try:
-        with no_init_weights(), torch.no_grad():
-            yield
-    finally:
-        nn.Module.register_parameter = old
-
-
-class CastWeights(Mapping):
-    """A read-one-at-a-time mapping whose float tensors are cast to ``dtype`` as they are read."""
-
-    def __init__(self, inner, dtype):
-        self.inner, self.dtype = inner, dtype
-
-    def __getitem__(self, key):
-        t = self.inner[key]
-        if t.is_floating_point() and t.dtype != self.dtype:
-            t = t.to(self.dtype)
-        return t
-
-    def __contains__(self, key):
-        return key in self.inner
-
-    def mapped(self, key):
-        """The inner mapping's memory-mapped tensor, when it has the wanted dtype already."""
-        fn = getattr(self.inner, "mapped", None)
-        t = fn(key) if fn is not None else None
-        return t if t is not None and (not t.is_floating_point() or t.dtype == self.dtype) else None
-
-    def __iter__(self):
-        return iter(self.inner)
-
-    def __len__(self):
-        return len(self.inner)
-
-    def keys(self):
-        return self.inner.keys()

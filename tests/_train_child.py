@@ -35,8 +35,8 @@ def digest(t: torch.Tensor) -> str:
 
 
 def eval_ids():
-    from nzrt import models
-    lm = models.resolve(None)
+    from nzrt.cli import model_arg
+    lm = model_arg.resolve(None)
     text = (Path(nzrt.__file__).parent / "data" / "eval.txt").read_text()
     return lm, lm.tokenizer(text, return_tensors="pt")["input_ids"][0]
 

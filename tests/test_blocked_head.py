@@ -127,7 +127,7 @@ def test_a_nzrt_file_keeps_the_head_in_row_chunks(tmp_path):
     """`nzrt compress` writes a large tied head as row chunks and `from_pretrained(FILE)` keeps them
     (no whole decode at load): logits bit-identical to plain's, the head's calls ran through chunks."""
     import nzrt
-    from nzrt import models
+    from nzrt.loading.compress import compress_model
     from nzrt.runtime import handle_of
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -139,7 +139,7 @@ def test_a_nzrt_file_keeps_the_head_in_row_chunks(tmp_path):
         for p in plain.parameters():
             p.normal_(0, 0.02)
     plain.save_pretrained(tmp_path / "dir")
-    models.compress_model(str(tmp_path / "dir"), tmp_path / "m.nzrt")
+    compress_model(str(tmp_path / "dir"), tmp_path / "m.nzrt")
     ids = torch.randint(0, 16384, (1, 64), generator=torch.Generator().manual_seed(3))
     model = nzrt.from_pretrained(tmp_path / "m.nzrt")
     try:

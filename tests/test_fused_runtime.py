@@ -153,11 +153,11 @@ def test_fused_pass_interrupted_leaves_the_run_usable():
 def test_fused_reads_every_tier_the_same(tmp_path):
     """From a .nzrt: the fused passes read the compressed weights where they are (in memory, or
     the file map of the disk tier) and give the same bits either way."""
-    from nzrt import models
+    from nzrt.loading.compress import compress_model
     from test_pretrained import _save_llama
     path = _save_llama(tmp_path / "m", tied=True, hidden=256)
     out = tmp_path / "m.nzrt"
-    models.compress_model(str(path), out)
+    compress_model(str(path), out)
     ids = torch.randint(0, 4096, (1, 5), generator=torch.Generator().manual_seed(3))
     got = {}
     for policy in ("fused:resident", "fused:offload-disk"):

@@ -20,7 +20,7 @@ CHILD = textwrap.dedent("""
     import torch, transformers, nzrt
     import transformers.models.llama.modeling_llama, transformers.generation.utils
     from nzrt.osmem import rss, reset_peak
-    from nzrt.profile_child import DeviceMemory, Sampler
+    from nzrt.cli.profile_child import DeviceMemory, Sampler
     transformers.utils.logging.disable_progress_bar()
     nzrt.decompress(nzrt.compress(torch.randn(1 << 16).to(torch.bfloat16)))
     mode, path = sys.argv[1], sys.argv[2]

@@ -18,7 +18,7 @@ import hashlib, json, os, sys, gc
 import torch, transformers, nzrt
 import transformers.models.gemma3.modeling_gemma3, transformers.generation.utils
 from nzrt import osmem
-from nzrt.profile_child import DeviceMemory, Sampler
+from nzrt.cli.profile_child import DeviceMemory, Sampler
 mode, path = sys.argv[1], sys.argv[2]
 gc.collect(); osmem.trim()
 sampler = Sampler(DeviceMemory("cpu"))

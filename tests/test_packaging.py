@@ -38,8 +38,9 @@ def test_wheel_has_only_nzrt_as_top_level(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"nzrt"}
-    for sub in ("scheduler", "kernels", "policies"):
+    for sub in ("scheduler", "kernels", "policies", "runtime", "loading", "cli"):
         assert f"nzrt/{sub}/__init__.py" in names
+    assert "nzrt/cli/__main__.py" in names and "nzrt/data/eval.txt" in names
     assert "nzrt/kernels/reference.py" in names
 
 

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 import nzrt
-from nzrt import models
+from nzrt.cli import model_arg
+from nzrt.loading.compress import compress_model
+from nzrt.loading.entries import MODEL_META_KEY
+from nzrt.loading.errors import ModelError
+from nzrt.loading.gguf import load_gguf
+from nzrt.loading.open_model import open_model
 from nzrt.runtime.handle import handle_of
 
 transformers = pytest.importorskip("transformers")
@@ -77,7 +82,7 @@ def test_from_pretrained_dir_matches_transformers_bit_for_bit(llama_dir):
 
 def test_from_pretrained_nzrt_keeps_blobs_in_the_file_map(llama_dir, tmp_path):
     out = tmp_path / "m.nzrt"
-    models.compress_model(str(llama_dir), out)
+    compress_model(str(llama_dir), out)
     ids = _ids()
     plain = _plain(llama_dir)
     with torch.no_grad():
@@ -96,7 +101,7 @@ def test_from_pretrained_nzrt_keeps_blobs_in_the_file_map(llama_dir, tmp_path):
 
 def test_a_budget_too_small_for_a_nzrt_is_refused_before_any_blob_is_read(llama_dir, tmp_path, monkeypatch):
     out = tmp_path / "m.nzrt"
-    models.compress_model(str(llama_dir), out)
+    compress_model(str(llama_dir), out)
     from nzrt.format import CompressedTensor
 
     def no_read(self):  # reading a blob (its checksum) before the budget check fails the test
@@ -164,11 +169,11 @@ def test_an_unreleased_model_is_freed_by_garbage_collection(llama_dir):
 def test_from_pretrained_refuses_what_is_not_a_model(tmp_path):
     with pytest.raises(TypeError):
         nzrt.from_pretrained(123)
-    with pytest.raises(models.ModelError, match="no such file"):
+    with pytest.raises(ModelError, match="no such file"):
         nzrt.from_pretrained(str(tmp_path / "missing"))
     bad = tmp_path / "bad.nzrt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(models.ModelError):
+    with pytest.raises(ModelError):
         nzrt.from_pretrained(bad)
 
 
@@ -185,7 +190,7 @@ def test_renamed_checkpoint_keys_fall_back_to_transformers_loading(tmp_path, lla
     sd = load_file(str(llama_dir / "model.safetensors"))
     save_file({"transformer." + k: v for k, v in sd.items()},
               str(d / "model.safetensors"), metadata={"format": "pt"})
-    lm = models.resolve(str(d), lazy=True)
+    lm = open_model(str(d), lazy=True)
     assert lm.compressed is None  # the fallback loaded it dense
 
 
@@ -237,14 +242,14 @@ def test_a_lookup_only_embedding_is_stored_in_row_chunks_and_read_chunk_by_chunk
 
     d = _save_llama(tmp_path / "m", tied=False)
     out = tmp_path / "m.nzrt"
-    models.compress_model(str(d), out)
+    compress_model(str(d), out)
     entries = nzrt.load(out, verify=False)
     name = "model.embed_tokens.weight"
     parts = sorted(k for k in entries if k.startswith(name + rowchunks.SEP))
     assert name not in entries and len(parts) >= 2
-    spans = nzrt.load_metadata(out)[models.MODEL_META_KEY][rowchunks.META_KEY][name]
+    spans = nzrt.load_metadata(out)[MODEL_META_KEY][rowchunks.META_KEY][name]
     assert spans[0][0] == 0 and spans[-1][1] == 4096
-    lm = models.resolve(str(out))
+    lm = open_model(str(out))
     assert isinstance(lm.compressed[name], rowchunks.RowChunks)
     plain = _plain(d)
     assert _same(lm.compressed[name].decompress(), plain.model.embed_tokens.weight.detach())
@@ -261,23 +266,23 @@ def test_a_lookup_only_embedding_is_stored_in_row_chunks_and_read_chunk_by_chunk
         nzrt.release(model)
     # compressing the .nzrt again keeps the chunks as they are
     again = tmp_path / "again.nzrt"
-    models.compress_model(models.resolve(str(out)), again)
+    compress_model(open_model(str(out)), again)
     e2 = nzrt.load(again, verify=False)
     assert sorted(k for k in e2 if k.startswith(name)) == parts
     assert all(torch.equal(e2[k].data, entries[k].data) for k in parts)
     # a file whose metadata names chunks it lacks is refused with a clear message
     meta = nzrt.load_metadata(out)
-    meta[models.MODEL_META_KEY][rowchunks.META_KEY][name].append([4096, 4352])
+    meta[MODEL_META_KEY][rowchunks.META_KEY][name].append([4096, 4352])
     broken = tmp_path / "broken.nzrt"
     nzrt.save(broken, dict(entries), meta)
     with pytest.raises(FormatError, match="row chunks"):
-        models.resolve(str(broken))
+        open_model(str(broken))
 
 
 def test_from_pretrained_gguf_matches_the_dense_model_it_compresses():
     """A GGUF goes through transformers (de-quantized, dense) and is compressed on entry."""
-    path = models.package_dir(models.EMBEDDED["smollm2"][0]) / models.SMOLLM2_GGUF
-    plain = models.load_gguf(path).model
+    path = model_arg.package_dir(model_arg.EMBEDDED["smollm2"][0]) / model_arg.SMOLLM2_GGUF
+    plain = load_gguf(path).model
     ids = torch.randint(0, 49152, (1, TOKENS), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = plain(ids).logits

@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from nzrt import profile as prof  # noqa: E402
+from nzrt.cli import profile as prof  # noqa: E402
 
 MiB = 2**20
 

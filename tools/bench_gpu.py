@@ -106,7 +106,7 @@ def _env():
     import torch
     import triton
     dev = "CPU (smoke test, TRITON_INTERPRET=1)" if SMOKE else torch.cuda.get_device_name()
-    from nzrt.envinfo import driver_version
+    from nzrt.cli.env import driver_version
     driver = driver_version()
     return dict(device=dev, driver=driver, torch=torch.__version__, triton=triton.__version__,
                 cuda=torch.version.cuda, python=platform.python_version(),

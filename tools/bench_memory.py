@@ -119,7 +119,7 @@ def _child(args: dict) -> dict:
     _import_model_code(args["dir"])
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    from nzrt.profile_child import DeviceMemory, Sampler
+    from nzrt.cli.profile_child import DeviceMemory, Sampler
 
     # nzrt's mallopt calls (training sets M_MMAP_THRESHOLD): recorded, so plain can be given the same
     mallopt_calls = []
@@ -163,9 +163,9 @@ def _child(args: dict) -> dict:
     s.start()
     try:
         if mode == "compress":
-            from nzrt import models
+            from nzrt.loading.compress import compress_model
 
-            st = models.compress_model(path, args["nzrt"])
+            st = compress_model(path, args["nzrt"])
             out["seconds"] = time.perf_counter() - t_load
             out["file_bytes"] = st.file_bytes
         else:

@@ -119,7 +119,7 @@ def _child(args: dict) -> dict:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    from nzrt.profile_child import DeviceMemory, Sampler
+    from nzrt.cli.profile_child import DeviceMemory, Sampler
 
     mode, device, lr = args["mode"], args["device"], args["lr"]
     lora = mode in ("lora", "nzrt_lora")

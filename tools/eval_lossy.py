@@ -47,9 +47,10 @@ def machine() -> str:
 def eval_smollm2(ks, use_runtime: bool) -> dict:
     import torch
 
-    from nzrt import evaluate, models
+    import nzrt
+    from nzrt.cli import evaluate, model_arg
 
-    lm = models.resolve(None)  # bf16
+    lm = model_arg.resolve(None)  # bf16
     base = copy.deepcopy(lm.model)
     out = {}
     for k in ks:
@@ -62,9 +63,7 @@ def eval_smollm2(ks, use_runtime: bool) -> dict:
         del m
         if use_runtime:
             try:
-                from nzrt.models import managed
-
-                with managed(lm, policy="resident", mantissa_bits=k):
+                with nzrt.managed(lm.model, weights=lm.compressed, policy="resident", mantissa_bits=k):
                     row["ppl_runtime"] = evaluate.perplexity(lm.model, lm.tokenizer)
             except Exception as e:  # noqa: BLE001 - reported, not fatal
                 row["ppl_runtime"] = None
@@ -78,9 +77,9 @@ def eval_smollm2(ks, use_runtime: bool) -> dict:
 def eval_minilm(ks) -> dict:
     import torch
 
-    from nzrt import evaluate, models
+    from nzrt.cli import evaluate, model_arg
 
-    lm = models.resolve("minilm")  # fp32 as shipped
+    lm = model_arg.resolve("minilm")  # fp32 as shipped
     sents = evaluate.sentences()
     ref32 = evaluate.embed(lm.model, lm.tokenizer, sents)
     base = copy.deepcopy(lm.model).to(torch.bfloat16)
@@ -148,7 +147,7 @@ def main(argv=None) -> int:
             "SmolLM2-135M-Instruct (the embedded GGUF Q4_1 model, de-quantized by transformers to bf16): "
             f"perplexity over all {smol[7].get('tokens', '?')} tokens of `nzrt/data/eval.txt` (public-domain prose). "
             "all-MiniLM-L6-v2 cast from fp32 to bf16: cosine similarity of mean-pooled, normalised "
-            f"embeddings of {len(__import__('nzrt.evaluate', fromlist=['x']).sentences())} sentences "
+            f"embeddings of {len(__import__('nzrt.cli.evaluate', fromlist=['x']).sentences())} sentences "
             "of the same text against the lossless bf16 model "
             f"(lossless bf16 vs the fp32 original: {mini['bf16_vs_fp32']['mean']:.5f} mean, "
             f"{mini['bf16_vs_fp32']['min']:.5f} min). Bits/weight: the compressed size of every float "

@@ -37,9 +37,9 @@ fi
 echo "setup: warming caches (numba codec, embedded model)"
 (cd "${TMPDIR:-/tmp}" && HF_HUB_OFFLINE=1 "$VPY" -c "
 import torch, nzrt
-from nzrt import models
+from nzrt.cli import model_arg
 x = torch.randn(100_000).mul(0.02).to(torch.bfloat16)
 assert torch.equal(nzrt.decompress(nzrt.compress(x)).view(torch.int16), x.view(torch.int16))
-models.resolve(None)
+model_arg.resolve(None)
 ")
 echo "setup: done ($(cd / && "$VPY" -c 'import torch; print("torch", torch.__version__)'))"

@@ -19,21 +19,21 @@ from .weight import lookup
 
 
 def _metadata(run, chunk_spans: dict) -> dict | None:
-    from .. import models
+    from ..loading.entries import MODEL_META_KEY, model_metadata
+    from ..loading.loaded import LoadedModel, kind_of
 
     model = run.model
     if not (hasattr(model, "config") and hasattr(model.config, "to_dict")):
         return None
-    kind = models._kind_of(model)
+    kind = kind_of(model)
     if kind == "module":
         return None
     name = getattr(model.config, "name_or_path", "") or type(model).__name__
-    lm = models.LoadedModel(model, None, kind, name=str(name).rsplit("/", 1)[-1],
-                            source=f"nzrt.managed run of {type(model).__name__}")
-    meta = models.model_metadata(lm, None)
+    lm = LoadedModel(model, None, kind, name=str(name).rsplit("/", 1)[-1],
+                    source=f"nzrt.managed run of {type(model).__name__}")
+    meta = model_metadata(lm, None)
     if chunk_spans:
-        meta[models.MODEL_META_KEY][rowchunks.META_KEY] = {n: [list(s) for s in sp]
-                                                          for n, sp in chunk_spans.items()}
+        meta[MODEL_META_KEY][rowchunks.META_KEY] = {n: [list(s) for s in sp] for n, sp in chunk_spans.items()}
     return meta
 
 
@@ -65,6 +65,7 @@ def save_run(run, path, tokenizer=None) -> None:
             if b.device.type != "meta":
                 w.add(name, b.detach().cpu())
         if tokenizer is not None:  # what `nzrt generate FILE` reads the prompt with
-            from ..models import _tokenizer_entries
-            for name, t in _tokenizer_entries(tokenizer):
+            from ..loading.entries import tokenizer_entries
+
+            for name, t in tokenizer_entries(tokenizer):
                 w.add(name, t)

@@ -7,17 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .models import INTERNAL_PREFIX
+from ..loading.entries import INTERNAL_PREFIX
 
 
 def exponent_histogram(dense) -> np.ndarray:
     """Histogram of the raw exponent field of a float tensor (length 2**exp_bits)."""
     import torch
 
-    from .codec import _int_dtype, layout_of
+    from ..codec import int_dtype, layout_of
 
     lay = layout_of(dense.dtype)
-    bits = dense.detach().cpu().contiguous().reshape(-1).view(_int_dtype(lay)).numpy().view(lay.uint)
+    bits = dense.detach().cpu().contiguous().reshape(-1).view(int_dtype(lay)).numpy().view(lay.uint)
     exp = (bits >> lay.man_bits) & lay.exp_mask
     return np.bincount(exp.astype(np.int64), minlength=1 << lay.exp_bits)
 
@@ -48,7 +48,7 @@ def tensor_row(name: str, value, dense=None) -> dict:
     """Stats of one entry: a CompressedTensor (decoded here to measure) or a dense tensor."""
     import torch
 
-    from . import codec
+    from .. import codec
 
     if isinstance(value, torch.Tensor):
         row = {"name": name, "dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape),
@@ -95,7 +95,7 @@ def totals(rows: list[dict]) -> dict:
 
 def inspect_file(path, progress=None) -> dict:
     """Stats of every tensor of a ``.nzrt`` file (each decoded once, one at a time)."""
-    from .format.checkpoint import load, load_metadata
+    from ..format.checkpoint import load, load_metadata
 
     path = Path(path)
     meta = load_metadata(path)
@@ -122,7 +122,7 @@ def inspect_model(lm, *, mantissa_bits: int | None = None, progress=None) -> dic
     """Stats of a loaded model's parameters as nzrt would compress them (tied weights once)."""
     import torch
 
-    from . import codec
+    from .. import codec
 
     if lm.compressed is not None:
         rows = []

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .format import header as H
-from .format import FormatError
+from ..format import header as H
+from ..format import FormatError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

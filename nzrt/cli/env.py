@@ -62,7 +62,8 @@ def backend_info() -> dict:
     """The decode backend that will run on the default device, and whether it loads."""
     import torch
 
-    from . import codec
+    from .. import codec
+    from ..kernels import backends, env as settings
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = {"device": str(device)}
@@ -72,10 +73,10 @@ def backend_info() -> dict:
         return dict(info, backend=None, error=str(e))
     info["backend"] = name
     try:
-        codec._backend_module(name)
+        backends.get(name).load()
     except Exception as e:  # noqa: BLE001 - report why the backend cannot load
         info["error"] = f"{type(e).__name__}: {e}"
-    if os.environ.get("NZRT_BACKEND"):
+    if settings.get("NZRT_BACKEND"):
         info["forced_by"] = "NZRT_BACKEND"
     return info
 

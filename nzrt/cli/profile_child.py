@@ -1,6 +1,6 @@
-"""One row of ``nzrt profile``, in a process of its own: ``python -m nzrt.profile_child ARGS.json``.
+"""One row of ``nzrt profile``, in a process of its own: ``python -m nzrt.cli.profile_child ARGS.json``.
 
-The parent (``nzrt.profile.profile``) writes the arguments as JSON and reads the result as JSON
+The parent (``nzrt.cli.profile.profile``) writes the arguments as JSON and reads the result as JSON
 from the path named in them (``"result"``); nothing is read from this process's stdout. Memory
 is measured against a **baseline** taken after the imports (torch, transformers and the model's
 architecture module, nzrt) and the warm-up of nzrt's codec (a small tensor compressed and decompressed, so numba's code is loaded):
@@ -13,7 +13,7 @@ architecture module, nzrt) and the warm-up of nzrt's codec (a small tensor compr
 * device (CUDA): NVML's used memory (the whole device) and torch's peak allocated bytes, minus
   their values at the baseline (after the CUDA context exists).
 
-Modes: "plain" (the dense model, ``models.resolve(spec)``), "managed" (``models.resolve(spec,
+Modes: "plain" (the dense model, ``model_arg.resolve(spec)``), "managed" (``model_arg.resolve(spec,
 lazy=True)`` then ``nzrt.pretrained.manage_loaded``: ``nzrt.from_pretrained``'s path) and
 "overhead" (only the warm-up's cost: the runtime's fixed overhead).
 """
@@ -28,7 +28,8 @@ import threading
 import time
 import traceback
 
-from . import osmem
+from .. import osmem
+from ..kernels import env as settings
 
 SAMPLE_PERIOD_S = 0.005
 MAX_SAMPLES = 1500  # kept for the plot (evenly thinned); the peaks use every sample
@@ -55,7 +56,7 @@ class DeviceMemory:
         self.cuda = self.device.type == "cuda"
         self.tracker = None
         if self.cuda:
-            from .memory import MemoryTracker
+            from ..memory import MemoryTracker
 
             torch.zeros(1, device=self.device)  # the CUDA context, before the baseline
             self.tracker = MemoryTracker(self.device)
@@ -234,7 +235,8 @@ def _model_type(spec) -> str | None:
     """The transformers ``model_type`` of MODEL, read from its config only (no weights)."""
     from pathlib import Path
 
-    from . import models
+    from ..format.checkpoint import MAGIC
+    from ..loading.entries import MODEL_META_KEY
 
     if spec is None or str(spec).strip().lower() in ("", "smollm2", "default"):
         return "llama"  # SmolLM2
@@ -249,11 +251,11 @@ def _model_type(spec) -> str | None:
                 return json.load(f).get("model_type")
         if path.is_file():
             with open(path, "rb") as f:
-                if f.read(8) != models.NZRT_MAGIC:
+                if f.read(8) != MAGIC:
                     return None
-            from .format.checkpoint import load_metadata
+            from ..format.checkpoint import load_metadata
 
-            info = load_metadata(path).get(models.MODEL_META_KEY) or {}
+            info = load_metadata(path).get(MODEL_META_KEY) or {}
             return (info.get("config") or {}).get("model_type")
     except Exception:  # noqa: BLE001 - only a warm-up: the run itself reports a bad MODEL
         return None
@@ -295,9 +297,10 @@ def run(args: dict) -> dict:
     t_start = time.perf_counter()
     import torch
 
-    from . import models
+    from ..loading.transformers_dir import quiet_transformers
+    from . import model_arg
 
-    models._quiet_transformers()
+    quiet_transformers()
     _import_transformers(args.get("spec"))
 
     mode, device = args["mode"], args.get("device") or "cpu"
@@ -327,16 +330,16 @@ def run(args: dict) -> dict:
     try:
         t = time.perf_counter()
         if mode == "plain":
-            lm = models.resolve(args.get("spec"), dtype=args.get("dtype"))
+            lm = model_arg.resolve(args.get("spec"), dtype=args.get("dtype"))
             if lm.compressed is not None:
                 lm.materialize()
             _check_mantissa_bits(mantissa_bits, lm)
             if device != "cpu":
                 lm.model.to(device)
         else:
-            from .pretrained import manage_loaded
+            from ..pretrained import manage_loaded
 
-            lm = models.resolve(args.get("spec"), dtype=args.get("dtype"), lazy=True)
+            lm = model_arg.resolve(args.get("spec"), dtype=args.get("dtype"), lazy=True)
             _check_mantissa_bits(mantissa_bits, lm)
             res["lazy"] = lm.on_meta
         res["load_s"] = time.perf_counter() - t
@@ -347,7 +350,7 @@ def run(args: dict) -> dict:
             model = manage_loaded(lm, policy=policy, budget=args.get("budget"), device=device,
                                   mantissa_bits=mantissa_bits)
             res["setup_s"] = time.perf_counter() - t
-        inputs = models.example_inputs(lm, tokens=int(args.get("tokens") or 128), device=device)
+        inputs = model_arg.example_inputs(lm, tokens=int(args.get("tokens") or 128), device=device)
         res["tokens"] = (int(inputs["input_ids"].shape[1])
                          if isinstance(inputs, dict) and "input_ids" in inputs else 0)
         w = workload(lm, inputs, repeats=int(args.get("repeats", 3)), gen_tokens=int(args.get("gen_tokens", 6)),
@@ -391,7 +394,7 @@ def run(args: dict) -> dict:
 
             nzrt.release(model)
     res["env"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "backend": os.environ.get("NZRT_BACKEND")}
+                  "backend": settings.get("NZRT_BACKEND")}
     return res
 
 
@@ -402,7 +405,7 @@ def _sub(a, b):
 def _check_mantissa_bits(k, lm):
     if k is None or lm.dtype is None:
         return
-    from .codec import check_mantissa_bits
+    from ..codec import check_mantissa_bits
 
     try:
         check_mantissa_bits(k, lm.dtype)

@@ -68,7 +68,7 @@ def _device_of(model):
 
 
 def quality(lm, *, reference=None, device=None) -> dict:
-    """The quality number of ``lm`` (a models.LoadedModel, in whatever state it runs now):
+    """The quality number of ``lm`` (a ``nzrt.loading.loaded.LoadedModel``, in whatever state it runs now):
     {"metric": "perplexity", "value": ...} or {"metric": "cosine", "value": mean, "min": ...,
     "embeddings": tensor}. ``reference`` is the lossless result of this function (for cosine)."""
     if lm.tokenizer is None:
@@ -85,10 +85,8 @@ def quality(lm, *, reference=None, device=None) -> dict:
 
 def min_lossy_numel() -> int:
     """Parameters smaller than this stay exact in lossy mode (the runtime keeps them dense)."""
-    try:
-        from .runtime import DEFAULT_MIN_NUMEL
-    except ImportError:  # pragma: no cover
-        return 2048
+    from ..runtime.params import DEFAULT_MIN_NUMEL
+
     return int(DEFAULT_MIN_NUMEL)
 
 

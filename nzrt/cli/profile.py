@@ -1,7 +1,7 @@
 """``nzrt profile``: run a model plainly and under each policy, side by side.
 
 Every row (the plain model, then each policy) runs in a process of its own
-(``nzrt.profile_child``), so its memory is its own: peak and steady RSS, anonymous and
+(``nzrt.cli.profile_child``), so its memory is its own: peak and steady RSS, anonymous and
 file-backed apart, each minus a baseline taken in that process after the imports and the codec's
 warm-up; device memory from NVML (and torch's allocator) on a GPU, minus its baseline. The
 warm-up's own cost (numba and nzrt's compiled codec: paid once per process, whatever the model)
@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from ..kernels import env as settings
 
 DEFAULT_POLICIES = ("resident", "offload", "belady", "auto")
 
@@ -138,7 +140,7 @@ def layer_phases(rep: dict) -> list[tuple[str, float, float, float]]:
 
 def available_policies() -> tuple[str, ...]:
     try:
-        from .policies import POLICIES
+        from ..policies import POLICIES
     except ImportError:
         return DEFAULT_POLICIES
     return tuple(p for p in DEFAULT_POLICIES if p in POLICIES)
@@ -155,7 +157,7 @@ class ChildError(RuntimeError):
     """A profile child process that ended without a result (crashed, killed, out of memory)."""
 
 
-_ROOT = Path(__file__).resolve().parent.parent  # the source checkout (editable install)
+_ROOT = Path(__file__).resolve().parents[2]  # the source checkout (editable install): nzrt/cli/ up two
 
 
 def _child_sys_path() -> list:
@@ -170,7 +172,7 @@ def _child_sys_path() -> list:
 
 
 def run_child(args: dict, workdir: str, timeout: float | None = None) -> dict:
-    """Run one row in ``python -m nzrt.profile_child``; its result as a dict (``"error"`` when the
+    """Run one row in ``python -m nzrt.cli.profile_child``; its result as a dict (``"error"`` when the
     row raised: rebuilt by ``child_error``)."""
     tag = f"{args['mode']}-{args.get('policy') or ''}-{time.perf_counter_ns()}"
     args = dict(args, result=os.path.join(workdir, f"result-{tag}.json"),
@@ -180,7 +182,7 @@ def run_child(args: dict, workdir: str, timeout: float | None = None) -> dict:
         json.dump(args, f)
     t = time.perf_counter()
     # run in workdir: `-m` puts the working directory on sys.path, and it must not be the root
-    p = subprocess.run([sys.executable, "-m", "nzrt.profile_child", arg_path], cwd=workdir,
+    p = subprocess.run([sys.executable, "-m", "nzrt.cli.profile_child", arg_path], cwd=workdir,
                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        timeout=timeout)
     wall = time.perf_counter() - t
@@ -204,7 +206,7 @@ def child_error(err: dict) -> BaseException:
     name, module, msg = err.get("type") or "Error", err.get("module") or "builtins", err.get("message") or ""
     e = None
     if name == "BudgetError":
-        from .policies import BudgetError
+        from ..policies import BudgetError
 
         e = BudgetError(msg, int(err.get("needed") or 0))
     else:
@@ -272,18 +274,18 @@ def profile(model=None, *, dtype=None, policies=None, budget=None, device=None, 
             overhead: bool = True, progress: Progress | None = None, timeout: float | None = None) -> ProfileResult:
     """Run ``model`` plainly, then under each policy, each run in a child process of its own.
 
-    ``model``: a MODEL spec (``models.resolve``'s: a path, 'minilm', package.module:factory, None
-    for the embedded SmolLM2) or a ``models.LoadedModel`` (its ``source`` is loaded again in each
-    child). The plain row loads it as ``models.resolve(spec, dtype=dtype)`` (dense); a managed row
+    ``model``: a MODEL spec (``model_arg.resolve``'s: a path, 'minilm', package.module:factory, None
+    for the embedded SmolLM2) or a ``LoadedModel`` (its ``source`` is loaded again in each
+    child). The plain row loads it as ``model_arg.resolve(spec, dtype=dtype)`` (dense); a managed row
     as ``nzrt.from_pretrained`` does (``resolve(..., lazy=True)`` then ``manage_loaded``).
     ``overhead``: also measure the runtime's fixed overhead in a child of its own.
     ``progress(done, total, what)`` is called as each run starts and as it ends.
     """
     spec = model
     if isinstance(model, str):
-        from . import models
+        from .model_arg import check_spec
 
-        spec = models.check_spec(model)  # before any run starts; a path made absolute for the children
+        spec = check_spec(model)  # before any run starts; a path made absolute for the children
     elif model is not None:
         spec = getattr(model, "source", None) or None
         if dtype is None and getattr(model, "dtype", None) is not None:
@@ -306,7 +308,7 @@ def profile(model=None, *, dtype=None, policies=None, budget=None, device=None, 
     import torch
 
     res.environment = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "cores": os.cpu_count(), "backend": os.environ.get("NZRT_BACKEND"),
+                       "cores": os.cpu_count(), "backend": settings.get("NZRT_BACKEND"),
                        "isolation": "one child process per run",
                        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     common = {"spec": spec, "dtype": dtype, "device": device, "mantissa_bits": mantissa_bits, "tokens": tokens,
@@ -425,7 +427,7 @@ def format_table(res: ProfileResult) -> str:
     dense_first = [run for run, d in res.details.items() if run != "plain" and d.get("lazy") is False]
     if dense_first:
         lines.append(f"note: {', '.join(dense_first)} loaded the model dense before compressing it (it is not read "
-                     f"tensor by tensor: a factory or a GGUF, or models.resolve(lazy=True) fell back to "
+                     f"tensor by tensor: a factory or a GGUF, or model_arg.resolve(lazy=True) fell back to "
                      f"transformers' loader); their peaks "
                      f"include the dense weights")
     load, cores = res.environment.get("load_average_at_start"), res.environment.get("cores") or 1

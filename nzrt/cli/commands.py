@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from ..kernels import env as settings
 
 app = typer.Typer(
     name="nzrt",
@@ -20,7 +21,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-_STATE = {"debug": bool(os.environ.get("NZRT_DEBUG"))}
+_STATE = {"debug": bool(settings.get("NZRT_DEBUG"))}  # any non-empty value
 
 MODEL_ARG_HELP = ("a transformers directory, a .gguf file, a .nzrt checkpoint, package.module:factory, "
                   "'minilm', or nothing for the embedded SmolLM2-135M")
@@ -34,7 +35,7 @@ BUDGET_HELP = ('Memory budget for the weights on the device (compressed, decoded
 # -- errors ------------------------------------------------------------------------------------
 def _one_line(e: BaseException) -> str:
     """What is wrong and what to do, on one line."""
-    from .models import ModelError
+    from ..loading.errors import ModelError
 
     msg = " ".join(str(e).split()) or type(e).__name__
     name = type(e).__name__
@@ -66,7 +67,7 @@ def _one_line(e: BaseException) -> str:
 def _human(n, up: bool = False) -> str:
     """Bytes as "12.34MiB" (``up``: rounded up, so that the text passed back as --budget is never
     less than ``n``: budget.format_bytes(n, up=True) without the space)."""
-    from .budget import format_bytes
+    from ..budget import format_bytes
 
     return format_bytes(n, up=up).replace(" ", "")
 
@@ -94,7 +95,7 @@ def _progress():
     console = Console(stderr=True)
     prog = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                     TextColumn("{task.fields[what]}", style="dim"), console=console, transient=True,
-                    disable=not console.is_terminal and not os.environ.get("NZRT_PROGRESS"))
+                    disable=not console.is_terminal and not settings.get("NZRT_PROGRESS"))
     tasks = {}
 
     def make(label):
@@ -117,10 +118,10 @@ def _status(text: str):
 
 
 def _load(model: Optional[str], dtype: Optional[str] = None):
-    from . import models
+    from . import model_arg
 
     with _status(f"loading {model or 'the embedded SmolLM2-135M'} ..."):
-        return models.resolve(model, dtype=dtype)
+        return model_arg.resolve(model, dtype=dtype)
 
 
 def _check_device(device: Optional[str]) -> Optional[str]:
@@ -156,7 +157,7 @@ def _fused_name(name: str) -> str:
 
 
 def _check_policies(names) -> None:
-    from .policies import get_policy
+    from ..policies import get_policy
 
     for name in names:
         get_policy(name)  # ValueError naming the choices
@@ -165,7 +166,7 @@ def _check_policies(names) -> None:
 def _parse_budget(budget: Optional[str]):
     """--budget checked before any model loads: bytes (int), or a percentage string the runtime
     resolves against the free memory. InvalidBudgetError (one line) for anything else."""
-    from .budget import check_budget
+    from ..budget import check_budget
 
     return check_budget(None if budget is None else budget.strip())
 
@@ -175,7 +176,7 @@ def _parse_mantissa_bits(text: Optional[str]) -> Optional[int]:
     _check_mantissa_bits once the model is loaded."""
     if text is None:
         return None
-    from .kernels.spec import LAYOUTS  # the dtypes' mantissa widths, not a copy of them
+    from ..kernels.spec import LAYOUTS  # the dtypes' mantissa widths, not a copy of them
 
     ranges = ", ".join(f"0..{lay.man_bits} for {name}" for name, lay in LAYOUTS.items())
     t = text.strip()
@@ -192,7 +193,7 @@ def _check_mantissa_bits(k: Optional[int], lm) -> Optional[int]:
     """``k`` against the loaded model's float dtype (codec.check_mantissa_bits' message)."""
     if k is None or lm.dtype is None:
         return k
-    from .codec import check_mantissa_bits
+    from ..codec import check_mantissa_bits
 
     try:
         return check_mantissa_bits(k, lm.dtype)
@@ -203,7 +204,7 @@ def _check_mantissa_bits(k: Optional[int], lm) -> Optional[int]:
 # -- commands ----------------------------------------------------------------------------------
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors.")):
-    _STATE["debug"] = bool(debug or os.environ.get("NZRT_DEBUG") or _STATE.get("argv_debug"))
+    _STATE["debug"] = bool(debug or settings.get("NZRT_DEBUG") or _STATE.get("argv_debug"))
 
 
 @app.command()
@@ -246,10 +247,10 @@ def profile(
         budget = _parse_budget(budget)
         mantissa_bits = _parse_mantissa_bits(mantissa_bits)
         if dtype is not None:
-            from .models import parse_dtype
+            from ..loading.loaded import parse_dtype
 
             parse_dtype(dtype)  # a bad --dtype is one line before any run starts
-        from .models import check_spec
+        from .model_arg import check_spec
 
         model = check_spec(model)  # so is a bad MODEL: a missing path, an unknown file, no such module
         prog, make = _run_progress()
@@ -289,10 +290,11 @@ def compress(
 ):
     """Write a compressed checkpoint (weights + config + tokenizer), loadable without the dense weights."""
     with _errors():
-        from . import models
+        from ..loading.compress import compress_model, compress_transformers_dir
+        from ..loading.errors import ModelError
 
         if out.exists() and out.is_dir():
-            raise models.ModelError(f"{out} is a directory; give the .nzrt file to write")
+            raise ModelError(f"{out} is a directory; give the .nzrt file to write")
         mantissa_bits = _parse_mantissa_bits(mantissa_bits)
         src = Path(model).expanduser()
         if src.is_file() and src.name == "config.json":
@@ -302,13 +304,13 @@ def compress(
         if src.is_dir() and (src / "config.json").is_file():
             # a transformers directory: streamed tensor by tensor (never resolve(): that loads it whole)
             with prog:
-                st = models.compress_transformers_dir(src, out, mantissa_bits=mantissa_bits, dtype=dtype,
-                                                      progress=make("compressing"), source=model)
+                st = compress_transformers_dir(src, out, mantissa_bits=mantissa_bits, dtype=dtype,
+                                               progress=make("compressing"), source=model)
         if st is None:
             lm = _load(model, dtype)
             mantissa_bits = _check_mantissa_bits(mantissa_bits, lm)
             with prog:
-                st = models.compress_model(lm, out, mantissa_bits=mantissa_bits, progress=make("compressing"))
+                st = compress_model(lm, out, mantissa_bits=mantissa_bits, progress=make("compressing"))
         mode = "lossless" if mantissa_bits is None else f"lossy, {mantissa_bits} mantissa bits"
         typer.echo(f"{st.name}: {st.tensors} weight tensors, {st.params:,} weights ({mode})")
         typer.echo(f"before: {_human(st.dense_bytes)} dense {st.dtype}")
@@ -345,31 +347,31 @@ def inspect_cmd(
 ):
     """Per tensor: dtype, shape, bits/weight, exponent entropy, tier coverage; totals."""
     with _errors():
-        from . import models, stats
+        from . import inspect as inspection
 
         prog, make = _progress()
         path = Path(target).expanduser() if target else None
         is_file = path is not None and path.is_file() and _is_nzrt(path)
         if is_file:
             with prog:
-                res = stats.inspect_file(path, progress=make("reading"))
+                res = inspection.inspect_file(path, progress=make("reading"))
         else:
             mantissa_bits = _parse_mantissa_bits(mantissa_bits)
             lm = _load(target, dtype)
             mantissa_bits = _check_mantissa_bits(mantissa_bits, lm)
             with prog:
-                res = stats.inspect_model(lm, mantissa_bits=mantissa_bits, progress=make("compressing"))
+                res = inspection.inspect_model(lm, mantissa_bits=mantissa_bits, progress=make("compressing"))
         if json_out:
             typer.echo(json.dumps(res, indent=1, default=str))
         else:
-            typer.echo(stats.format_table(res, limit=None if all_rows else 40))
+            typer.echo(inspection.format_table(res, limit=None if all_rows else 40))
 
 
 def _is_nzrt(path: Path) -> bool:
-    from .models import NZRT_MAGIC
+    from ..format.checkpoint import MAGIC
 
     with open(path, "rb") as f:
-        return f.read(8) == NZRT_MAGIC
+        return f.read(8) == MAGIC
 
 
 @app.command()
@@ -396,7 +398,8 @@ def generate(
     opened as nzrt.from_pretrained opens it (a transformers directory is read one tensor at a time,
     a .nzrt memory-mapped); --policy plain loads it dense, without nzrt."""
     with _errors():
-        from . import models
+        from ..loading.errors import ModelError
+        from . import model_arg
         from .generate import generate as gen
 
         if max_new_tokens < 1:
@@ -415,11 +418,11 @@ def generate(
             lm = _load(model, dtype)
         else:  # nzrt.from_pretrained's path: a meta model whose weights are read as they are compressed
             with _status(f"loading {model or 'the embedded SmolLM2-135M'} ..."):
-                lm = models.resolve(model, dtype=dtype, lazy=True)
+                lm = model_arg.resolve(model, dtype=dtype, lazy=True)
         mantissa_bits = _check_mantissa_bits(mantissa_bits, lm)
         if lm.kind != "causal-lm" or lm.tokenizer is None:
-            raise models.ModelError(f"{lm.name} is not a causal language model with a tokenizer; "
-                                    f"`nzrt generate` needs one (try `nzrt profile` for other models)")
+            raise ModelError(f"{lm.name} is not a causal language model with a tokenizer; "
+                             f"`nzrt generate` needs one (try `nzrt profile` for other models)")
         from .profile import default_device
 
         dev = device or default_device()
@@ -437,7 +440,7 @@ def generate(
                       device=dev)
         else:
             import nzrt
-            from .pretrained import manage_loaded
+            from ..pretrained import manage_loaded
 
             m = manage_loaded(lm, policy=policy, budget=budget, mantissa_bits=mantissa_bits, device=dev)
             try:
@@ -451,7 +454,7 @@ def generate(
         typer.echo(f"[{len(res.new_tokens)} tokens in {res.seconds:.2f} s: {res.tokens_per_s:.1f} tokens/s; "
                    f"prompt {res.prompt_tokens} tokens; policy {policy}]", err=True)
         if (report or report_layers) and rep is not None:
-            from .osmem import rss
+            from ..osmem import rss
 
             text = rep.summary() if hasattr(rep, "summary") else str(rep)
             peak = rss().get("peak")
@@ -468,7 +471,7 @@ def generate(
 def env(json_out: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Versions, GPUs (NVML), the decode backend that will run, CPU threads."""
     with _errors():
-        from .envinfo import collect, format_env
+        from .env import collect, format_env
 
         info = collect()
         typer.echo(json.dumps(info, indent=1) if json_out else format_env(info))
@@ -482,6 +485,3 @@ def main(argv: Optional[List[str]] = None) -> None:
         _STATE["argv_debug"] = True
     app(args=args, prog_name="nzrt")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -1,0 +1,4 @@
+"""``python -m nzrt.cli ...``: the same as the ``nzrt`` command."""
+from .commands import main
+
+main()
