@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from .format import CompressedTensor
+from .format.rowchunks import RowChunks
 from .kernels import backends, env, spec
 
 BACKENDS = backends.NAMES
@@ -142,10 +143,15 @@ def decode_into(ct: CompressedTensor, out: torch.Tensor, *, backend: str | None 
     return out
 
 
-def decompress(ct: CompressedTensor, *, out: torch.Tensor | None = None,
+def decompress(ct: CompressedTensor | RowChunks, *, out: torch.Tensor | None = None,
                backend: str | None = None) -> torch.Tensor:
-    """The dense tensor, bit-identical to what was compressed (lossless mode)."""
+    """The dense tensor, bit-identical to what was compressed (lossless mode). A ``RowChunks``
+    (a weight stored as row chunks) is decoded chunk by chunk into its rows."""
     if out is None:
-        out = torch.empty(ct.shape, dtype=ct.dtype, device=ct.device)
+        out = torch.empty(tuple(ct.shape), dtype=ct.dtype, device=ct.device)
+    if isinstance(ct, RowChunks):
+        for (a, b), part in zip(ct.spans, ct.parts):
+            decode_into(part, out[a:b].reshape(-1), backend=backend)
+        return out
     decode_into(ct, out, backend=backend)
     return out

@@ -58,16 +58,6 @@ class RowChunks:
     def nbytes(self) -> int:
         return sum(ct.nbytes for ct in self.parts)
 
-    def decompress(self, backend=None):
-        import torch
-
-        from .. import codec
-
-        out = torch.empty(tuple(self.shape), dtype=self.dtype)
-        for (a, b), ct in zip(self.spans, self.parts):
-            codec.decode_into(ct, out[a:b].reshape(-1), backend=backend)
-        return out
-
     def __repr__(self) -> str:
         return f"RowChunks({self.name!r}, {tuple(self.shape)}, {self.dtype}, {len(self.parts)} chunks)"
 

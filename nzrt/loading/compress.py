@@ -92,9 +92,7 @@ def _compress_loaded(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
             tensors[name] = src  # already compressed at least as finely: keep it as is
             comp_bytes += src.nbytes
         else:
-            if isinstance(src, rowchunks.RowChunks):
-                dense = src.decompress()
-            elif isinstance(src, CompressedTensor):
+            if isinstance(src, (CompressedTensor, rowchunks.RowChunks)):
                 dense = decompress(src)
             else:
                 dense = src if src is not None else p.detach()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..format import rowchunks
 from .errors import ModelError
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
@@ -65,10 +64,7 @@ class LoadedModel:
             src = self.compressed.get(name)
             if src is None:
                 raise ModelError(f"the checkpoint has no tensor {name!r}; re-create it with `nzrt compress`")
-            if isinstance(src, rowchunks.RowChunks):
-                dense = src.decompress()
-            else:
-                dense = decompress(src) if not isinstance(src, torch.Tensor) else src.clone()
+            dense = decompress(src) if not isinstance(src, torch.Tensor) else src.clone()  # RowChunks too
             if device is not None:
                 dense = dense.to(device)
             replace[id(p)] = torch.nn.Parameter(dense, requires_grad=False)
