@@ -45,8 +45,9 @@ memory free at entry.
 from __future__ import annotations
 
 from ..policies import BudgetError
+from .config import ManagedConfig
 from .errors import ManagedError
-from .handle import Managed, handle_of
+from .handle import Managed, check_model, handle_of
 from .params import DEFAULT_CHUNK_BYTES, DEFAULT_MIN_NUMEL
 from .training import OptimizerConfig
 
@@ -72,6 +73,7 @@ def managed(model, *, policy="auto", budget=None, mantissa_bits: int | None = No
         optimizer (one per trainable parameter, stepped in the backward as each gradient is
         complete), or an ``OptimizerConfig``. Lossless only. See ``nzrt.runtime.training``.
     """
-    return Managed(model, policy=policy, budget=budget, mantissa_bits=mantissa_bits, device=device,
-                   weights=weights, prefetch=prefetch, min_numel=min_numel, chunk_bytes=chunk_bytes,
-                   backend=backend, optimizer=optimizer)
+    check_model(model)  # before the options: a wrong first argument is the error to report
+    return Managed(model, ManagedConfig(policy=policy, budget=budget, mantissa_bits=mantissa_bits, device=device,
+                                        weights=weights, prefetch=prefetch, min_numel=min_numel,
+                                        chunk_bytes=chunk_bytes, backend=backend, optimizer=optimizer))
