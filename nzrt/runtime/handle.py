@@ -22,7 +22,7 @@ from ..budget import parse_budget
 from ..kernels import env
 from ..memory import MemoryTracker
 from ..scheduler import Scheduler
-from .accounting import build_report, fixed_bytes, held_bytes
+from . import accounting  # by module: a test injects failures into accounting.build_report
 from .config import ManagedConfig
 from .decoder import Decoder
 from .entry import Entry, resolve_device
@@ -170,7 +170,7 @@ class Managed:
         self.kept_mapped = entry.kept_mapped
         found = entry.take_weights()
         units = self._units.build(self.model, shared.params)
-        self.fixed_bytes = fixed_bytes(self.model, [mp.param for mp in shared.params], dev)
+        self.fixed_bytes = accounting.fixed_bytes(self.model, [mp.param for mp in shared.params], dev)
         self.budget = parse_budget(config.budget, lambda: shared.tracker.free_bytes())
         self.layers = layer_infos(units, shared.tensors)
         planner = Planner(config.policy, self.layers, self.budget, self.fixed_bytes, dev, units,
@@ -303,7 +303,7 @@ class Managed:
 
     # -- report -----------------------------------------------------------------------------
     def held_bytes(self) -> dict:
-        return held_bytes(self.shared, self.model, self.restore.spill.nbytes(), self.attached)
+        return accounting.held_bytes(self.shared, self.model, self.restore.spill.nbytes(), self.attached)
 
     def report(self):
         if not self.attached:
@@ -314,7 +314,7 @@ class Managed:
         return self._build_report(self.held_bytes())
 
     def _build_report(self, held: dict):
-        return build_report(
+        return accounting.build_report(
             self.shared, held, policy=self.policy, layers=self.layers, budget=self.budget,
             fixed_bytes=self.fixed_bytes, mantissa_bits=self.mantissa_bits, entry_seconds=self.entry_seconds,
             warnings=self.warnings, weights_dense_bytes=self.weights_dense_bytes)
