@@ -69,7 +69,7 @@ def decode_chunks(mp, out, source, decode) -> torch.Tensor:
 
 class Decoder:
     """A session's codec settings and the state of its reads: which blobs are read from their
-    file each time (``read_from_file``: ids of CompressedTensors, set by placement) and the fused
+    file each time (ids of CompressedTensors, told by placement) and the fused
     kernels' prepared views of compressed weights."""
 
     def __init__(self, device: torch.device, backend: str | None, mantissa_bits: int | None, requested_widths=None):
@@ -79,7 +79,7 @@ class Decoder:
         self._requested_widths = requested_widths
         self._widths = None
         self._widths_chosen = False
-        self.read_from_file: set = set()
+        self._read_from_file: set = set()
         self._fused_weights: dict = {}  # key -> kernels.cpu_fused.FusedWeight of its compressed copy
 
     # -- the code -------------------------------------------------------------------------------
@@ -138,8 +138,16 @@ class Decoder:
     def after_read(self, ct) -> None:
         """A kernel read ``ct`` (a decode, or a fused pass reading it straight): the disk tier's
         file pages go back after each read."""
-        if id(ct) in self.read_from_file:
+        if id(ct) in self._read_from_file:
             osmem.release_file_pages(ct.data, trusted=True)
+
+    def read_from_file_each_time(self, ids: set) -> None:
+        """Placement says which blobs are read from their file each time (ids of CompressedTensors)."""
+        self._read_from_file = ids
+
+    def replaced(self, ct) -> None:
+        """``ct`` is no longer a session's copy (a training step compressed a new one)."""
+        self._read_from_file.discard(id(ct))
 
     def fused_weight(self, key, ct):
         """The fused kernels' prepared view of ``key``'s compressed copy ``ct`` (rebuilt when it changed)."""

@@ -185,7 +185,7 @@ def place(plan, units: dict, tensors: dict, tier_now: dict, device) -> None:
 class Planner:
     """The scheduler's ``planner`` and ``place`` callbacks for one block: the policy, the layer
     sizes, the budget and the uncompressed bytes bound in, and where each tensor is now.
-    ``tier_now`` (key -> tier) and ``decoder.read_from_file`` are kept up to date by ``place``;
+    ``tier_now`` (key -> tier) and what the decoder reads from files are kept up to date by ``place``;
     replanning notes go to ``warnings``."""
 
     def __init__(self, policy, layers: dict, budget, fixed_bytes: int, device, units: dict, shared, warnings: list):
@@ -228,4 +228,4 @@ class Planner:
         # PyTorch keeps only the rows it read
         from_file |= {id(tensors[k].ct) for mp in self.shared.params if mp.chunked for k in mp.keys
                       if tensors[k].on_disk and tensors[k].ct.device.type == "cpu"}
-        self.shared.decoder.read_from_file = from_file
+        self.shared.decoder.read_from_file_each_time(from_file)

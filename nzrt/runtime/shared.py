@@ -64,7 +64,7 @@ class Shared:
             if cuda and tier not in (None, Tier.DEVICE):  # host tiers: pinned host memory
                 ct = ct.to("cpu").pin_memory()
             self.weights_compressed_bytes += ct.nbytes - s.ct.nbytes
-            self.decoder.read_from_file.discard(id(s.ct))
+            self.decoder.replaced(s.ct)
             s.ct = s.home = ct
             s.on_disk = False
             self.scheduler.refresh(key, part.reshape(-1))
