@@ -6,7 +6,7 @@ use the session's mantissa bits and exponent code. The exponent code is chosen h
 policy (``nzrt.policies`` describes what to keep where and stays free of codec and CPU details):
 ``Fused(widths=...)`` is a request, resolved by ``Decoder.widths`` against the device and, for
 ``"auto"``, whether the CPU has AVX-512BW (the fused kernel's fast path for the window code).
-The kernels this needs are imported here only.
+The kernels this needs are imported here only (``kernels.env`` aside, the settings' reader).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch
 
 from .. import codec, osmem
 from ..format import CompressedTensor
+from ..kernels.fused_reference import ROW_ID_DTYPES  # the integer ids a fused lookup takes
 from .params import FLOATS
 
 _DECODE_LOCK = threading.Lock()

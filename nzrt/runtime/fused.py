@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from ..kernels.fused_reference import ROW_ID_DTYPES as _INTS  # integer ids: a lookup's input
+from .decoder import ROW_ID_DTYPES as _INTS  # integer ids: a lookup's input
 
 
 class FusedStats:
