@@ -89,7 +89,7 @@ class Scheduler:
         self.pool = SlotPool()
         if self.device.type != "cuda":  # before a plan: one unit at a time (on demand), so its size
             self.pool.cap = self._largest_unit_bytes()
-        self.store: dict = {}         # key -> _Dense
+        self._store: dict = {}         # key -> _Dense
         self.held: set = set()        # units the scheduler holds dense (by plan or on demand)
         self.stats = {u: UnitStats() for u in units}
         self.recorder = TraceRecorder()
@@ -298,7 +298,7 @@ class Scheduler:
         self.held.add(unit)
         items = []
         for key in self.units[unit]:
-            d = self.store.get(key)
+            d = self._store.get(key)
             if d is not None:
                 d.refs.add(unit)
                 d.pinned |= pinned
@@ -311,7 +311,7 @@ class Scheduler:
             else:
                 buf, ev = self.pool.acquire(pk)
             d = _Dense(buf=buf, pool_key=pk, refs={unit}, pinned=pinned)
-            self.store[key] = d
+            self._store[key] = d
             items.append((s, d, ev))
         if not items:
             return
@@ -335,7 +335,7 @@ class Scheduler:
         out = {}
         t0 = None
         for key in self.units[unit]:
-            d = self.store[key]
+            d = self._store[key]
             if self.cuda:
                 if d.event is not None:
                     import torch
@@ -354,13 +354,13 @@ class Scheduler:
             return
         self.held.discard(unit)
         for key in self.units[unit]:
-            d = self.store.get(key)
+            d = self._store.get(key)
             if d is None:
                 continue
             d.refs.discard(unit)
             if d.refs:
                 continue
-            del self.store[key]
+            del self._store[key]
             if d.pinned:
                 continue
             ev = None
@@ -376,7 +376,7 @@ class Scheduler:
         """``key``'s weight changed (a training step): a dense copy held now takes the new values
         (``flat``: the new dense values, flat, on the device). A decode in flight into it finishes
         first; the next decode reads the tensor's new compressed copy."""
-        d = self.store.get(key)
+        d = self._store.get(key)
         if d is None:
             return
         if self.cuda:
@@ -404,7 +404,7 @@ class Scheduler:
         """The pool's buffers, CUDA staging buffers, and the dense tier's pinned copies."""
         staged = self._cuda.stage_pool.held_bytes if self.cuda else 0
         return self.pool.held_bytes + staged + sum(
-            d.buf.numel() * d.buf.element_size() for d in self.store.values() if d.pinned)
+            d.buf.numel() * d.buf.element_size() for d in self._store.values() if d.pinned)
 
     def cuda_times(self, wait: bool = True) -> None:
         """Fold the CUDA transfer and decode timings into the stats (see ``CudaSide.fold_times``)."""
@@ -414,7 +414,7 @@ class Scheduler:
     # -- what the runtime asks ------------------------------------------------------------------
     def is_held(self, key: str) -> bool:
         """Whether a dense copy of tensor ``key`` is held now (by plan or on demand)."""
-        return key in self.store
+        return key in self._store
 
     @property
     def decodes_ahead(self) -> bool:
@@ -439,7 +439,7 @@ class Scheduler:
 
     def shutdown(self) -> None:
         """Wait for every decode in flight, drop every dense copy, stop the worker."""
-        for d in list(self.store.values()):
+        for d in list(self._store.values()):
             if d.job is not None:
                 try:
                     d.job.wait()
@@ -451,7 +451,7 @@ class Scheduler:
         self.stack.clear()
         for u in list(self.held):
             self.held.discard(u)
-        self.store.clear()
+        self._store.clear()
         self.pool.clear()
         if self.cuda:
             self._cuda.stage_pool.clear()
