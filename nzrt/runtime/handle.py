@@ -164,7 +164,7 @@ class Managed:
         self.device = dev = resolve_device(self.model, config.device)
         fused = config.fused
         decoder = Decoder(dev, config.backend, config.mantissa_bits, fused.widths if fused is not None else None)
-        shared = self.shared = Shared(dev, decoder, fused=fused, lock=self._lock)
+        shared = self.shared = Shared(dev, decoder, fused=fused, lock=self._lock, owner=self)
         shared.tracker = MemoryTracker(dev)
         entry = Entry(self.model, config, shared, self.restore, self.warnings)
         self.kept_mapped = entry.kept_mapped

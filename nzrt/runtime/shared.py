@@ -36,6 +36,9 @@ class Shared:
     rss_after_trim: int = 0         # RSS after the last end-of-pass trim (passes.py)
     last_saved: object = None       # weakref to the weight token autograd saved last (saved.py)
     weights_compressed_bytes: int = 0  # the managed weights' compressed bytes now (training changes them)
+    # the ``Managed`` handle, held only to keep it alive as long as the model's wrapped forwards
+    # (which hold this object) are: ``from_pretrained`` keeps no other reference to it. Never read.
+    owner: object = None
 
     def lock_held(self) -> bool:
         return self.lock.held_here()
