@@ -370,13 +370,12 @@ class Fused:
     weights but no longer bit-identical to plain PyTorch (greedy text usually matches; logits
     differ in the last bits). CPU only for now (on a GPU the base path runs).
 
-    ``widths`` is the exponent code the weights are compressed with when ``managed()`` compresses
-    them: ``(4,)`` one 4-bit level, ~12.0 bits a bf16 weight, which the fused CPU kernel
-    multiplies from ~1.7x faster than from the smallest code (where the CPU has AVX-512BW);
-    ``None`` that smallest code (the planner's cascade, ~10.7 bits, as every other policy);
-    ``"auto"`` (the default) ``(4,)`` where that fast path runs (a CPU device with AVX-512BW),
-    else ``None``. Weights that arrive compressed (a ``.nzrt`` file) keep their code; every code
-    gives the same bits."""
+    ``widths`` asks for the exponent code ``managed()`` compresses the weights with: ``"auto"``
+    (the default), ``None`` (the smallest code, as every other policy) or level widths such as
+    ``(4,)``. This package only records the request; what it means on a machine (``"auto"``: the
+    4-bit window code where the fused kernel's fast path runs) is the runtime's codec choice
+    (``nzrt.runtime.decoder.choose_widths``). Weights that arrive compressed (a ``.nzrt`` file)
+    keep their code; every code gives the same bits."""
 
     base: object = None  # a policy value or name; None: Auto()
     max_rows: int = 16

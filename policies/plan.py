@@ -24,7 +24,7 @@ class Tier:
     DEVICE = "device"  # compressed on the execution device
     HOST = "host"      # compressed in (pinned) host memory, copied over before decoding
     DISK = "disk"      # compressed in a memory-mapped .nzrt file
-    ALL = ("dense", "device", "host", "disk")
+    ALL = (DENSE, DEVICE, HOST, DISK)
 
 
 class PlanError(AssertionError):

@@ -5,9 +5,10 @@ if __name__ == "scheduler":  # the project root is on sys.path: `import schedule
     _runpy.run_path(_os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "nzrt", "_step_aside.py"))[
         "step_aside"](__name__, __file__)
 else:
-    from .engine import FOLLOW, ONDEMAND, RECORD, CpuWorker, Scheduler, TensorSlot, UnitStats
+    from .engine import FOLLOW, ONDEMAND, RECORD, Scheduler, TensorSlot, UnitStats
     from .pool import SlotPool
     from .trace import TraceRecorder
+    from .worker import CpuWorker, Job
 
-    __all__ = ["Scheduler", "TensorSlot", "UnitStats", "CpuWorker", "SlotPool", "TraceRecorder",
+    __all__ = ["Scheduler", "TensorSlot", "UnitStats", "CpuWorker", "Job", "SlotPool", "TraceRecorder",
                "RECORD", "FOLLOW", "ONDEMAND"]

@@ -11,17 +11,17 @@ decoded on demand and the next pass is traced again, so results never depend on 
 """
 from __future__ import annotations
 
-import atexit
-import queue
-import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 
+from ..policies.plan import Tier
+from .cuda import TIMING_BACKLOG, CudaSide
 from .pool import SlotPool
 from .trace import TraceRecorder
+from .worker import CpuWorker, Job
 
 RECORD, FOLLOW, ONDEMAND = "record", "follow", "on-demand"
+ONDEMAND_STEADY = "on-demand (steady)"  # a plan without prefetch (prefetch=False): on demand for good
 
 
 @dataclass
@@ -63,113 +63,19 @@ class _Dense:
     buf: object
     pool_key: tuple
     refs: set = field(default_factory=set)
-    job: object = None        # CPU: the _Job writing buf
+    job: object = None        # CPU: the Job writing buf
     event: object = None      # CUDA: event recorded after the decode on the side stream
     pinned: bool = False      # dense tier: never released
-
-
-class _Job:
-    __slots__ = ("items", "unit", "done", "error", "seconds", "decode")
-
-    def __init__(self, items, unit, decode):
-        self.items = items
-        self.unit = unit
-        self.done = threading.Event()
-        self.error = None
-        self.seconds = 0.0
-        self.decode = decode
-
-    def run(self):
-        t0 = time.perf_counter()
-        try:
-            for ct, buf in self.items:
-                self.decode(ct, buf)
-        except BaseException as e:  # re-raised in the thread that waits
-            self.error = e
-        finally:
-            self.seconds = time.perf_counter() - t0
-            self.done.set()
-
-    def wait(self):
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-
-
-_LIVE_WORKERS: "weakref.WeakSet[CpuWorker]" = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_live_workers() -> None:
-    """At interpreter exit, before daemon threads are abandoned: let each worker finish its job and
-    end. A session left open (``from_pretrained`` without ``release``) may still be decoding a
-    prefetch; a daemon thread inside numba's or torch's OpenMP pool while the process tears those
-    pools down aborts it (``terminate called without an active exception``, exit status 134)."""
-    for worker in list(_LIVE_WORKERS):
-        worker.stop()
-
-
-class CpuWorker:
-    """One daemon thread running decode jobs in order. The numba decoder releases the GIL, so
-    decoding overlaps the model's compute. After ``stop`` (the session's end, or interpreter exit)
-    a submitted job runs in the caller's thread, so nothing waits on a thread that is gone."""
-
-    def __init__(self, threads: int | None = None):
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = threads
-        self._stopped = False
-        self._lock = threading.Lock()  # a job is queued before the stop mark, or runs in its caller
-        self._thread = threading.Thread(target=self._loop, name="nzrt-decode", daemon=True)
-        self._thread.start()
-        _LIVE_WORKERS.add(self)
-
-    def _loop(self):
-        if self._threads:
-            try:  # numba's thread count is per calling thread: this one only
-                import numba
-                numba.set_num_threads(min(self._threads, numba.config.NUMBA_NUM_THREADS))
-            except Exception:
-                pass
-        while True:
-            job = self._q.get()
-            if job is None:
-                return
-            job.run()
-            # while blocked in get() the last job must not stay referenced from this frame: it
-            # refers to the runtime (its decode), which refers to the model, which could then
-            # never be garbage-collected
-            del job
-
-    def submit(self, job: _Job) -> None:
-        with self._lock:
-            if not self._stopped:
-                self._q.put(job)
-                return
-        job.run()
-
-    @property
-    def alive(self) -> bool:
-        return not self._stopped and self._thread.is_alive()
-
-    def stop(self, wait: bool = True) -> None:
-        """End the thread after the jobs already queued; ``wait``: join it (never from itself)."""
-        with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
-            self._q.put(None)
-        _LIVE_WORKERS.discard(self)
-        if wait and self._thread is not threading.current_thread():
-            self._thread.join(timeout=60)
 
 
 class Scheduler:
     """``units``: name -> tuple of tensor keys; ``tensors``: key -> TensorSlot.
     ``planner(trace, seconds) -> Plan`` is called after every recorded pass (the runtime binds the
     policy, layer sizes, budget and costs into it); ``place(plan)`` moves tensors to the plan's
-    tiers (the runtime's job too)."""
+    tiers (the runtime's job too); ``decoder``: ``decode(ct, buf)`` writes a compressed tensor's
+    values into a flat dense buffer, ``rebased(ct, data)`` is ``ct`` over other bytes (CUDA staging)."""
 
-    def __init__(self, units: dict, tensors: dict, device, *, planner, place, decode, prefetch: bool = True,
+    def __init__(self, units: dict, tensors: dict, device, *, planner, place, decoder, prefetch: bool = True,
                  decode_threads: int | None = None):
         import torch
         self.units = units
@@ -178,13 +84,12 @@ class Scheduler:
         self.cuda = self.device.type == "cuda"
         self.planner = planner
         self.place = place
-        self.decode = decode
+        self.decoder = decoder
         self.prefetch_enabled = prefetch
         self.pool = SlotPool()
-        self.stage_pool = SlotPool()  # compressed staging buffers for host/disk tiers on CUDA
         if self.device.type != "cuda":  # before a plan: one unit at a time (on demand), so its size
             self.pool.cap = self._largest_unit_bytes()
-        self.store: dict = {}         # key -> _Dense
+        self._store: dict = {}         # key -> _Dense
         self.held: set = set()        # units the scheduler holds dense (by plan or on demand)
         self.stats = {u: UnitStats() for u in units}
         self.recorder = TraceRecorder()
@@ -198,11 +103,9 @@ class Scheduler:
         self.divergences = 0
         self.replans = 0
         self.runtime_peak = 0
-        self._cuda_timing: list = []  # (unit, start event, end event)
         self._worker = None
-        if self.cuda:
-            self.side = torch.cuda.Stream(self.device)
-        elif prefetch:
+        self._cuda = CudaSide(self.device, decoder) if self.cuda else None
+        if not self.cuda and prefetch:
             self._worker = CpuWorker(decode_threads)
 
     # -- pass boundaries ----------------------------------------------------------------------
@@ -220,7 +123,7 @@ class Scheduler:
         if self.depth > 0:
             return
         self.passes += 1
-        if self.cuda and len(self._cuda_timing) > 4096:
+        if self.cuda and len(self._cuda.timing) > TIMING_BACKLOG:
             self.cuda_times(wait=False)  # keep the list of timing events bounded
         if not ok:  # an exception inside the forward: drop everything, trace again
             self.recorder.active = False
@@ -252,7 +155,7 @@ class Scheduler:
         self.pos = 0
         tiers = plan.tier_of
         for u, t in tiers.items():
-            if t == "dense":
+            if t == Tier.DENSE:
                 self._issue(u, pinned=True)
         if trace and plan.steps:
             self._reserve(plan)
@@ -270,11 +173,10 @@ class Scheduler:
     def _reserve(self, plan) -> None:
         """Size the pool from the plan: the most buffers of each kind held at once."""
         if self.cuda:  # buffers about to be freed may still be written by the side stream
-            import torch
-            torch.cuda.current_stream(self.device).wait_stream(self.side)
+            self._cuda.compute_waits_for_side()
         held = set(plan.initial_dense) if self.prefetch_enabled else set()
         tiers = plan.tier_of
-        pinned = {u for u, t in tiers.items() if t == "dense"}
+        pinned = {u for u, t in tiers.items() if t == Tier.DENSE}
         pinned_keys = {k for u in pinned for k in self.units[u]}
         best: dict = {}
         peak = [0]  # the most dense bytes held at once: the pool's cap on the CPU
@@ -367,7 +269,7 @@ class Scheduler:
             self.pool.clear()
 
     def _pinned(self, unit) -> bool:
-        return bool(self.plan) and self.plan.tier_of.get(unit) == "dense"
+        return bool(self.plan) and self.plan.tier_of.get(unit) == Tier.DENSE
 
     def _in_use(self) -> set:
         return {u for u, _ in self.stack}
@@ -396,7 +298,7 @@ class Scheduler:
         self.held.add(unit)
         items = []
         for key in self.units[unit]:
-            d = self.store.get(key)
+            d = self._store.get(key)
             if d is not None:
                 d.refs.add(unit)
                 d.pinned |= pinned
@@ -409,16 +311,16 @@ class Scheduler:
             else:
                 buf, ev = self.pool.acquire(pk)
             d = _Dense(buf=buf, pool_key=pk, refs={unit}, pinned=pinned)
-            self.store[key] = d
+            self._store[key] = d
             items.append((s, d, ev))
         if not items:
             return
         st = self.stats[unit]
         st.decodes += 1
         if self.cuda:
-            self._issue_cuda(unit, items)
+            self._cuda.issue(unit, items)
             return
-        job = _Job([(s.ct, d.buf) for s, d, _ in items], unit, self.decode)
+        job = Job([(s.ct, d.buf) for s, d, _ in items], unit, self.decoder.decode)
         for _, d, _ in items:
             d.job = job
         if inline or self._worker is None:
@@ -429,54 +331,11 @@ class Scheduler:
         else:
             self._worker.submit(job)
 
-    def _issue_cuda(self, unit, items) -> None:
-        import torch
-        from nzrt.format import CompressedTensor
-        side = self.side
-
-        def timed():
-            e = torch.cuda.Event(enable_timing=True)
-            e.record(side)
-            return e
-
-        compute = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(side):
-            for s, d, ev in items:
-                if ev is not None:
-                    side.wait_event(ev)  # the compute stream is done with this buffer
-                else:
-                    # a buffer never released yet was allocated on the compute stream: the caching
-                    # allocator may have handed it memory that kernels queued there still use
-                    side.wait_stream(compute)
-                ct = s.ct
-                t0 = timed()
-                t1 = None
-                if ct.device.type != "cuda":  # host or disk tier: stream the compressed bytes
-                    n = ct.data.numel()
-                    sk = SlotPool.key(self.device, torch.uint8, n)
-                    stage, sev = self.stage_pool.acquire(sk)
-                    if sev is not None:
-                        side.wait_event(sev)  # the previous decode from this staging buffer is done
-                    # host tier: pinned once at placement; disk tier: through a pinned bounce
-                    # buffer (the caching host allocator keeps it alive until the copy is done)
-                    src = ct.data if ct.data.is_pinned() else ct.data.pin_memory()
-                    stage.copy_(src, non_blocking=True)
-                    t1 = timed()
-                    ct = CompressedTensor(ct.header, stage, verified=True)
-                    self.decode(ct, d.buf)
-                    t2 = timed()
-                    self.stage_pool.release(sk, stage, t2)
-                else:
-                    self.decode(ct, d.buf)
-                    t2 = timed()
-                d.event = t2
-                self._cuda_timing.append((unit, t0, t1, t2))
-
     def _wait(self, unit: str) -> dict:
         out = {}
         t0 = None
         for key in self.units[unit]:
-            d = self.store[key]
+            d = self._store[key]
             if self.cuda:
                 if d.event is not None:
                     import torch
@@ -495,13 +354,13 @@ class Scheduler:
             return
         self.held.discard(unit)
         for key in self.units[unit]:
-            d = self.store.get(key)
+            d = self._store.get(key)
             if d is None:
                 continue
             d.refs.discard(unit)
             if d.refs:
                 continue
-            del self.store[key]
+            del self._store[key]
             if d.pinned:
                 continue
             ev = None
@@ -517,7 +376,7 @@ class Scheduler:
         """``key``'s weight changed (a training step): a dense copy held now takes the new values
         (``flat``: the new dense values, flat, on the device). A decode in flight into it finishes
         first; the next decode reads the tensor's new compressed copy."""
-        d = self.store.get(key)
+        d = self._store.get(key)
         if d is None:
             return
         if self.cuda:
@@ -539,38 +398,48 @@ class Scheduler:
         d.job = None
 
     def _account(self) -> None:
-        held = self.pool.held_bytes + self.stage_pool.held_bytes
-        held += sum(d.buf.numel() * d.buf.element_size() for d in self.store.values() if d.pinned)
-        self.runtime_peak = max(self.runtime_peak, held)
+        self.runtime_peak = max(self.runtime_peak, self.dense_bytes_held())
 
     def dense_bytes_held(self) -> int:
-        return self.pool.held_bytes + self.stage_pool.held_bytes + sum(
-            d.buf.numel() * d.buf.element_size() for d in self.store.values() if d.pinned)
+        """The pool's buffers, CUDA staging buffers, and the dense tier's pinned copies."""
+        staged = self._cuda.stage_pool.held_bytes if self.cuda else 0
+        return self.pool.held_bytes + staged + sum(
+            d.buf.numel() * d.buf.element_size() for d in self._store.values() if d.pinned)
 
     def cuda_times(self, wait: bool = True) -> None:
-        """Fold the CUDA transfer and decode timings into the stats. ``wait``: synchronise the
-        side stream first (for a report); else fold only the finished ones (no host sync)."""
-        if not self._cuda_timing:
-            return
-        if wait:
-            self.side.synchronize()
-        keep = []
-        for entry in self._cuda_timing:
-            unit, a, b, c = entry
-            if not wait and not c.query():
-                keep.append(entry)
-                continue
-            st = self.stats[unit]
-            if b is not None:
-                st.transfer_s += a.elapsed_time(b) / 1e3
-                st.decode_s += b.elapsed_time(c) / 1e3
-            else:
-                st.decode_s += a.elapsed_time(c) / 1e3
-        self._cuda_timing = keep
+        """Fold the CUDA transfer and decode timings into the stats (see ``CudaSide.fold_times``)."""
+        if self.cuda:
+            self._cuda.fold_times(self.stats, wait)
+
+    # -- what the runtime asks ------------------------------------------------------------------
+    def is_held(self, key: str) -> bool:
+        """Whether a dense copy of tensor ``key`` is held now (by plan or on demand)."""
+        return key in self._store
+
+    @property
+    def decodes_ahead(self) -> bool:
+        """Whether a live CPU decode worker takes ``submit``ted jobs (not on a GPU, with prefetch
+        off, or after shutdown)."""
+        return self._worker is not None and self._worker.alive
+
+    def submit(self, items, decode) -> "Job | None":
+        """Run ``decode(source, buffer)`` for ``items`` on the CPU decode worker, ahead of need
+        (the backward's next weight); None without one (``decodes_ahead``): the caller decodes
+        when it needs the values."""
+        if not self.decodes_ahead:
+            return None
+        job = Job(items, None, decode)
+        self._worker.submit(job)
+        return job
+
+    def worker_stopper(self):
+        """A callable that stops the decode worker without referring to this scheduler (for a
+        finalizer of a session collected without detach), or None without a worker."""
+        return None if self._worker is None else lambda worker=self._worker: worker.stop(False)
 
     def shutdown(self) -> None:
         """Wait for every decode in flight, drop every dense copy, stop the worker."""
-        for d in list(self.store.values()):
+        for d in list(self._store.values()):
             if d.job is not None:
                 try:
                     d.job.wait()
@@ -578,17 +447,15 @@ class Scheduler:
                     pass
         if self.cuda:
             self.cuda_times()
-            import torch
-            torch.cuda.current_stream(self.device).wait_stream(self.side)
+            self._cuda.compute_waits_for_side()
         self.stack.clear()
         for u in list(self.held):
             self.held.discard(u)
-        self.store.clear()
+        self._store.clear()
         self.pool.clear()
-        self.stage_pool.clear()
+        if self.cuda:
+            self._cuda.stage_pool.clear()
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
 
-
-ONDEMAND_STEADY = "on-demand (steady)"

@@ -170,13 +170,16 @@ class Injector:
         import nzrt.codec
         import nzrt.memory
         import nzrt.runtime.accounting
+        import nzrt.runtime.entry
         import nzrt.runtime.handle
         import nzrt.runtime.placement
+        import nzrt.runtime.restore
         self.points = [(nzrt.codec, "compress"), (nzrt.codec, "decode_into"), (nzrt.codec, "decompress"),
                        (nzrt.runtime.accounting, "build_report"), (nzrt.runtime.placement, "place"),
                        (nzrt.runtime.placement, "initial_plan"), (nzrt.memory.MemoryTracker, "sample"),
-                       (nzrt.runtime.handle, "Scheduler"), (nzrt.runtime.handle, "make_placeholder"),
-                       (nzrt.runtime.handle, "register"), (nzrt.runtime.handle, "set_data")]
+                       (nzrt.runtime.handle, "Scheduler"), (nzrt.runtime.entry, "make_placeholder"),
+                       (nzrt.runtime.entry, "register"), (nzrt.runtime.entry, "set_data"),
+                       (nzrt.runtime.restore, "set_data")]
         self.calls = 0
         self.at = None
         self.exc = None

@@ -89,7 +89,7 @@ def _errors():
 def _progress():
     """A rich progress bar on stderr; returns (context manager, callback(done, total, what))."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+    from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn,
                                TimeElapsedColumn)
 
     console = Console(stderr=True)

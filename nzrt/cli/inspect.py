@@ -2,7 +2,6 @@
 many weights each level (tier) of the exponent cascade resolves; totals over the model."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np

@@ -24,7 +24,7 @@ Memory as the operating system sees it (``nzrt.osmem``): entry compresses one we
 and frees each original as its copy is made (the file pages of a memory-mapped original are
 reclaimed at once); exit restores one weight at a time and frees its compressed copy; both end
 by giving the allocator's free memory back (``malloc_trim``). A ``weights`` mapping is read one
-entry at a time (``nzrt.safetensors_io.SafetensorsDir`` reads each tensor from disk when asked).
+entry at a time (``nzrt.loading.safetensors_io.SafetensorsDir`` reads each tensor from disk when asked).
 
 Autograd works through managed weights (``nzrt.runtime.saved``): the backward decodes each weight
 again, so a frozen compressed base under trainable adapters (LoRA) gets exact gradients, and
@@ -45,8 +45,9 @@ memory free at entry.
 from __future__ import annotations
 
 from ..policies import BudgetError
+from .config import ManagedConfig
 from .errors import ManagedError
-from .handle import Managed, handle_of
+from .handle import Managed, check_model, handle_of
 from .params import DEFAULT_CHUNK_BYTES, DEFAULT_MIN_NUMEL
 from .training import OptimizerConfig
 
@@ -72,6 +73,7 @@ def managed(model, *, policy="auto", budget=None, mantissa_bits: int | None = No
         optimizer (one per trainable parameter, stepped in the backward as each gradient is
         complete), or an ``OptimizerConfig``. Lossless only. See ``nzrt.runtime.training``.
     """
-    return Managed(model, policy=policy, budget=budget, mantissa_bits=mantissa_bits, device=device,
-                   weights=weights, prefetch=prefetch, min_numel=min_numel, chunk_bytes=chunk_bytes,
-                   backend=backend, optimizer=optimizer)
+    check_model(model)  # before the options: a wrong first argument is the error to report
+    return Managed(model, ManagedConfig(policy=policy, budget=budget, mantissa_bits=mantissa_bits, device=device,
+                                        weights=weights, prefetch=prefetch, min_numel=min_numel,
+                                        chunk_bytes=chunk_bytes, backend=backend, optimizer=optimizer))

@@ -25,12 +25,14 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..kernels import env
+
 MODES = ("probe", "never")
 _VERDICTS: dict = {}  # probe key -> bool
 
 
 def mode() -> str:
-    m = os.environ.get("NZRT_BLOCKED_MATMUL", "probe").strip().lower() or "probe"
+    m = env.get("NZRT_BLOCKED_MATMUL").strip().lower() or "probe"
     if m not in MODES:
         raise ValueError(f"NZRT_BLOCKED_MATMUL={m!r}: use one of {', '.join(MODES)}")
     return m
@@ -67,14 +69,14 @@ def blocked_exact(rows: int, k: int, block: int, last: int, dtype, device) -> bo
     return v
 
 
-def chunked_linear_forward(run, mp, chunk_units, decode_whole):
+def chunked_linear_forward(shared, mp, chunk_units, decode_whole):
     """The forward of a bias-free Linear whose weight ``mp`` is in row chunks.
     ``chunk_units``: [(unit, key, (first row, end row))] in row order; ``decode_whole()``: the
     weight dense (a transient buffer) for the calls that must multiply it at once."""
     n, k = mp.shape
     block = chunk_units[0][2][1] - chunk_units[0][2][0]
     last = chunk_units[-1][2][1] - chunk_units[-1][2][0]
-    lock = run.lock
+    lock = shared.lock
 
     def forward(x):
         with lock:
@@ -82,10 +84,10 @@ def chunked_linear_forward(run, mp, chunk_units, decode_whole):
             whole = (torch.is_grad_enabled() and x.requires_grad) or len(chunk_units) < 2 or \
                 not blocked_exact(rows, k, block, last, mp.dtype, x.device)
             if whole:
-                run.blocked_stats["whole"] += 1
+                shared.blocked_stats["whole"] += 1
                 return F.linear(x, decode_whole())
-            run.blocked_stats["blocked"] += 1
-            s = run.scheduler
+            shared.blocked_stats["blocked"] += 1
+            s = shared.scheduler
             out = None
             for unit, key, (a, b) in chunk_units:
                 bufs = s.enter(unit)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from .. import codec
 
 
-def chunked_embedding_forward(run, mp, chunk_units):
+def chunked_embedding_forward(shared, mp, chunk_units):
     """The forward of a plain ``nn.Embedding`` whose weight is in row chunks.
     ``chunk_units``: [(unit, key, (first row, end row))] in row order."""
-    lookup = row_lookup(run, mp, chunk_units)
+    lookup = row_lookup(shared, mp, chunk_units)
     module = next(m for m, _ in mp.owners if isinstance(m, torch.nn.Embedding))
 
     def forward(input):
@@ -27,18 +26,18 @@ def chunked_embedding_forward(run, mp, chunk_units):
     return forward
 
 
-def row_lookup(run, mp, chunk_units):
+def row_lookup(shared, mp, chunk_units):
     """``ids -> weight[ids]`` (no autograd). On the CPU with the numba codec only the tiles that
     hold the ids' rows are decoded, straight from each chunk's compressed bytes
     (``FusedWeight.rows``: no dense chunk at all); elsewhere the chunks the ids fall in are decoded."""
     num, dim = mp.shape
     rows_per_chunk = chunk_units[0][2][1]
-    lock = run.lock
-    tiles = run.device.type == "cpu" and codec.resolve_backend(run.backend, run.device) == "numba"
+    lock = shared.lock
+    tiles = shared.decoder.tiles_on_cpu
 
     def lookup(input):
         with lock:
-            s = run.scheduler
+            s = shared.scheduler
             flat = input.reshape(-1)  # ids: int[n]
             if flat.numel() and (bool((flat < 0).any()) or bool((flat >= num).any())):
                 raise IndexError("index out of range in self")
@@ -49,9 +48,9 @@ def row_lookup(run, mp, chunk_units):
                 unit, key, (a, b) = chunk_units[c]
                 sel = (chunk_of == c).nonzero().squeeze(1)
                 if tiles and flat.device.type == "cpu":
-                    fw = run.fused_weight(key)
+                    fw = shared.fused_weight(key)
                     out.index_copy_(0, sel, fw.rows(flat.index_select(0, sel) - a))
-                    run.after_read(fw.ct)
+                    shared.decoder.after_read(fw.ct)
                     continue
                 bufs = s.enter(unit, traced=False)
                 try:

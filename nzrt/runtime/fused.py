@@ -6,7 +6,7 @@ argument) has at most ``max_rows`` rows, with autograd off (or no managed weight
 gradient), on the CPU. In it:
 
 * a plain ``nn.Linear`` whose weight is managed computes ``x @ W.T + b`` with the fused kernel
-  (``nzrt.kernels.cpu_fused``) from the weight's compressed bytes, when its own input has at
+  (``nzrt.kernels.cpu.fused``) from the weight's compressed bytes, when its own input has at
   most ``max_rows`` rows (else it decodes as usual);
 * a plain ``nn.Embedding`` whose weight is managed whole (a head tied to it) decodes only the
   tiles that hold the looked-up rows (exact: a lookup copies rows);
@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from ..kernels.fused_reference import ROW_ID_DTYPES as _INTS  # integer ids: a lookup's input
+from .decoder import ROW_ID_DTYPES as _INTS  # integer ids: a lookup's input
 
 
 class FusedStats:
@@ -58,11 +58,11 @@ def input_rows(args, kwargs) -> int | None:
     return t.numel() // max(t.shape[-1], 1)
 
 
-def wants_fused_pass(run, args, kwargs) -> bool:
-    f = run.fused
-    if f is None or run.device.type != "cpu":
+def wants_fused_pass(shared, args, kwargs) -> bool:
+    f = shared.fused
+    if f is None or shared.device.type != "cpu":
         return False
-    if torch.is_grad_enabled() and any(mp.param.requires_grad for mp in run.params):
+    if torch.is_grad_enabled() and any(mp.param.requires_grad for mp in shared.params):
         return False  # autograd may need the weights: the fused kernel has no backward
     rows = input_rows(args, kwargs)
     return rows is not None and rows <= f.max_rows
@@ -101,29 +101,29 @@ def fusable_embedding(module, bindings):
     return w if w is not None and not w.chunked and len(w.shape) == 2 else None
 
 
-def linear_forward(run, module, mp, fallback):
+def linear_forward(shared, module, mp, fallback):
     """``module``'s forward: fused in a fused pass, ``fallback`` (the unit's decode path) else."""
     key = mp.keys[0]
     N, K = mp.shape
 
     def forward(input):
-        if not run.fused_pass or not run.lock_held():
+        if not shared.fused_pass or not shared.lock_held():
             return fallback(input)
         bias = module.bias
         rows = input.numel() // K if K else 0
-        if (rows > run.fused.max_rows or input.device.type != "cpu" or input.shape[-1] != K
+        if (rows > shared.fused.max_rows or input.device.type != "cpu" or input.shape[-1] != K
                 or input.dtype not in (mp.dtype, torch.float32) or not _no_grad_needed(input, mp.param, bias)
-                or key in run.scheduler.store):  # held dense already: use that copy
+                or shared.scheduler.is_held(key)):  # held dense already: use that copy
             return fallback(input)
-        with run.lock:
-            fw = run.fused_weight(key)
+        with shared.lock:
+            fw = shared.fused_weight(key)
             t0 = time.perf_counter()
             b = None if bias is None else bias.detach()
             if b is not None and b.dtype not in (torch.bfloat16, torch.float16, torch.float32):
                 return fallback(input)
             y = fw.linear(input.reshape(rows, K), b)
-            run.after_read(fw.ct)
-            st = run.fused_stats
+            shared.decoder.after_read(fw.ct)
+            st = shared.fused_stats
             st.seconds += time.perf_counter() - t0
             st.linear_calls += 1
             st.bytes_read += fw.nbytes
@@ -131,32 +131,32 @@ def linear_forward(run, module, mp, fallback):
     return forward
 
 
-def embedding_forward(run, module, mp, fallback):
+def embedding_forward(shared, module, mp, fallback):
     key = mp.keys[0]
 
     def forward(input):
-        if not run.fused_pass or not run.lock_held() or key in run.scheduler.store or input.dtype not in _INTS:
+        if not shared.fused_pass or not shared.lock_held() or shared.scheduler.is_held(key) or input.dtype not in _INTS:
             return fallback(input)
         if not _no_grad_needed(mp.param):
             return fallback(input)
-        with run.lock:
-            fw = run.fused_weight(key)
+        with shared.lock:
+            fw = shared.fused_weight(key)
             t0 = time.perf_counter()
             out = fw.rows(input)
-            run.after_read(fw.ct)
-            st = run.fused_stats
+            shared.decoder.after_read(fw.ct)
+            st = shared.fused_stats
             st.seconds += time.perf_counter() - t0
             st.lookup_calls += 1
             return out
     return forward
 
 
-def install(run, module, bindings, fallback):
+def install(shared, module, bindings, fallback):
     """The fused forward for ``module`` if it has one, else ``fallback`` itself."""
     mp = fusable_linear(module, bindings)
     if mp is not None:
-        return linear_forward(run, module, mp, fallback)
+        return linear_forward(shared, module, mp, fallback)
     mp = fusable_embedding(module, bindings)
     if mp is not None:
-        return embedding_forward(run, module, mp, fallback)
+        return embedding_forward(shared, module, mp, fallback)
     return fallback

@@ -28,7 +28,7 @@ class Param:
         self.chunked = False
         self.row_lookup = None      # ids -> rows from the chunks (an Embedding with its own forward)
         self.placeholder = None
-        self.manager = manager
+        self.manager = manager      # the block's Shared state (shared.py): decodes it, holds its chunks
         self.active = False         # True from commit (entry) to restore (exit)
         self.binds = 0              # > 0 while its data is a dense slot (inside a forward)
         self.bind_thread = None

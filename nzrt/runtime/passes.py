@@ -50,6 +50,10 @@ class PassLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
+    def held_here(self) -> bool:
+        """Whether the calling thread holds the lock (inside a pass)."""
+        return self.owner == threading.get_ident()
+
 
 def bind(mp, buf) -> None:
     if mp.binds == 0:
@@ -66,13 +70,13 @@ def unbind(mp) -> None:
         set_data(mp.param, mp.placeholder)
 
 
-def unit_forward(run, unit, bindings, inner):
+def unit_forward(shared, unit, bindings, inner):
     """``bindings``: [(Param, key)] of the module's own weights."""
-    lock = run.lock
+    lock = shared.lock
 
     def forward(*args, **kwargs):
         with lock:
-            s = run.scheduler
+            s = shared.scheduler
             bufs = s.enter(unit)
             bound = []
             try:
@@ -90,17 +94,17 @@ def unit_forward(run, unit, bindings, inner):
     return forward
 
 
-def root_forward(run, inner):
-    lock = run.lock
+def root_forward(shared, inner):
+    lock = shared.lock
 
     def forward(*args, **kwargs):
         with lock:
-            if run.fused is not None:
-                if run.fused_pass:  # the root called again inside a fused pass
+            if shared.fused is not None:
+                if shared.fused_pass:  # the root called again inside a fused pass
                     return inner(*args, **kwargs)
-                if wants_fused_pass(run, args, kwargs):
-                    return fused_pass(run, inner, args, kwargs)
-            s = run.scheduler
+                if wants_fused_pass(shared, args, kwargs):
+                    return fused_pass(shared, inner, args, kwargs)
+            s = shared.scheduler
             s.begin_pass()
             ok = False
             try:
@@ -110,9 +114,9 @@ def root_forward(run, inner):
             finally:
                 s.end_pass(ok)
                 if s.depth == 0:
-                    snap = run.tracker.sample()
+                    snap = shared.tracker.sample()
                     if not s.cuda:
-                        _trim_if_grown(run, snap.get("host_rss") or 0)
+                        _trim_if_grown(shared, snap.get("host_rss") or 0)
                     if torch.is_grad_enabled() and not s.cuda:
                         # the backward decodes each weight afresh: the pool's idle slots would
                         # sit beside those copies until the next pass (on a GPU a freed slot
@@ -124,27 +128,27 @@ def root_forward(run, inner):
 TRIM_GROWTH = 8 << 20  # RSS grown since the last trim that makes a pass end with one
 
 
-def _trim_if_grown(run, now: int) -> None:
+def _trim_if_grown(shared, now: int) -> None:
     """At the end of an outermost pass on the CPU: when RSS grew by ``TRIM_GROWTH`` since the last
     trim (a prefill's activations, say), the freed temporaries leave glibc's arenas, where they
     would sit beside the compressed model; a 1-token step seldom grows it, so seldom pays the
     trim (milliseconds on a fragmented heap). ``now``: this process's RSS."""
-    last = run.rss_after_trim
+    last = shared.rss_after_trim
     if now > last + TRIM_GROWTH or now < last:
         osmem.trim()
-        run.rss_after_trim = osmem.rss().get("rss") or 0
+        shared.rss_after_trim = osmem.rss().get("rss") or 0
 
 
-def fused_pass(run, inner, args, kwargs):
+def fused_pass(shared, inner, args, kwargs):
     """A pass with few rows under ``policies.Fused`` (see ``runtime/fused.py``): out of the
     scheduler's trace, its prefetched copies let go; the lock is held by the caller."""
-    s = run.scheduler
+    s = shared.scheduler
     s.drop_idle()
-    run.fused_pass = True
+    shared.fused_pass = True
     try:
         return inner(*args, **kwargs)
     finally:
-        run.fused_pass = False
-        run.fused_stats.passes += 1
+        shared.fused_pass = False
+        shared.fused_stats.passes += 1
         if s.depth == 0:
-            run.tracker.sample()
+            shared.tracker.sample()

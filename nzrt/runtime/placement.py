@@ -1,9 +1,10 @@
-"""Planning glue: layer sizes and costs for the policy, the smallest budget, moving tensors to tiers."""
+"""Planning glue: layer sizes and costs for the policy, the smallest budget, moving tensors to tiers,
+and ``Planner``, the scheduler's planning and placing callbacks for one block."""
 from __future__ import annotations
 
 import warnings
 
-from .. import policies
+from .. import osmem, policies
 from ..budget import format_bytes
 from ..policies import Auto, BudgetError, Costs, LayerInfo, Offload, Tier
 from .accounting import is_mapped
@@ -179,3 +180,52 @@ def place(plan, units: dict, tensors: dict, tier_now: dict, device) -> None:
         if not s.on_disk:
             s.home = new  # one copy: the old placement is freed (a file-backed home stays)
         tier_now[k] = t
+
+
+class Planner:
+    """The scheduler's ``planner`` and ``place`` callbacks for one block: the policy, the layer
+    sizes, the budget and the uncompressed bytes bound in, and where each tensor is now.
+    ``tier_now`` (key -> tier) and what the decoder reads from files are kept up to date by ``place``;
+    replanning notes go to ``warnings``."""
+
+    def __init__(self, policy, layers: dict, budget, fixed_bytes: int, device, units: dict, shared, warnings: list):
+        self.policy = policy
+        self.layers = layers
+        self.budget = budget
+        self.fixed_bytes = fixed_bytes
+        self.device = device
+        self.units = units
+        self.shared = shared
+        self.warnings = warnings
+        self.costs = costs_for(device, {})
+
+    def initial(self):
+        """The entry plan (the budget checked here, once; see ``initial_plan``)."""
+        return initial_plan(self.policy, self.layers, self.budget, self.fixed_bytes, self.costs)
+
+    def _measured_decode_bps(self) -> float | None:
+        s = self.shared.scheduler
+        secs = sum(st.decode_s for st in s.stats.values())
+        nbytes = sum(st.decodes * self.layers[u].dense_bytes for u, st in s.stats.items())
+        return nbytes / secs if secs > 0 and nbytes > 0 else None
+
+    def replan(self, trace, seconds):
+        """The scheduler's ``planner(trace, seconds)``: a plan for the traced order, measured costs."""
+        self.costs = costs_for(self.device, seconds, self._measured_decode_bps())
+        osmem.release_idle_code()  # the recorded pass loaded the decoders' code: LLVM is idle again
+        return replan(self.policy, trace, self.layers, self.budget, self.fixed_bytes, self.costs,
+                      self.device, self.warnings.append)
+
+    def place(self, plan) -> None:
+        """The scheduler's ``place(plan)``: every compressed tensor to its tier."""
+        tensors, tier_now = self.shared.tensors, self.shared.tier_now
+        place(plan, self.units, tensors, tier_now, self.device)
+        # blobs read straight from a memory-mapped file (disk tier): ids of their CompressedTensors
+        from_file = {id(s.ct) for k, s in tensors.items()
+                     if tier_now.get(k) == Tier.DISK and s.on_disk and s.ct.device.type == "cpu"}
+        # a lookup-only embedding's row chunks in a file are read from it each time, whatever the
+        # tier: ids fall all over the table, so their pages would soon hold all of it, where plain
+        # PyTorch keeps only the rows it read
+        from_file |= {id(tensors[k].ct) for mp in self.shared.params if mp.chunked for k in mp.keys
+                      if tensors[k].on_disk and tensors[k].ct.device.type == "cpu"}
+        self.shared.decoder.read_from_file_each_time(from_file)

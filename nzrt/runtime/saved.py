@@ -41,17 +41,15 @@ class _Saved:
 
 
 def _prefetch(h) -> None:
-    """Start decoding ``h``'s weight on the runtime's CPU decode worker (nothing on a GPU)."""
+    """Start decoding ``h``'s weight on the scheduler's CPU decode worker (nothing on a GPU)."""
     mp = h.mp
-    run = mp.manager
-    worker = getattr(run.scheduler, "_worker", None)  # CPU only: on a GPU there is none
-    if worker is None or h.ahead is not None or not mp.active or not worker.alive:
+    shared = mp.manager
+    if h.ahead is not None or not mp.active or shared.scheduler is None or not shared.scheduler.decodes_ahead:
         return
-    from ..scheduler.engine import _Job
     dense = torch.empty(mp.shape, dtype=mp.dtype)
-    job = _Job([(mp, dense)], None, run.dense_into)
-    h.ahead = (job, dense, mp.version)
-    worker.submit(job)
+    job = shared.scheduler.submit([(mp, dense)], shared.dense_into)
+    if job is not None:
+        h.ahead = (job, dense, mp.version)
 
 
 def _decoded(h) -> torch.Tensor:
@@ -105,10 +103,10 @@ def weight_hooks(bound):
                     item = t.element_size()
                     if t.dtype != mp.dtype or (p - start) % item:
                         return t.clone()  # another reading of the slot's bytes: a copy, exact
-                    run = mp.manager
+                    shared = mp.manager
                     h = _Saved(mp, tuple(t.shape), tuple(t.stride()), (p - start) // item, mp.version,
-                               run.last_saved)
-                    run.last_saved = weakref.ref(h)  # weak: no chain of graphs kept alive
+                               shared.last_saved)
+                    shared.last_saved = weakref.ref(h)  # weak: no chain of graphs kept alive
                     return h
         if outer is not None:
             return _Outer(outer[1], outer[0](t))

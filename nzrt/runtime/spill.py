@@ -9,13 +9,13 @@ their pages are file-backed and given back to the operating system after each re
 from __future__ import annotations
 
 import mmap
-import os
 import tempfile
 
 import torch
 
 from .. import osmem
 from ..format import CompressedTensor
+from ..kernels import env
 from .errors import ManagedError
 
 _ALIGN = 64
@@ -32,7 +32,7 @@ class RestoreSpill:
         self._entries: dict = {}  # key -> (Header, offset, nbytes)
 
     def _open(self):
-        where = os.environ.get("NZRT_TMPDIR") or tempfile.gettempdir()
+        where = env.get("NZRT_TMPDIR") or tempfile.gettempdir()
         try:
             self._file = tempfile.TemporaryFile(prefix="nzrt-restore-", dir=where)
         except OSError as e:

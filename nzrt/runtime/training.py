@@ -131,8 +131,12 @@ def _step_spans(shape, itemsize, opt) -> list:
 class Trainer:
     """The per-parameter optimizers of one managed run (built at entry, dropped at exit)."""
 
-    def __init__(self, run, config: OptimizerConfig):
-        self.run = run
+    def __init__(self, shared, model, config: OptimizerConfig, min_numel: int):
+        """``shared``: the block's shared state (``nzrt.runtime.shared``): its lock, device,
+        decoder and ``update_weight``; ``min_numel``: smaller optimizer states stay dense."""
+        self.shared = shared
+        self.model = model
+        self.min_numel = min_numel
         self.config = config
         self.entries: dict = {}   # name -> _Entry (a tied weight: under its first name)
         self._by_param: dict = {}  # id(parameter) -> _Entry
@@ -151,9 +155,9 @@ class Trainer:
         return opt
 
     def attach(self) -> None:
-        if self.config.malloc_mmap_threshold is not None and self.run.device.type == "cpu":
+        if self.config.malloc_mmap_threshold is not None and self.shared.device.type == "cpu":
             osmem.set_mmap_threshold(self.config.malloc_mmap_threshold)
-        for p, names, _ in find_params(self.run.model):
+        for p, names, _ in find_params(self.model):
             if not p.requires_grad:
                 continue
             mp = lookup(p)
@@ -214,7 +218,7 @@ class Trainer:
             g.param.grad = None
 
     def step_one(self, g: _Group) -> None:
-        with self.run.lock:
+        with self.shared.lock:
             if g.mp is None:
                 (e,) = g.entries
                 e.opt.step()
@@ -247,7 +251,7 @@ class Trainer:
                         set_data(e.shadow, e.blank)
                 g.param.grad = None
                 del grad
-                self.run.update_weight(mp, dense)
+                self.shared.update_weight(mp, dense)
             self.steps += 1
 
     # -- optimizer state ------------------------------------------------------------------------
@@ -259,7 +263,7 @@ class Trainer:
             return
         st = self._state_of(e)
         for name, ct in e.packed.items():
-            st[name] = self.run.decompress(ct)
+            st[name] = self.shared.decoder.decompress(ct)
         e.packed = {}
 
     def _pack_state(self, e) -> None:
@@ -270,8 +274,8 @@ class Trainer:
             if isinstance(v, CompressedTensor):  # loaded from a state_dict as it was saved
                 e.packed[name] = v
                 del st[name]
-            elif isinstance(v, torch.Tensor) and v.dtype in FLOATS and v.numel() >= self.run.min_numel:
-                ct = self.run.compress_lossless(v)
+            elif isinstance(v, torch.Tensor) and v.dtype in FLOATS and v.numel() >= self.min_numel:
+                ct = self.shared.decoder.compress_lossless(v)
                 e.packed[name] = ct
                 del st[name]
 
@@ -304,7 +308,7 @@ class Trainer:
         """{"optimizers": {name: optimizer state_dict}, "lr_schedulers": ...}; compressed states
         as CompressedTensor (no dense copy; ``torch.save`` pickles them)."""
         out = {}
-        with self.run.lock:
+        with self.shared.lock:
             for n, e in self.entries.items():
                 sd = e.opt.state_dict()
                 if e.packed:
@@ -329,7 +333,7 @@ class Trainer:
         if missing or extra:
             raise ManagedError(f"optimizer state_dict does not match this model's trainable parameters: "
                                f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
-        with self.run.lock:
+        with self.shared.lock:
             for n, e in self.entries.items():
                 st = sd[n].get("state", {}).get(0, {})
                 packed = {k: v for k, v in st.items() if isinstance(v, CompressedTensor)}
