@@ -28,20 +28,26 @@ __all__ = ["from_pretrained", "report", "release"]
 
 def from_pretrained(path, *, policy="auto", budget=None, device=None, mantissa_bits: int | None = None,
                     dtype=None, **options):
-    """The model at ``path`` (a transformers directory, a ``.nzrt`` or a ``.gguf``), managed.
+    """The model at ``path`` (a transformers directory, a ``.nzrt`` or a ``.gguf``; or ``"smollm2"`` /
+    ``"minilm"``, the trained models that ship inside packages), managed.
 
     policy, budget, device, mantissa_bits: as ``nzrt.managed``. dtype: the dtype of the weights
     (default: the checkpoint's; a ``.nzrt`` keeps its own). ``options`` go to ``nzrt.managed``
     (``prefetch``, ``min_numel``, ``chunk_bytes``, ``backend``, ``optimizer``: with an optimizer
     every parameter is made trainable and the model is put in train mode).
     """
+    from .loading.embedded import EMBEDDED, load_embedded
+    from .loading.loaded import parse_dtype
     from .loading.open_model import open_model
 
     if isinstance(path, Path):
         path = str(path)
     if not isinstance(path, str):
         raise TypeError(f"from_pretrained takes a path (str or Path), got {type(path).__name__}")
-    lm = open_model(path, dtype=dtype, lazy=True)
+    if path.lower() in EMBEDDED:
+        lm = load_embedded(path.lower(), parse_dtype(dtype), lazy=True)
+    else:
+        lm = open_model(path, dtype=dtype, lazy=True)
     if options.get("optimizer") is not None:  # to be trained: every parameter, in train mode
         lm.model.requires_grad_(True)
         lm.model.train()

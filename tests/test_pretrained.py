@@ -296,3 +296,22 @@ def test_from_pretrained_gguf_matches_the_dense_model_it_compresses():
         nzrt.release(model)
     # a loaded model gets its dense weights back (not the meta device)
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_from_pretrained_opens_an_embedded_model_by_name():
+    """``"smollm2"`` names the trained model that ships inside a package (as the CLI's MODEL does):
+    the same logits, bit for bit, as that model loaded plainly."""
+    from nzrt.loading.embedded import load_embedded
+
+    plain = load_embedded("smollm2", torch.bfloat16)
+    ids = (torch.arange(64) * 37 % 4000 + 100).reshape(1, 64)
+    with torch.no_grad():
+        want = plain.model(input_ids=ids).logits
+    del plain
+    model = nzrt.from_pretrained("SmolLM2")
+    try:
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+    finally:
+        nzrt.release(model)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
