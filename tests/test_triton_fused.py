@@ -6,7 +6,6 @@ import os
 _PREV = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module (and its @triton.jit) is imported
 
-import importlib  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -17,25 +16,12 @@ pytest.importorskip("triton")
 from nzrt import codec  # noqa: E402
 from nzrt.kernels import fused_reference  # noqa: E402
 
-def _interpreted_triton():
-    """nzrt.kernels.triton with its kernels made for the interpreter: reloaded in place (so every
-    reference to its modules sees the new kernels) when an earlier test imported it compiled."""
-    os.environ["TRITON_INTERPRET"] = "1"  # an earlier module's teardown may have removed it
-    common = sys.modules.get("nzrt.kernels.triton.common")
-    if common is not None and not common.INTERPRET:
-        for name in ("common", "decode", "encode", "fused", ""):
-            mod = sys.modules.get("nzrt.kernels.triton" + ("." + name if name else ""))
-            if mod is not None:
-                importlib.reload(mod)
-    import nzrt.kernels.triton as package
-    assert package.INTERPRET
-    return package
-
+sys.path.insert(0, os.path.dirname(__file__))
+from _triton_interpreted import _interpreted_triton  # noqa: E402
 
 _interpreted_triton()
 from nzrt.kernels.triton import fused as tf  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
 from test_fused import ints, weights  # noqa: E402
 from test_fused_w4 import noisy  # noqa: E402
 

@@ -8,7 +8,6 @@ import os
 _PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module (and its @triton.jit) is imported
 
-import importlib  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -22,20 +21,8 @@ from nzrt.format import CompressedTensor  # noqa: E402
 from nzrt.kernels import reference as ref  # noqa: E402
 from nzrt.kernels import spec  # noqa: E402
 
-def _interpreted_triton():
-    """nzrt.kernels.triton with its kernels made for the interpreter: reloaded in place (so every
-    reference to its modules sees the new kernels) when an earlier test imported it compiled."""
-    os.environ["TRITON_INTERPRET"] = "1"  # an earlier module's teardown may have removed it
-    common = sys.modules.get("nzrt.kernels.triton.common")
-    if common is not None and not common.INTERPRET:
-        for name in ("common", "decode", "encode", "fused", ""):
-            mod = sys.modules.get("nzrt.kernels.triton" + ("." + name if name else ""))
-            if mod is not None:
-                importlib.reload(mod)
-    import nzrt.kernels.triton as package
-    assert package.INTERPRET
-    return package
-
+sys.path.insert(0, os.path.dirname(__file__))
+from _triton_interpreted import _interpreted_triton  # noqa: E402
 
 tg = _interpreted_triton()
 from nzrt.kernels.triton import decode as tgd  # noqa: E402
