@@ -7,7 +7,11 @@ Two leaks that no Python-level ``del`` fixes (both measured as process RSS):
   the tensor that read it is freed. ``release_file_pages`` asks the kernel to reclaim the pages
   of one tensor (``madvise(MADV_PAGEOUT)``, Linux >= 5.4). That is safe whatever else views
   them: a clean file page is read again from the file on the next access, and a page that was
-  written (copy-on-write, so anonymous) is never dropped -- at worst swapped out.
+  written (copy-on-write, so anonymous) is never dropped -- at worst swapped out. It also evicts
+  the pages from the page cache, so the next read goes to the disk: for a mapping that cannot
+  have been written (``nzrt.load``'s compressed blobs, mapped read-only and read again every
+  pass by the disk tier) ``unmap_file_pages`` uses ``MADV_DONTNEED`` instead: RSS falls as much,
+  and the page cache keeps the bytes for the next pass (the OS reclaims them when it needs to).
 * **The allocator's arenas.** glibc keeps freed memory for reuse; ``trim`` returns it
   (``malloc_trim(0)``).
 * **Idle library code.** Loading numba's cached codec touches ~70-100 MiB of ``libllvmlite.so``
@@ -52,9 +56,10 @@ def page_size() -> int:
     return _PAGE
 
 
-def file_mappings() -> list[tuple[int, int]]:
+def file_mappings(readonly: bool = False) -> list[tuple[int, int]]:
     """[(start, end)] of this process's mappings that are backed by a file (not anonymous,
-    not the heap or stack), from ``/proc/self/maps``; empty where that file does not exist."""
+    not the heap or stack), from ``/proc/self/maps``; empty where that file does not exist.
+    ``readonly``: only those mapped without write permission (no page of them can be dirty)."""
     out = []
     try:
         with open("/proc/self/maps") as f:
@@ -64,6 +69,8 @@ def file_mappings() -> list[tuple[int, int]]:
                     continue
                 path = parts[5].strip()
                 if not path.startswith("/"):  # [heap], [stack], [vdso] ...
+                    continue
+                if readonly and "w" in parts[1]:
                     continue
                 lo, hi = parts[0].split("-")
                 out.append((int(lo, 16), int(hi, 16)))
@@ -91,23 +98,27 @@ def is_file_backed(tensor, maps=None) -> bool:
     return _inside(file_mappings() if maps is None else maps, lo, lo + tensor.numel() * tensor.element_size())
 
 
+def _page_range(tensor):
+    """[lo, hi): the whole pages inside ``tensor``'s bytes (a CPU tensor), or None."""
+    if tensor is None or tensor.device.type != "cpu":
+        return None
+    nbytes = tensor.numel() * tensor.element_size()
+    page = page_size()
+    addr = tensor.data_ptr()
+    lo = (addr + page - 1) // page * page
+    hi = (addr + nbytes) // page * page
+    return (lo, hi) if nbytes > 0 and hi > lo else None
+
+
 def release_file_pages(tensor, maps=None, *, trusted: bool = False) -> int:
     """Reclaim the whole pages of ``tensor``'s bytes if they lie in a file mapping; returns the
     bytes advised (0 when the tensor is not file-backed, on a GPU, or nothing could be done).
     ``maps``: ``file_mappings()`` taken once for many calls; ``trusted``: the caller knows the
     tensor views a file mapping (``nzrt.load``), skip the check."""
-    lib = _libc()
-    if not lib or tensor is None or tensor.device.type != "cpu":
+    lib, span = _libc(), _page_range(tensor)
+    if not lib or span is None:
         return 0
-    nbytes = tensor.numel() * tensor.element_size()
-    if nbytes <= 0:
-        return 0
-    page = page_size()
-    addr = tensor.data_ptr()
-    lo = (addr + page - 1) // page * page
-    hi = (addr + nbytes) // page * page
-    if hi <= lo:
-        return 0
+    lo, hi = span
     if not trusted:
         if maps is None:
             maps = file_mappings()
@@ -116,6 +127,28 @@ def release_file_pages(tensor, maps=None, *, trusted: bool = False) -> int:
     if lib.madvise(lo, hi - lo, MADV_PAGEOUT) != 0:
         return 0
     return hi - lo
+
+
+def in_readonly_file_mapping(tensor, maps=None) -> bool:
+    """Whether ``tensor``'s bytes lie in a file mapping without write permission (``maps``:
+    ``file_mappings(readonly=True)`` taken once for many calls)."""
+    span = _page_range(tensor)
+    if span is None:
+        return False
+    return _inside(file_mappings(readonly=True) if maps is None else maps, *span)
+
+
+def unmap_file_pages(tensor) -> int:
+    """Take the whole pages of ``tensor``'s bytes out of this process (``MADV_DONTNEED``): RSS
+    falls, the page cache keeps them, the next access maps them again (a minor fault, no disk
+    read while the OS has the memory). Only for a tensor in a read-only file mapping (see
+    ``in_readonly_file_mapping``): on a writable private mapping it would discard what was
+    written. Returns the bytes advised."""
+    lib, span = _libc(), _page_range(tensor)
+    if not lib or span is None:
+        return 0
+    lo, hi = span
+    return hi - lo if lib.madvise(lo, hi - lo, MADV_DONTNEED) == 0 else 0
 
 
 def _clean_readonly_mappings(names) -> list[tuple[int, int]]:

@@ -16,7 +16,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 from .plan import (BudgetError, Costs, LayerInfo, Plan, Step, Tier, estimate_seconds, static_bytes,
@@ -249,6 +249,24 @@ class Lru:
                            budget, costs)
 
 
+def _why(ranked: list, budget: int) -> str:
+    """One line for the report: why ``ranked[0]`` (the plans that fit, fastest first)."""
+    best = ranked[0]
+    text = (f"the fastest by the cost model of {len(ranked)} plans that fit {_mib(budget)} "
+            f"(lookahead 0-3, tiers, a dense cache promoted by time saved per byte)")
+    for c in ranked[1:2]:
+        text += f"; next: {c.policy}, est {c.est_seconds * 1e3:.1f} ms/pass, peak {_mib(c.peak_bytes)}"
+    plain = [c for c in ranked if "+dense" not in c.policy and "belady" not in c.policy]
+    if ("+dense" in best.policy or "belady" in best.policy) and plain:
+        text += (f"; the fastest without a dense cache: {plain[0].policy}, est "
+                 f"{plain[0].est_seconds * 1e3:.1f} ms/pass, peak {_mib(plain[0].peak_bytes)}")
+    return text
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
 @dataclass(frozen=True)
 class Auto:
     """The fastest plan under the budget by the cost model (see ``plan.estimate_seconds``), over:
@@ -314,7 +332,8 @@ class Auto:
         if not cands:
             need = min(needed) if needed else 0
             raise BudgetError(f"no plan fits the budget of {budget} bytes; the smallest needs {need}", need)
-        return min(cands, key=lambda c: (c.est_seconds, c.peak_bytes, c.policy))
+        ranked = sorted(cands, key=lambda c: (c.est_seconds, c.peak_bytes, c.policy))
+        return replace(ranked[0], why=_why(ranked, budget))
 
     def _mixed(self, tiers, layers, uses, budget, costs) -> dict:
         """``tiers`` with the units that cost most to fetch moved to the device while room lasts

@@ -105,6 +105,7 @@ class Plan:
     peak_bytes: int = 0            # static_bytes + the largest dense working set
     decodes_per_cycle: float = 0.0
     est_seconds: float = 0.0       # the cost model's time for one trace repetition
+    why: str = ""                  # how the policy chose it among others (``Auto`` under a budget)
 
     @property
     def tier_of(self) -> dict:
@@ -120,8 +121,9 @@ class Plan:
         for _, t in self.tiers:
             counts[t] = counts.get(t, 0) + 1
         tiers = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
-        return (f"{self.policy}: {len(self.trace)} steps, tiers {tiers}, peak {self.peak_bytes} B, "
+        text = (f"{self.policy}: {len(self.trace)} steps, tiers {tiers}, peak {self.peak_bytes} B, "
                 f"{self.decodes_per_cycle:g} decodes/pass, est {self.est_seconds * 1e3:.2f} ms/pass")
+        return f"{text}\n    why: {self.why}" if self.why else text
 
 
 # --- accounting -------------------------------------------------------------------------------

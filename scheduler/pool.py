@@ -1,37 +1,47 @@
-"""SlotPool: dense buffers reused across layers, keyed by (device, dtype, numel).
+"""SlotPool: dense buffers reused across layers.
 
-After the plan is known, ``reserve`` sizes the pool to the most buffers of each kind the plan
-ever holds at once and frees the rest, so without a cap the steady state allocates nothing. With a byte
-``cap`` (the plan's dense peak; the CPU sets it) the pool never holds more than that: the most
-buffers of each kind are not all needed at the same time, and keeping them all would hold more
-than the plan counts, so before an allocation would pass the cap free buffers (the largest
-first) are freed, and a pass re-makes a few buffers (measured: about one per kind). Buffers released
-on a CUDA device carry the event after which the compute stream is done with them; the next
-writer waits on it (no host synchronisation).
+Two kinds of buffer. A large CPU buffer (>= 1 MiB, at most ``slot_bytes``) is a *slot*: a memory
+map of its own, of ``slot_bytes`` capacity (chosen by the scheduler from the plan), that any such
+tensor's values may occupy (a view of its first bytes). Slots are written once, then reused pass after pass: a
+fresh buffer costs a page fault per 4 KiB page when the decoder first writes it (measured on this
+VM: ~40 ms for 22 MiB, ten times the decode itself), and a pool keyed by exact size that frees
+buffers to stay under its cap re-made half the layers' buffers every pass. Every other buffer (small,
+or on a GPU) is of one kind, keyed by (device, dtype, numel), as the caching allocator is cheap there.
+
+After the plan is known, ``reserve`` sizes the pool to the most buffers the plan ever holds at once
+and frees the rest, so the steady state allocates nothing. With a byte ``cap`` (the plan's dense
+peak; the CPU sets it) the pool never holds more than that: before an allocation would pass the cap,
+free buffers (the largest first) are freed. Buffers released on a CUDA device carry the event after
+which the compute stream is done with them; the next writer waits on it (no host synchronisation).
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
+SLOT_MIN_BYTES = 1 << 20  # a CPU buffer this large is a slot (a map of its own, reused by any size)
 
-_OWN_MAP_BYTES = 1 << 20
 
-
-def _mapped_buffer(numel: int, dtype):
-    """A CPU buffer in an anonymous memory map of its own: freeing it unmaps it, so the memory
+def _mapped_buffer(nbytes: int):
+    """A CPU byte buffer in an anonymous memory map of its own: freeing it unmaps it, so the memory
     goes back to the operating system at once (from malloc, glibc would keep it in its arenas
     and a pool that frees buffers to stay under its cap would not shrink the process)."""
     import mmap
 
     import torch
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
     m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return torch.frombuffer(m, dtype=dtype, count=numel)  # the tensor keeps the map alive
+    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes)  # the tensor keeps the map alive
+
+
+def _nbytes_of(t) -> int:
+    return t.numel() * t.element_size()
 
 
 class SlotPool:
     def __init__(self):
         self._free: dict = defaultdict(list)   # key -> [(tensor, ready_event|None, release stamp)]
+        self._slots: list = []                  # free slots: [(uint8 base, None, release stamp)]
+        self._busy_slots: dict = {}             # data_ptr of a slot handed out -> its uint8 base
+        self.slot_bytes = 0                     # a new slot's capacity (at least the request)
         self.allocations = 0                    # buffers ever allocated
         self.allocated_bytes = 0                # bytes ever allocated
         self.held_bytes = 0                     # bytes of buffers that exist (free or in use)
@@ -45,9 +55,23 @@ class SlotPool:
         return (str(device), dtype, int(numel))
 
     @staticmethod
-    def _nbytes(key) -> int:
+    def nbytes(key) -> int:
         import torch
         return int(key[2]) * torch.empty(0, dtype=key[1]).element_size()
+
+    def is_slot(self, key) -> bool:
+        """Whether a buffer for ``key`` is a slot: on the CPU, at least 1 MiB and at most
+        ``slot_bytes`` (0: no slots; a larger tensor, such as a whole output head, keeps a
+        buffer of its own kind rather than making every slot its size)."""
+        return bool(self.slot_bytes) and key[0] == "cpu" and SLOT_MIN_BYTES <= self.nbytes(key) <= self.slot_bytes
+
+    def slot_capacity(self, key) -> int:
+        """The bytes a buffer for ``key`` holds (a slot: ``slot_bytes``)."""
+        return self.slot_bytes if self.is_slot(key) else self.nbytes(key)
+
+    def _free_lists(self):
+        yield from self._free.values()
+        yield self._slots
 
     def _make_room(self, need: int) -> None:
         """Free free buffers, the largest first (then the one released longest ago), until
@@ -56,36 +80,51 @@ class SlotPool:
         this frees the fewest buffers and re-makes the fewest later."""
         while self.cap is not None and self.held_bytes + need > self.cap:
             best = None
-            for key, bufs in self._free.items():
+            for bufs in self._free_lists():
                 for i, (t, _, stamp) in enumerate(bufs):
-                    rank = (-t.numel() * t.element_size(), stamp)
+                    rank = (-_nbytes_of(t), stamp)
                     if best is None or rank < best[2]:
-                        best = (key, i, rank)
+                        best = (bufs, i, rank)
             if best is None:
                 return
-            t, _, _ = self._free[best[0]].pop(best[1])
-            self.held_bytes -= t.numel() * t.element_size()
+            t, _, _ = best[0].pop(best[1])
+            self.held_bytes -= _nbytes_of(t)
 
     def _alloc(self, key):
         import torch
-        self._make_room(self._nbytes(key))
+        nbytes = self.slot_capacity(key)
+        self._make_room(nbytes)
         device, dtype, numel = key
         with torch.inference_mode(False), torch.no_grad():
-            if device == "cpu" and self._nbytes(key) >= _OWN_MAP_BYTES:
-                t = _mapped_buffer(numel, dtype)
-            else:
-                t = torch.empty(numel, dtype=dtype, device=device)
-        nbytes = t.numel() * t.element_size()
+            t = _mapped_buffer(nbytes) if self.is_slot(key) else torch.empty(numel, dtype=dtype, device=device)
+        self._count(nbytes)
+        return t
+
+    def _count(self, nbytes: int) -> None:
         self.allocations += 1
         self.allocated_bytes += nbytes
         self.held_bytes += nbytes
         self.peak_bytes = max(self.peak_bytes, self.held_bytes)
-        return t
+
+    @classmethod
+    def _view(cls, base, key):
+        """``key``'s flat tensor over the first bytes of slot ``base``."""
+        return base[:cls.nbytes(key)].view(key[1])
+
+    def _take_slot(self, need: int):
+        """The free slot that fits ``need`` bytes most tightly, or None."""
+        fits = [(_nbytes_of(t), i) for i, (t, _, _) in enumerate(self._slots) if _nbytes_of(t) >= need]
+        return self._slots.pop(min(fits)[1])[0] if fits else None
 
     def acquire(self, key):
         """A free buffer of this kind (allocated only when none is free) and the event its last
         reader recorded (None on the CPU)."""
         self.in_use += 1
+        if self.is_slot(key):
+            base = self._take_slot(self.nbytes(key))
+            base = base if base is not None else self._alloc(key)
+            self._busy_slots[base.data_ptr()] = base
+            return self._view(base, key), None
         free = self._free.get(key)
         if free:
             t, ev, _ = free.pop()
@@ -95,28 +134,47 @@ class SlotPool:
     def release(self, key, tensor, event=None) -> None:
         self.in_use -= 1
         self._stamp += 1
-        self._free[key].append((tensor, event, self._stamp))
+        base = self._busy_slots.pop(tensor.data_ptr(), None)
+        if base is not None:
+            self._slots.append((base, None, self._stamp))
+        else:
+            self._free[key].append((tensor, event, self._stamp))
         self._make_room(0)  # over the cap (the busy buffers exceeded it): give free ones back
 
-    def reserve(self, counts: dict) -> None:
-        """Hold exactly ``counts[key]`` free-or-busy buffers of each kind the plan uses: allocate
-        the missing ones now and free surplus free ones (they come back to the allocator)."""
+    def reserve(self, counts: dict, slots: int = 0) -> None:
+        """Hold exactly ``counts[key]`` free-or-busy buffers of each kind the plan uses (other than
+        slots) and ``slots`` slots of ``slot_bytes``: allocate the missing ones now and free surplus
+        free ones and slots too small (they come back to the operating system)."""
         for key, bufs in list(self._free.items()):
             keep = counts.get(key, 0)
             while len(bufs) > keep:
                 t, _, _ = bufs.pop()
-                self.held_bytes -= t.numel() * t.element_size()
-        for key, n in counts.items():  # under a cap: only what fits now, the rest when needed
-            while len(self._free[key]) < n and (self.cap is None or
-                                                self.held_bytes + self._nbytes(key) <= self.cap):
+                self.held_bytes -= _nbytes_of(t)
+        other = [s for s in self._slots if _nbytes_of(s[0]) != self.slot_bytes]
+        for s in other:
+            self._slots.remove(s)
+            self.held_bytes -= _nbytes_of(s[0])
+        while len(self._slots) > slots:
+            self.held_bytes -= _nbytes_of(self._slots.pop()[0])
+        # under a cap: only what fits now, the rest when needed
+        fits = lambda n: self.cap is None or self.held_bytes + n <= self.cap  # noqa: E731
+        while len(self._slots) < slots and self.slot_bytes and fits(self.slot_bytes):
+            self._stamp += 1
+            self._count(self.slot_bytes)
+            self._slots.append((_mapped_buffer(self.slot_bytes), None, self._stamp))
+        for key, n in counts.items():
+            if self.is_slot(key):
+                continue
+            while len(self._free[key]) < n and fits(self.nbytes(key)):
                 self._stamp += 1
                 self._free[key].append((self._alloc(key), None, self._stamp))
 
     def free_count(self) -> int:
-        return sum(len(v) for v in self._free.values())
+        return sum(len(v) for v in self._free_lists())
 
     def clear(self) -> None:
-        for bufs in self._free.values():
+        for bufs in self._free_lists():
             for t, _, _ in bufs:
-                self.held_bytes -= t.numel() * t.element_size()
+                self.held_bytes -= _nbytes_of(t)
+            bufs.clear()
         self._free.clear()

@@ -47,6 +47,9 @@ def main(arch: str, hidden: int, vocab: int, tokens: int) -> dict:
         res = {"exact": torch.equal(ref.view(torch.int16), out.view(torch.int16)),
                "tokens_equal": torch.equal(ref_tokens, out_tokens), "chunks": chunks,
                "pool_peak": run.scheduler.pool.peak_bytes, "table_bytes": vocab * hidden * 2,
+               # the buffers of layers below a slot's minimum, kept beside the slots (all free now)
+               "pool_small_bytes": sum(b[0].numel() * b[0].element_size() for bufs in run.scheduler.pool._free.values()
+                                       for b in bufs),
                **run.blocked_stats}
     res["restored"] = type(model.lm_head.weight) is torch.nn.Parameter and model.lm_head.weight is \
         model.model.embed_tokens.weight

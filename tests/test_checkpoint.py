@@ -52,9 +52,14 @@ def test_load_maps_the_file_without_copying(tmp_path):
     nzrt.save(path, {"x": nzrt.compress(x), "d": x})
     loaded = nzrt.load(path, verify=False)
     ct, dense = loaded["x"], loaded["d"]
-    # both views share one file-backed storage: the bytes were not copied into new buffers
-    assert ct.data.untyped_storage().data_ptr() == dense.untyped_storage().data_ptr()
-    assert ct.data.untyped_storage().nbytes() == os.path.getsize(path)
+    # both view maps of the whole file: the bytes were not copied into new buffers. The compressed
+    # blobs' map is read-only (the disk tier gives its pages back keeping the page cache), the dense
+    # entries' is writable (they become the model's own tensors)
+    from nzrt import osmem
+    for t in (ct.data, dense):
+        assert t.untyped_storage().nbytes() == os.path.getsize(path)
+        assert osmem.is_file_backed(t)
+    assert osmem.in_readonly_file_mapping(ct.data) and not osmem.in_readonly_file_mapping(dense)
     assert torch.equal(bits(nzrt.decompress(ct)), bits(x))
 
 

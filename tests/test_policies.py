@@ -143,3 +143,28 @@ def test_empty_trace_gives_placement_only():
         p = pol.plan([], layers, None, Costs(host_is_device=True))
         assert p.steps == () and set(p.tier_of) == {"a"}
         assert p.peak_bytes >= 10  # one unit decoded on demand must fit
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auto_says_why_it_chose_its_plan(seed):
+    """Under a budget, ``Auto`` takes the fastest plan that fits by its cost model, and its ``why``
+    says so: how many fit, the runner-up's estimate (never faster than the chosen one), and for a
+    plan with a dense cache, the fastest plan without one (never faster either)."""
+    import re
+
+    rng = random.Random(seed)
+    layers = {f"l{i}": LayerInfo(f"l{i}", d, d * 2 // 3, on_disk=True)
+              for i, d in enumerate(rng.choice([2, 8, 22]) << 20 for _ in range(12))}
+    trace = tuple(layers)
+    costs = Costs(host_is_device=True, overlap=0.5, decode_bps=1.5e9, disk_bps=1.5e9,
+                  layer_seconds={u: rng.uniform(1e-3, 5e-3) for u in layers})
+    budget = rng.choice([80, 120, 200]) << 20
+    plan = Auto().plan(trace, layers, budget=budget, costs=costs)
+    assert plan.peak_bytes <= budget
+    m = re.search(r"of (\d+) plans that fit", plan.why)
+    assert m and int(m.group(1)) >= 2, plan.why
+    for est in re.findall(r"est ([\d.]+) ms/pass", plan.why):
+        assert float(est) >= round(plan.est_seconds * 1e3, 1) - 0.05, plan.why
+    assert ("+dense" in plan.policy or "belady" in plan.policy) == ("without a dense cache" in plan.why)
+    assert plan.why in plan.summary()
+    assert Auto().plan(trace, layers, costs=costs).why == ""  # no budget: nothing was weighed

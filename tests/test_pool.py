@@ -103,3 +103,52 @@ def test_a_large_cpu_buffer_goes_back_to_the_os_when_the_pool_frees_it():
     assert r.returncode == 0, r.stderr
     assert int(r.stdout) >= 64, f"only {r.stdout.strip()} MiB went back"
 
+
+
+SLOT_KEYS = [SlotPool.key("cpu", torch.bfloat16, n) for n in (1 << 19, 3 << 19, 11 << 19)]  # 1, 3, 11 MiB
+
+
+def test_cpu_slots_are_reused_by_any_large_size_and_never_overlap():
+    """Large CPU buffers are slots of ``slot_bytes``: a layer of any size takes a free one, so a
+    repeating timeline of mixed sizes allocates nothing after ``reserve`` (a pool keyed by exact
+    size re-made buffers every pass: each fresh buffer costs a page fault per page when written)."""
+    pool = SlotPool()
+    pool.slot_bytes = SlotPool.nbytes(SLOT_KEYS[2])
+    pool.cap = 2 * pool.slot_bytes + SlotPool.nbytes(KEYS[2])
+    pool.reserve({KEYS[2]: 1}, slots=2)
+    assert pool.allocations == 3 and pool.held_bytes == pool.cap
+    timeline = [SLOT_KEYS[1], SLOT_KEYS[0], SLOT_KEYS[2], KEYS[2], SLOT_KEYS[2], SLOT_KEYS[1]]
+    prev = None
+    for _ in range(3):
+        for key in timeline:
+            t, _ = pool.acquire(key)
+            assert t.numel() == key[2] and t.dtype == key[1] and t.is_contiguous()
+            t.fill_(1.0)
+            if prev is not None:  # two buffers in use at once never share a byte
+                a, b = sorted([(t.data_ptr(), t.numel() * 2), (prev[1].data_ptr(), prev[1].numel() * 2)])
+                assert a[0] + a[1] <= b[0]
+                pool.release(*prev)
+            prev = (key, t)
+    assert pool.allocations == 3 and pool.held_bytes <= pool.cap
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_timelines_with_slots_respect_the_cap(seed):
+    rng = random.Random(seed)
+    pool = SlotPool()
+    pool.slot_bytes = SlotPool.nbytes(SLOT_KEYS[2])
+    pool.cap = 3 * pool.slot_bytes
+    busy = []
+    for _ in range(200):
+        if busy and rng.random() < 0.5:
+            pool.release(*busy.pop(rng.randrange(len(busy))))
+        else:
+            key = rng.choice(SLOT_KEYS + KEYS)
+            t, _ = pool.acquire(key)
+            assert t.numel() == key[2] and t.dtype == key[1]
+            spans = [(b.data_ptr(), b.data_ptr() + b.numel() * 2) for _, b in busy]
+            lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * 2
+            assert all(hi <= a or b <= lo for a, b in spans)  # never handed out twice
+            busy.append((key, t))
+        in_slots = sum(pool.slot_capacity(k) for k, _ in busy)
+        assert pool.held_bytes <= max(pool.cap, in_slots)

@@ -315,3 +315,35 @@ def test_from_pretrained_opens_an_embedded_model_by_name():
     finally:
         nzrt.release(model)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("source", ["dir", "nzrt_disk_tier"])
+def test_generate_gives_plain_logits_at_every_step(llama_dir, tmp_path, source):
+    """transformers' generate passes ``logits_to_keep=1`` to a forward that declares it: the
+    managed root forward must show the model's signature, or the prompt's head runs over every
+    position (another GEMM) and the logits generate returns differ in their last bits. Every
+    step's logits, from a 64-token prompt, bit for bit; also from a .nzrt on the disk tier."""
+    import inspect
+
+    ids = _ids()
+    kw = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    plain = _plain(llama_dir)
+    want = plain.generate(ids, **kw)
+    del plain
+    if source == "dir":
+        model = nzrt.from_pretrained(llama_dir)
+    else:
+        out = tmp_path / "m.nzrt"
+        compress_model(str(llama_dir), out)
+        model = nzrt.from_pretrained(out, budget="24MiB")
+    try:
+        assert "logits_to_keep" in inspect.signature(model.forward).parameters
+        got = model.generate(ids, **kw)
+        assert torch.equal(got.sequences, want.sequences)
+        assert len(got.logits) == len(want.logits) == 4
+        for g, w in zip(got.logits, want.logits):
+            assert _same(g, w)
+        if source != "dir":
+            assert nzrt.report(model).plan.startswith("auto") and "disk" in nzrt.report(model).plan
+    finally:
+        nzrt.release(model)

@@ -175,10 +175,12 @@ def test_smollm_bf16_resident_identical_generate_and_memory(smollm):
         assert held["dense_slots"] < 1.2 * head, held
         assert total - held["dense_slots"] <= 0.70 * plain_bytes, (total / plain_bytes, held)
         rep = run.report()
-        # not per layer (212 steps a pass): on the CPU the pool stays under the plan's dense peak
-        # by freeing and re-making a few buffers a pass (about one per kind)
-        kinds = len({(t.dtype, t.numel) for t in run.tensors.values()})
-        assert rep.pool_allocations <= 16 + 2 * kinds * (rep.passes + 1), (rep.pool_allocations, kinds, rep.passes)
+        # once a plan is in place a pass allocates nothing: large layers share slots (a fresh
+        # buffer costs a page fault per page when the decoder first writes it)
+        before = run.scheduler.pool.allocations
+        with torch.inference_mode():
+            assert same(model(x).logits, ref)
+        assert run.scheduler.pool.allocations == before, (before, run.scheduler.pool.allocations)
         assert run.scheduler.pool.held_bytes <= run.scheduler.pool.cap
     assert_restored(model, snap)
     assert "nzrt report" in str(rep)

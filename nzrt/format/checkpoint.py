@@ -316,6 +316,23 @@ def load_metadata(path) -> dict:
     return _read_header(Path(path))[0]["metadata"]
 
 
+def _map_readonly(path: Path, size: int) -> torch.Tensor:
+    """The file's first ``size`` bytes mapped read-only: the compressed blobs live here. Nothing
+    writes them (a training step compresses a new copy), and a read-only map can never hold a
+    written page, so the disk tier may take its pages out of the process after each read and leave
+    them in the page cache (``osmem.unmap_file_pages``). Dense entries stay in a writable private
+    map: they become the model's own tensors, which the user may change in place."""
+    import mmap
+    import warnings
+    if not size:
+        return torch.zeros(0, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    with warnings.catch_warnings():  # "the given buffer is not writable": by design, see above
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(m, dtype=torch.uint8, count=size)  # the tensor keeps the map alive
+
+
 def load(path, *, verify: bool = True) -> dict:
     """Map ``path`` into memory: name -> CompressedTensor (or Tensor for dense entries), no copy.
 
@@ -330,10 +347,13 @@ def load(path, *, verify: bool = True) -> dict:
     head, start, size = _read_header(path)
     whole = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8) if size else \
         torch.zeros(0, dtype=torch.uint8)
+    blobs = _map_readonly(path, size)
     out = {}
     for name, e in head["tensors"].items():
-        blob = whole[start + e["offset"]:start + e["offset"] + e["nbytes"]]
+        span = slice(start + e["offset"], start + e["offset"] + e["nbytes"])
+        blob = whole[span]
         if e["kind"] == "compressed":
+            blob = blobs[span]
             ct = CompressedTensor(e["header"], blob, source=str(path), name=name)
             if verify:
                 ct.verify()

@@ -80,7 +80,7 @@ class Decoder:
         self._requested_widths = requested_widths
         self._widths = None
         self._widths_chosen = False
-        self._read_from_file: set = set()
+        self._read_from_file: dict = {}  # id(CompressedTensor) -> its map is read-only (keep cached)
         self._fused_weights: dict = {}  # key -> kernels.cpu.fused.FusedWeight of its compressed copy
 
     # -- the code -------------------------------------------------------------------------------
@@ -138,17 +138,22 @@ class Decoder:
 
     def after_read(self, ct) -> None:
         """A kernel read ``ct`` (a decode, or a fused pass reading it straight): the disk tier's
-        file pages go back after each read."""
-        if id(ct) in self._read_from_file:
+        file pages go back after each read -- out of this process only where the map is
+        read-only (the page cache keeps them for the next pass), else evicted as well."""
+        readonly = self._read_from_file.get(id(ct))
+        if readonly:
+            osmem.unmap_file_pages(ct.data)
+        elif readonly is not None:
             osmem.release_file_pages(ct.data, trusted=True)
 
-    def read_from_file_each_time(self, ids: set) -> None:
-        """Placement says which blobs are read from their file each time (ids of CompressedTensors)."""
-        self._read_from_file = ids
+    def read_from_file_each_time(self, cts) -> None:
+        """Placement says which blobs are read from their file each time (CompressedTensors)."""
+        maps = osmem.file_mappings(readonly=True)
+        self._read_from_file = {id(ct): osmem.in_readonly_file_mapping(ct.data, maps) for ct in cts}
 
     def replaced(self, ct) -> None:
         """``ct`` is no longer a session's copy (a training step compressed a new one)."""
-        self._read_from_file.discard(id(ct))
+        self._read_from_file.pop(id(ct), None)
 
     def fused_weight(self, key, ct):
         """The fused kernels' prepared view of ``key``'s compressed copy ``ct`` (rebuilt when it changed)."""

@@ -215,7 +215,7 @@ class Entry:
         # re-chunking it would decode it and hold the new chunks in RAM, off the file
         lookup_only = chunkable_embedding(mp.shape, itemsize, owners, self.config.chunk_bytes or 1)
         if isinstance(src, RowChunks) and not lookup_only and not head:
-            src = src.decompress(backend=self.config.backend)  # a GEMM that is not a chunked head needs it whole
+            src = codec.decompress(src, backend=self.config.backend)  # a GEMM that is not a chunked head needs it whole
         given = src.parts if isinstance(src, RowChunks) else None  # stored as row chunks (.nzrt)
         head = head and given is None and not isinstance(src, CompressedTensor)
         chunked = given is not None or head or (not isinstance(src, CompressedTensor) and

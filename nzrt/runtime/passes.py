@@ -14,6 +14,8 @@ threads calling one managed model run one forward at a time and each gets exact 
 """
 from __future__ import annotations
 
+import functools
+
 import threading
 
 import torch
@@ -97,6 +99,10 @@ def unit_forward(shared, unit, bindings, inner):
 def root_forward(shared, inner):
     lock = shared.lock
 
+    # wraps: callers that inspect the forward's signature see the model's own (transformers'
+    # generate passes ``logits_to_keep=1`` only to a forward that declares it; without it the
+    # prompt's head runs over every position, another GEMM shape, and the last row's bits differ)
+    @functools.wraps(inner)
     def forward(*args, **kwargs):
         with lock:
             if shared.fused is not None:

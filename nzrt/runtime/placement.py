@@ -220,12 +220,12 @@ class Planner:
         """The scheduler's ``place(plan)``: every compressed tensor to its tier."""
         tensors, tier_now = self.shared.tensors, self.shared.tier_now
         place(plan, self.units, tensors, tier_now, self.device)
-        # blobs read straight from a memory-mapped file (disk tier): ids of their CompressedTensors
-        from_file = {id(s.ct) for k, s in tensors.items()
+        # blobs read straight from a memory-mapped file (disk tier)
+        from_file = {k: s.ct for k, s in tensors.items()
                      if tier_now.get(k) == Tier.DISK and s.on_disk and s.ct.device.type == "cpu"}
         # a lookup-only embedding's row chunks in a file are read from it each time, whatever the
         # tier: ids fall all over the table, so their pages would soon hold all of it, where plain
         # PyTorch keeps only the rows it read
-        from_file |= {id(tensors[k].ct) for mp in self.shared.params if mp.chunked for k in mp.keys
-                      if tensors[k].on_disk and tensors[k].ct.device.type == "cpu"}
-        self.shared.decoder.read_from_file_each_time(from_file)
+        from_file.update({k: tensors[k].ct for mp in self.shared.params if mp.chunked for k in mp.keys
+                          if tensors[k].on_disk and tensors[k].ct.device.type == "cpu"})
+        self.shared.decoder.read_from_file_each_time(from_file.values())
