@@ -394,7 +394,8 @@ class Fused:
     ``(4,)``. This package only records the request; what it means on a machine (``"auto"``: the
     4-bit window code where the fused kernel's fast path runs) is the runtime's codec choice
     (``nzrt.runtime.decoder.choose_widths``). Weights that arrive compressed (a ``.nzrt`` file)
-    keep their code; every code gives the same bits."""
+    keep their code (``nzrt compress --fused`` writes the window code); every code gives the same
+    bits."""
 
     base: object = None  # a policy value or name; None: Auto()
     max_rows: int = 16

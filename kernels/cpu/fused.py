@@ -327,6 +327,7 @@ class FusedWeight:
         self.dtype = ct.header.dtype
         self.kind = _KIND[self.dtype]
         self._uint = spec.LAYOUTS[self.dtype].uint
+        self.window = False  # whether linear() takes the window code's fast path (fused_w4)
         if self.N * self.K == 0:
             return
         ct.verify()
@@ -338,6 +339,7 @@ class FusedWeight:
         self._bounds: dict = {}
         self._local = threading.local()  # per-thread scratch (_scratch)
         self._w4 = fused_w4.prepare(ct) if fused_w4.eligible(ct) else None
+        self.window = self._w4 is not None
         self._w4_kernels = (fused_w4.fused_par, fused_w4.fused_ser)
 
     def _scratch(self, nch: int, R: int) -> tuple:

@@ -43,6 +43,15 @@ def level_coverage(hist: np.ndarray, header) -> list[float]:
     return out
 
 
+def code_name(header) -> str:
+    """The exponent code of a compressed tensor: "window" (``codec.WINDOW4``, one 4-bit level: what
+    ``nzrt compress --fused`` writes, the fused CPU kernel's fast code) or "cascade" (the
+    planner's levels, the smallest)."""
+    from ..kernels.spec import WINDOW4
+
+    return "window" if tuple(header.widths) == WINDOW4 else "cascade"
+
+
 def tensor_row(name: str, value, dense=None) -> dict:
     """Stats of one entry: a CompressedTensor (decoded here to measure) or a dense tensor."""
     import torch
@@ -64,7 +73,7 @@ def tensor_row(name: str, value, dense=None) -> dict:
     hist = exponent_histogram(dense)
     itemsize = h.layout.itemsize
     return {"name": name, "dtype": h.dtype, "shape": list(h.shape), "numel": h.numel, "compressed": True,
-            "mantissa_bits": h.mantissa_bits, "lossless": h.lossless, "nbytes": value.nbytes,
+            "mantissa_bits": h.mantissa_bits, "lossless": h.lossless, "nbytes": value.nbytes, "code": code_name(h),
             "dense_nbytes": h.numel * itemsize, "bits_per_weight": value.bits_per_weight,
             "exponent_entropy": entropy_bits(hist), "levels": list(h.widths) + ([h.layout.exp_bits] if h.has_raw else []),
             "coverage": level_coverage(hist, h), "exponent_histogram": _sparse(hist)}
@@ -89,6 +98,7 @@ def totals(rows: list[dict]) -> dict:
             "bits_per_weight": 8.0 * sum(r["nbytes"] for r in comp) / max(nc, 1),
             "exponent_entropy": sum(r["exponent_entropy"] * r["numel"] for r in comp) / max(nc, 1),
             "coverage_by_level_index": [c / max(nc, 1) for c in cov],
+            "codes": {c: sum(r.get("code") == c for r in comp) for c in ("cascade", "window")},
             "ratio": sum(r["nbytes"] for r in rows) / max(sum(r["dense_nbytes"] for r in rows), 1)}
 
 
@@ -165,6 +175,7 @@ def format_table(result: dict, *, limit: int | None = None) -> str:
                 acc += c
                 cum.append(f"{100 * acc:.1f}")
             tiers = "/".join(cum) + ("" if r["lossless"] else f"  (lossy, {r['mantissa_bits']} mantissa bits)")
+            tiers += "  window code" if r.get("code") == "window" else ""
         else:
             tiers = "dense"
         name = r["name"] if len(r["name"]) <= 48 else "…" + r["name"][-47:]
@@ -181,6 +192,10 @@ def format_table(result: dict, *, limit: int | None = None) -> str:
                  f"{_mb(t['dense_nbytes'])} dense -> {_mb(t['nbytes'])} ({100 * t['ratio']:.1f}%)")
     lines.append(f"       {t['bits_per_weight']:.2f} bits/weight compressed, exponent entropy "
                  f"{t['exponent_entropy']:.2f} bits, tier coverage (cumulative %) {'/'.join(cov)}")
+    codes = t.get("codes") or {}
+    if codes.get("window"):
+        lines.append(f"       exponent code: {codes['window']} tensors in the window code (the fused "
+                     f"kernel's fast code, `nzrt compress --fused`), {codes.get('cascade', 0)} in the cascade")
     if "file_bytes" in result:
         lines.append(f"       file {_mb(result['file_bytes'])}")
     return "\n".join(lines)

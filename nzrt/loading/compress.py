@@ -36,21 +36,45 @@ class CompressStats:
         return self.compressed_bytes / max(self.dense_bytes, 1)
 
 
+def check_widths(widths) -> tuple | None:
+    """``widths`` (the exponent code to write, e.g. ``codec.WINDOW4``; None: the planner's smallest)
+    as a tuple of ints that fits every float dtype nzrt compresses, checked before a file is
+    opened: ValueError naming what is accepted otherwise."""
+    if widths is None:
+        return None
+    from ..kernels import spec
+
+    try:
+        if isinstance(widths, (str, bytes)):
+            raise ValueError(f"widths must be a sequence of level widths, got {widths!r}")
+        return spec.check_widths(widths, min(lay.exp_bits for lay in spec.LAYOUTS.values()))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{e}; e.g. widths=nzrt.codec.WINDOW4 = (4,) (the fused kernel's fast code), "
+                         f"or None (the smallest code)") from None
+
+
 def compress_model(lm, out, *, mantissa_bits: int | None = None,
-                   progress: Progress | None = None, dtype=None) -> CompressStats:
+                   progress: Progress | None = None, dtype=None, widths=None) -> CompressStats:
     """Write ``lm`` to ``out`` as a ``.nzrt``: every float parameter compressed (tied weights once),
     buffers and non-float parameters dense, the config and tokenizer beside them.
 
     ``lm`` is a LoadedModel, or the path of a transformers directory: with safetensors weights whose
     names are the model's parameters, that is streamed (``compress_transformers_dir``: one tensor in
     memory at a time, the dense model never built); otherwise it is loaded whole first. ``dtype``
-    (only with a path) converts the weights, as ``--dtype`` does."""
+    (only with a path) converts the weights, as ``--dtype`` does.
+
+    ``widths``: the exponent code of every compressed float weight (``codec.compress``'s), e.g.
+    ``codec.WINDOW4``, which the fused CPU kernel multiplies from fastest (``nzrt compress
+    --fused``): ~12 bits a bf16 weight instead of ~10.7, as lossless, and every policy reads it.
+    None: the planner's smallest code; weights that arrive compressed are then kept as they are,
+    otherwise those in another code are compressed again."""
+    widths = check_widths(widths)
     if not isinstance(lm, LoadedModel):
         path = Path(lm).expanduser()
         if path.is_file() and path.name == "config.json":
             path = path.parent
         st = compress_transformers_dir(path, out, mantissa_bits=mantissa_bits, progress=progress,
-                                       dtype=dtype, source=str(lm))
+                                       dtype=dtype, source=str(lm), widths=widths)
         if st is not None:
             return st
         from .open_model import open_model
@@ -58,11 +82,11 @@ def compress_model(lm, out, *, mantissa_bits: int | None = None,
         lm = open_model(str(lm), dtype=dtype)
     elif dtype is not None:
         raise ValueError("dtype applies only when compress_model is given a path")
-    return _compress_loaded(lm, out, mantissa_bits=mantissa_bits, progress=progress)
+    return _compress_loaded(lm, out, mantissa_bits=mantissa_bits, progress=progress, widths=widths)
 
 
 def _compress_loaded(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
-                     progress: Progress | None = None) -> CompressStats:
+                     progress: Progress | None = None, widths=None) -> CompressStats:
     import torch
 
     from ..format.checkpoint import save
@@ -82,7 +106,9 @@ def _compress_loaded(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
         metadata[MODEL_META_KEY][rowchunks.META_KEY] = {n: [list(s) for s in sp] for n, sp in chunks.items()}
     for name, p in params:
         src = lm.compressed.get(name) if lm.compressed is not None else None
-        bits_ok = lambda ct: mantissa_bits is None or mantissa_bits >= ct.header.mantissa_bits  # noqa: E731
+        # kept as it is: compressed at least as finely, in the code asked for (any, if none was)
+        bits_ok = lambda ct: ((mantissa_bits is None or mantissa_bits >= ct.header.mantissa_bits)  # noqa: E731
+                              and (widths is None or tuple(ct.header.widths) == widths))
         if isinstance(src, rowchunks.RowChunks) and [tuple(x) for x in chunks.get(name, ())] == src.spans \
                 and all(bits_ok(ct) for ct in src.parts):
             for (a, b), ct in zip(src.spans, src.parts):  # already chunked as wanted: as it is
@@ -92,15 +118,20 @@ def _compress_loaded(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
             tensors[name] = src  # already compressed at least as finely: keep it as is
             comp_bytes += src.nbytes
         else:
+            kept = None  # the source's kept mantissa bits: compressing again with them is exact
             if isinstance(src, (CompressedTensor, rowchunks.RowChunks)):
                 dense = decompress(src)
+                parts = src.parts if isinstance(src, rowchunks.RowChunks) else [src]
+                kept = min(ct.header.mantissa_bits for ct in parts)
             else:
                 dense = src if src is not None else p.detach()
             if dense.is_floating_point():
                 # lossy mode rounds only what the runtime would: small parameters (norms) stay exact
                 k = mantissa_bits if dense.numel() >= DEFAULT_MIN_NUMEL else None
+                if kept is not None and (k is None or k > kept):
+                    k = kept
                 for entry, part in _parts(name, dense.cpu(), chunks):
-                    ct = compress(part, mantissa_bits=k)
+                    ct = compress(part, mantissa_bits=k, widths=widths)
                     tensors[entry] = ct
                     comp_bytes += ct.nbytes
             else:
@@ -133,13 +164,13 @@ def _compress_loaded(lm: LoadedModel, out, *, mantissa_bits: int | None = None,
 
 def compress_transformers_dir(path, out, *, mantissa_bits: int | None = None,
                               progress: Progress | None = None, dtype=None,
-                              source: str | None = None) -> CompressStats | None:
+                              source: str | None = None, widths=None) -> CompressStats | None:
     """Stream a transformers directory with safetensors weights into ``out``: the config comes from
     config.json, each tensor is read (no mmap), compressed, written and dropped before the next, so
     memory holds about one tensor. Returns None (nothing written) where the directory cannot be
     streamed faithfully (no safetensors, checkpoint names that are not the model's parameter names,
     a quantized model ...): the caller loads it whole instead. The file holds what
-    ``compress_model`` writes for the loaded model, in the same order."""
+    ``compress_model`` writes for the loaded model, in the same order (``widths``: its exponent code)."""
     from ..format.checkpoint import Writer
     from ..codec import compress
     from .safetensors_io import has_safetensors
@@ -166,6 +197,7 @@ def compress_transformers_dir(path, out, *, mantissa_bits: int | None = None,
             check_mantissa_bits(mantissa_bits, lm.dtype)
         except (TypeError, ValueError) as e:
             raise ValueError(f"--mantissa-bits {mantissa_bits} does not fit {lm.name}: {e}") from None
+    widths = check_widths(widths)
     metadata = model_metadata(lm, mantissa_bits)
     chunks = row_chunk_plan(model)  # lookup-only embeddings: written as row chunks
     if chunks:
@@ -191,7 +223,7 @@ def compress_transformers_dir(path, out, *, mantissa_bits: int | None = None,
             if t.is_floating_point():
                 k = mantissa_bits if t.numel() >= small else None
                 for entry, part in _parts(name, t, chunks):
-                    ct = compress(part, mantissa_bits=k)
+                    ct = compress(part, mantissa_bits=k, widths=widths)
                     comp_bytes += ct.nbytes
                     w.add(entry, ct)
             else:

@@ -29,7 +29,9 @@ from .decoder import ROW_ID_DTYPES as _INTS  # integer ids: a lookup's input
 
 class FusedStats:
     """What the fused passes did: passes, fused Linear and Embedding calls, compressed bytes
-    read by them, seconds in their kernels."""
+    read by them, seconds in their kernels, and which weights the Linear calls multiplied from
+    by the window code's fast path (``kernels.cpu.fused_w4``) and which by the general one (the
+    planner's smallest code, or no fast path for that weight here): keys of the weights."""
 
     def __init__(self):
         self.passes = 0
@@ -37,11 +39,17 @@ class FusedStats:
         self.lookup_calls = 0
         self.bytes_read = 0
         self.seconds = 0.0
+        self.window_weights: set = set()
+        self.general_weights: set = set()
 
     def summary(self) -> str:
         rate = f", {self.bytes_read / self.seconds / 1e9:.2f} GB/s compressed" if self.seconds > 0 else ""
+        codes = ""
+        if self.window_weights or self.general_weights:
+            codes = (f"; Linear weights: {len(self.window_weights)} by the window code's fast path, "
+                     f"{len(self.general_weights)} by the general path")
         return (f"fused: {self.passes} passes, {self.linear_calls} Linear calls and {self.lookup_calls} "
-                f"lookups straight from compressed weights ({self.seconds:.2f} s{rate})")
+                f"lookups straight from compressed weights ({self.seconds:.2f} s{rate}){codes}")
 
 
 def input_rows(args, kwargs) -> int | None:
@@ -127,6 +135,7 @@ def linear_forward(shared, module, mp, fallback):
             st.seconds += time.perf_counter() - t0
             st.linear_calls += 1
             st.bytes_read += fw.nbytes
+            (st.window_weights if fw.window else st.general_weights).add(key)
             return y.view(*input.shape[:-1], N)
     return forward
 
