@@ -178,3 +178,31 @@ def test_a_bad_code_is_one_clear_error_before_any_file(files, tmp_path, widths):
         with pytest.raises(ValueError, match=r"widths.*WINDOW4"):
             compress_model(source, out, widths=widths)
         assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_fused_session_multiplies_a_head_in_row_chunks_from_the_file(tmp_path):
+    """A large untied head is stored in row chunks; the fused policy multiplies it chunk by chunk
+    from the file's pages (no dense copy of it, nothing re-encoded into memory), and each output
+    comes from its own weight row, so the logits are those of a fused session holding the head
+    whole in the same code, bit for bit (1 and 4 rows; hidden 1024, an 8192 x 1024 head)."""
+    src = _save_llama(tmp_path / "m", tied=False, layers=1, vocab=8192)
+    out = tmp_path / "fused.nzrt"
+    _compress_cli(src, out, "--fused")
+    assert sum(1 for n in nzrt.load(out) if n.startswith("lm_head.weight.__rows__")) >= 2
+    whole = nzrt.from_pretrained(src, policy=Fused(widths=codec.WINDOW4))
+    chunked = nzrt.from_pretrained(out, policy="fused")
+    try:
+        run = handle_of(chunked)
+        assert sum(1 for u in run.units if u.startswith("lm_head#")) >= 2
+        assert not any(u.startswith("lm_head#") for u in handle_of(whole).units)
+        for rows in (1, 4):
+            ids = _ids(8192, rows)
+            with torch.no_grad():
+                want, got = whole(ids).logits, chunked(ids).logits
+            assert _same(got, want), rows
+        rep = nzrt.report(chunked)
+        assert rep.held["compressed_device"] == 0 and rep.held["compressed_mapped"] > 0
+        assert "0 by the general path" in str(rep)
+    finally:
+        nzrt.release(whole)
+        nzrt.release(chunked)

@@ -81,6 +81,8 @@ def chunked_linear_forward(shared, mp, chunk_units, decode_whole):
     def forward(x):
         with lock:
             rows = x.numel() // k if k else 0
+            if fused_chunks_apply(shared, x, rows, k, mp):
+                return fused_chunks(shared, x, rows, n, k, chunk_units)
             whole = (torch.is_grad_enabled() and x.requires_grad) or len(chunk_units) < 2 or \
                 not blocked_exact(rows, k, block, last, mp.dtype, x.device)
             if whole:
@@ -101,3 +103,36 @@ def chunked_linear_forward(shared, mp, chunk_units, decode_whole):
                     s.exit(unit)
             return out
     return forward
+
+
+def fused_chunks_apply(shared, x, rows, k, mp) -> bool:
+    """Whether a fused pass multiplies this chunked head from its compressed chunks (the
+    conditions of ``fused.linear_forward``: few rows, a CPU input of the weight's width and dtype
+    or float32, no gradient needed)."""
+    f = shared.fused
+    return (f is not None and shared.fused_pass and rows <= f.max_rows and x.device.type == "cpu"
+            and x.shape[-1] == k and x.dtype in (mp.dtype, torch.float32)
+            and not (torch.is_grad_enabled() and (x.requires_grad or mp.param.requires_grad)))
+
+
+def fused_chunks(shared, x, rows, n, k, chunk_units):
+    """``x @ W.T`` for a head in row chunks, each chunk's output rows by the fused kernel straight
+    from its compressed bytes. The fused kernel computes each output from its own weight row, in
+    an order that does not depend on the other rows (tested: the same bits as the whole weight's)."""
+    import time
+    st = shared.fused_stats
+    x2 = x.reshape(rows, k)
+    out = None
+    for _unit, key, (a, b) in chunk_units:
+        fw = shared.fused_weight(key)
+        t0 = time.perf_counter()
+        y = fw.linear(x2, None)
+        shared.decoder.after_read(fw.ct)
+        st.seconds += time.perf_counter() - t0
+        st.bytes_read += fw.nbytes
+        (st.window_weights if fw.window else st.general_weights).add(key)
+        if out is None:
+            out = torch.empty((rows, n), dtype=y.dtype, device=y.device)
+        out[:, a:b] = y
+    st.linear_calls += 1
+    return out.view(*x.shape[:-1], n)

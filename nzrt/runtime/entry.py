@@ -214,7 +214,11 @@ class Entry:
         # a CompressedTensor given by the caller (e.g. memory-mapped by nzrt.load) is used as it is:
         # re-chunking it would decode it and hold the new chunks in RAM, off the file
         lookup_only = chunkable_embedding(mp.shape, itemsize, owners, self.config.chunk_bytes or 1)
-        if isinstance(src, RowChunks) and not lookup_only and not head:
+        # the fused policy multiplies a head stored in row chunks chunk by chunk from the file
+        # (``blocked.fused_chunks``): never dense whole, never re-encoded into memory
+        fused_head = self.config.fused is not None and p.dtype in FLOATS and \
+            chunkable_head(tuple(mp.shape), itemsize, owners, self._heads, p.requires_grad)
+        if isinstance(src, RowChunks) and not lookup_only and not head and not fused_head:
             src = codec.decompress(src, backend=self.config.backend)  # a GEMM that is not a chunked head needs it whole
         given = src.parts if isinstance(src, RowChunks) else None  # stored as row chunks (.nzrt)
         head = head and given is None and not isinstance(src, CompressedTensor)
