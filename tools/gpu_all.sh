@@ -6,6 +6,9 @@
 #     bash tools/gpu_all.sh e2e        # only the end-to-end table (or: gpu)
 #     bash tools/gpu_all.sh train      # only tools/bench_train.py --device cuda (not in the default;
 #                                      # `gpu train e2e` runs all three, train under GPU_TRAIN_TIMEOUT=150)
+#     bash tools/gpu_all.sh offload    # only tools/bench_offload.py --device cuda (not in the default):
+#                                      # accelerate's cpu_offload against nzrt's host tier, a small
+#                                      # Llama, under GPU_OFFLOAD_TIMEOUT (150)
 #
 # Python: .venv's if its torch sees a GPU; else the system python3 if its torch does (the lent GPU
 # machines start bare, with no network, and a python3 that holds CUDA torch, triton, transformers,
@@ -80,6 +83,13 @@ assert torch.equal(nzrt.decompress(nzrt.compress(x)).view(torch.int16), x.view(t
             ${OUT:+--json "$OUT/bench_train_gpu.json"}
         r=$?; [ $r -gt $rc ] && rc=$r
         [ $r -eq 124 ] && echo "gpu_all: bench_train.py stopped after $GPU_TRAIN_TIMEOUT s"
+    fi
+    if [[ $WHAT == *" offload "* ]]; then
+        echo "== tools/bench_offload.py --device cuda ($SECONDS s in)"
+        (cd / && timeout -s TERM "${GPU_OFFLOAD_TIMEOUT:-150}" "$PY" "$ROOT/tools/bench_offload.py" --device cuda \
+            --shape small --modes plain,accelerate,nzrt_disk,nzrt_mem --budget 40MiB --rounds 1 --gen 8 \
+            ${OUT:+--json "$OUT/bench_offload_gpu.json"})
+        r=$?; [ $r -gt $rc ] && rc=$r
     fi
     if [[ $WHAT == *" e2e "* ]]; then
         left=$(( BUDGET - SECONDS ))
