@@ -347,3 +347,57 @@ def test_generate_gives_plain_logits_at_every_step(llama_dir, tmp_path, source):
             assert nzrt.report(model).plan.startswith("auto") and "disk" in nzrt.report(model).plan
     finally:
         nzrt.release(model)
+
+
+def _cached_fraction(path) -> float:
+    """The fraction of ``path``'s pages in the page cache (mincore over a fresh read-only map)."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+    n = os.path.getsize(path)
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), n, prot=mmap.PROT_READ)
+    pages = (n + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    assert libc.mincore(np.frombuffer(m, dtype=np.uint8).ctypes.data, n, vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) / pages
+
+
+@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="mincore and /proc are Linux's")
+def test_the_disk_tier_reads_the_file_each_pass_and_leaves_it_in_the_page_cache(llama_dir, tmp_path):
+    """On the disk tier a .nzrt's blobs are read from the file every pass: their pages leave the
+    process after each read (the file's RSS stays far below its size) but stay in the page cache,
+    so the next pass does not read the disk again (MADV_PAGEOUT used to evict them)."""
+    from nzrt import osmem
+
+    out = tmp_path / "m.nzrt"
+    compress_model(str(llama_dir), out)
+    model = nzrt.from_pretrained(out, budget="24MiB")
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                model(_ids())
+        rep = nzrt.report(model)
+        assert "disk" in rep.plan and rep.held["compressed_mapped"] > 0
+        mapped = [t for n, t in _file_rss_by_path().items() if n == str(out)]
+        size = os.path.getsize(out)
+        assert mapped and mapped[0] < size // 2, (mapped, size)
+        assert _cached_fraction(out) >= 0.9
+    finally:
+        nzrt.release(model)
+
+
+def _file_rss_by_path() -> dict:
+    """Resident bytes of each mapped file of this process (``/proc/self/smaps``)."""
+    out, cur = {}, None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                cur = head[5] if len(head) > 5 else None
+            elif head and head[0] == "Rss:" and cur:
+                out[cur] = out.get(cur, 0) + int(head[1]) * 1024
+    return out
