@@ -171,63 +171,14 @@ class Scheduler:
                     if u not in skip), default=0)
 
     def _reserve(self, plan) -> None:
-        """Size the pool from the plan: the most buffers of each kind held at once; on the CPU,
-        large tensors share slots of one size, the size that makes the pool smallest."""
+        """Size the pool from the plan: the buffers it holds at once, step by step (``SlotPool.fit``)."""
         if self.cuda:  # buffers about to be freed may still be written by the side stream
             self._cuda.compute_waits_for_side()
-        tiers = plan.tier_of
-        pinned = {u for u, t in tiers.items() if t == Tier.DENSE}
+        pinned = {u for u, t in plan.tier_of.items() if t == Tier.DENSE}
         pinned_keys = {k for u in pinned for k in self.units[u]}
-        held_sets = list(self._held_sets(plan, pinned, pinned_keys))
-        sizes = {0} if self.cuda else {0} | {self.tensors[k].dense_bytes for keys in held_sets for k in keys}
-        best = None
-        for slot_bytes in sorted(sizes):  # ties: the larger slot (more layers share it)
-            self.pool.slot_bytes = slot_bytes
-            counts, slots, peak = self._pool_needs(held_sets)
-            kept = slots * slot_bytes + sum(n * SlotPool.nbytes(pk) for pk, n in counts.items())
-            if best is None or kept <= best[0]:
-                best = (kept, slot_bytes, counts, slots, peak)
-        kept, self.pool.slot_bytes, counts, slots, peak = best
-        # on the CPU the pool holds no more than what the plan keeps: its slots and the most buffers
-        # of each other kind (a buffer freed there is gone at once; on a GPU a freed buffer may
-        # still be read by the other stream)
-        if not self.cuda:
-            self.pool.cap = max(kept, peak, self._largest_unit_bytes(skip=pinned))
-        self.pool.reserve(counts, slots=slots)
-
-    def _held_sets(self, plan, pinned, pinned_keys):
-        """The sets of tensor keys the plan holds dense at once (pinned ones aside), step by step."""
-        held = set(plan.initial_dense) if self.prefetch_enabled else set()
-        if self.prefetch_enabled:
-            for _ in range(2):
-                for s in plan.steps:
-                    held |= set(s.prefetch)
-                    yield {k for u in held | ({s.unit} - pinned) for k in self.units[u]} - pinned_keys
-                    held -= set(s.release)
-        else:
-            for s in plan.steps:
-                yield {k for k in self.units[s.unit]} - pinned_keys if s.unit not in pinned else set()
-
-    def _pool_needs(self, held_sets):
-        """For the pool's slot size now: the most buffers of each non-slot kind held at once, the
-        most slots held at once, and the most bytes held at once."""
-        best: dict = {}
-        slots = peak = 0
-        for keys in held_sets:
-            c: dict = {}
-            n_slots = nbytes = 0
-            for k in keys:
-                s = self.tensors[k]
-                pk = SlotPool.key(self.device, s.dtype, s.numel)
-                if self.pool.is_slot(pk):
-                    n_slots += 1
-                else:
-                    c[pk] = c.get(pk, 0) + 1
-                nbytes += self.pool.slot_capacity(pk)
-            for pk, n in c.items():
-                best[pk] = max(best.get(pk, 0), n)
-            slots, peak = max(slots, n_slots), max(peak, nbytes)
-        return best, slots, peak
+        kinds = [[SlotPool.key(self.device, self.tensors[k].dtype, self.tensors[k].numel) for k in keys]
+                 for keys in held_sets(plan, self.units, self.prefetch_enabled, pinned, pinned_keys)]
+        self.pool.fit(kinds, slots=not self.cuda, floor=self._largest_unit_bytes(skip=pinned))
 
     # -- per unit -------------------------------------------------------------------------------
     def enter(self, unit: str, traced: bool = True) -> dict:
@@ -481,3 +432,18 @@ class Scheduler:
             self._worker.stop()
             self._worker = None
 
+
+
+def held_sets(plan, units: dict, prefetch: bool, pinned: set, pinned_keys: set):
+    """The sets of tensor keys ``plan`` holds dense at once (the dense tier's aside), step by step:
+    with prefetch, what is prefetched and not yet released (two cycles, so the wrap-around is seen)."""
+    if not prefetch:
+        for s in plan.steps:
+            yield set() if s.unit in pinned else set(units[s.unit]) - pinned_keys
+        return
+    held = set(plan.initial_dense)
+    for _ in range(2):
+        for s in plan.steps:
+            held |= set(s.prefetch)
+            yield {k for u in held | ({s.unit} - pinned) for k in units[u]} - pinned_keys
+            held -= set(s.release)

@@ -169,6 +169,45 @@ class SlotPool:
                 self._stamp += 1
                 self._free[key].append((self._alloc(key), None, self._stamp))
 
+    def fit(self, held: list, *, slots: bool, floor: int = 0) -> None:
+        """Size the pool for a plan: ``held`` lists the pool keys of the buffers held at once, step
+        by step. With ``slots`` (the CPU) large buffers share slots of the one size that makes the
+        pool smallest (ties: the larger slot), and the cap is what the pool then keeps (its slots
+        and the most buffers of each other kind), at least ``floor`` (the largest unit); without,
+        each kind keeps its most buffers at once and the cap is left as it is (a GPU: a freed
+        buffer may still be read by the other stream)."""
+        sizes = {0} | ({self.nbytes(k) for keys in held for k in keys} if slots else set())
+        best = None
+        for slot_bytes in sorted(sizes):
+            self.slot_bytes = slot_bytes
+            counts, n_slots, peak = self._needs(held)
+            kept = n_slots * slot_bytes + sum(n * self.nbytes(k) for k, n in counts.items())
+            if best is None or kept <= best[0]:
+                best = (kept, slot_bytes, counts, n_slots, peak)
+        kept, self.slot_bytes, counts, n_slots, peak = best
+        if slots:
+            self.cap = max(kept, peak, floor)
+        self.reserve(counts, slots=n_slots)
+
+    def _needs(self, held: list):
+        """For the slot size now: the most buffers of each non-slot kind held at once, the most
+        slots held at once, and the most bytes held at once."""
+        best: dict = {}
+        most_slots = peak = 0
+        for keys in held:
+            c: dict = {}
+            n_slots = 0
+            for k in keys:
+                if self.is_slot(k):
+                    n_slots += 1
+                else:
+                    c[k] = c.get(k, 0) + 1
+            for k, n in c.items():
+                best[k] = max(best.get(k, 0), n)
+            most_slots = max(most_slots, n_slots)
+            peak = max(peak, sum(self.slot_capacity(k) for k in keys))
+        return best, most_slots, peak
+
     def free_count(self) -> int:
         return sum(len(v) for v in self._free_lists())
 

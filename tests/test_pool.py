@@ -152,3 +152,35 @@ def test_random_timelines_with_slots_respect_the_cap(seed):
             busy.append((key, t))
         in_slots = sum(pool.slot_capacity(k) for k, _ in busy)
         assert pool.held_bytes <= max(pool.cap, in_slots)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fit_picks_the_smallest_pool_and_a_replay_allocates_nothing(seed):
+    """``fit`` on random timelines (the keys held at once, step by step): the slot size it picks
+    keeps no more bytes than any other size would, and replaying the timeline after it never
+    allocates and never passes the cap."""
+    rng = random.Random(seed)
+    kinds = SLOT_KEYS + KEYS + [SlotPool.key("cpu", torch.bfloat16, 16 << 19)]  # + one 16 MiB outlier
+    held = [rng.sample(kinds, rng.randint(1, 3)) for _ in range(12)]
+    pool = SlotPool()
+    pool.fit(held, slots=True)
+
+    def kept_with(slot_bytes):
+        probe = SlotPool()
+        probe.slot_bytes = slot_bytes
+        counts, n, _ = probe._needs(held)
+        return n * slot_bytes + sum(c * SlotPool.nbytes(k) for k, c in counts.items())
+
+    chosen = kept_with(pool.slot_bytes)
+    assert all(chosen <= kept_with(SlotPool.nbytes(k)) for k in kinds) and chosen <= kept_with(0)
+    assert pool.held_bytes == chosen <= pool.cap
+    before = pool.allocations
+    for _ in range(2):
+        for keys in held:
+            bufs = [(k, pool.acquire(k)[0]) for k in keys]
+            for k, t in bufs:
+                assert t.numel() == k[2]
+            for k, t in bufs:
+                pool.release(k, t)
+            assert pool.held_bytes <= pool.cap
+    assert pool.allocations == before
