@@ -37,10 +37,12 @@ from numba import njit, prange
 
 from .. import spec
 from .common import (_ERRORS, _NCODE, _NLEV, _OPTS, ERR_CODE, ERR_ESCAPES, ERR_OFFSETS,
-                         ERR_PATCH, _parallel)
+                         _parallel)
 from .intrinsics import (_HAS_VBMI2, _bf16_level0_x32, _codes2_x32, _cmov, _ld32, _ld64, _ldel, _pdep, _popc,
                              _st64, _stel)
 from ..spec import FormatError
+from . import decode_w4
+from .patches import _finish
 
 
 @njit(**_OPTS)
@@ -370,24 +372,6 @@ def _decode_ser(n, tile, L, W, ESC, VALID, tab, TT, G, sm, smw, keep, drop, tbm1
     return _finish(n, out, pidx, pval, e_esc, e_code, e_off)
 
 
-@njit(**_OPTS)
-def _finish(n, out, pidx, pval, e_esc, e_code, e_off):
-    err = 0
-    if e_esc:
-        err |= ERR_ESCAPES
-    if e_code:
-        err |= ERR_CODE
-    if e_off:
-        err |= ERR_OFFSETS
-    for p in range(len(pidx)):
-        j = pidx[p]
-        if j < 0 or j >= n:
-            err |= ERR_PATCH
-        else:
-            out[j] = pval[p]
-    return err
-
-
 def _signed64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
@@ -496,9 +480,12 @@ def decode_into(ct, out_bits: np.ndarray) -> None:
                          f"array of >= {n} values")
     if n == 0:
         return
-    args, (pidx, pval) = tile_args(ct)
-    kern = _decode_par if _parallel(spec.n_tiles(n, h.tile)) else _decode_ser
-    err = kern(*args, out_bits, pidx, pval)
+    if decode_w4.applies(h):  # one 4-bit level: no merge to do (decode_w4's docstring)
+        err = decode_w4.decode_into(ct, out_bits)
+    else:
+        args, (pidx, pval) = tile_args(ct)
+        kern = _decode_par if _parallel(spec.n_tiles(n, h.tile)) else _decode_ser
+        err = kern(*args, out_bits, pidx, pval)
     if err:
         msgs = [m for bit, m in _ERRORS if err & bit]
         raise FormatError("corrupted compressed tensor: " + "; ".join(msgs))
