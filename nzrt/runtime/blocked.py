@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import env
+from .fused import multiply
 
 MODES = ("probe", "never")
 _VERDICTS: dict = {}  # probe key -> bool
@@ -119,20 +120,12 @@ def fused_chunks(shared, x, rows, n, k, chunk_units):
     """``x @ W.T`` for a head in row chunks, each chunk's output rows by the fused kernel straight
     from its compressed bytes. The fused kernel computes each output from its own weight row, in
     an order that does not depend on the other rows (tested: the same bits as the whole weight's)."""
-    import time
-    st = shared.fused_stats
     x2 = x.reshape(rows, k)
     out = None
     for _unit, key, (a, b) in chunk_units:
-        fw = shared.fused_weight(key)
-        t0 = time.perf_counter()
-        y = fw.linear(x2, None)
-        shared.decoder.after_read(fw.ct)
-        st.seconds += time.perf_counter() - t0
-        st.bytes_read += fw.nbytes
-        (st.window_weights if fw.window else st.general_weights).add(key)
+        y = multiply(shared, key, x2, None)
         if out is None:
             out = torch.empty((rows, n), dtype=y.dtype, device=y.device)
         out[:, a:b] = y
-    st.linear_calls += 1
+    shared.fused_stats.linear_calls += 1
     return out.view(*x.shape[:-1], n)

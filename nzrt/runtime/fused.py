@@ -109,6 +109,21 @@ def fusable_embedding(module, bindings):
     return w if w is not None and not w.chunked and len(w.shape) == 2 else None
 
 
+def multiply(shared, key, x2, bias):
+    """``x2 @ W.T + bias`` (``x2``: [rows, K]) by the fused kernel from ``key``'s compressed copy;
+    the blob's file pages go back after the read, and the time, bytes and code path are counted
+    (the caller counts the call)."""
+    fw = shared.fused_weight(key)
+    t0 = time.perf_counter()
+    y = fw.linear(x2, bias)
+    shared.decoder.after_read(fw.ct)
+    st = shared.fused_stats
+    st.seconds += time.perf_counter() - t0
+    st.bytes_read += fw.nbytes
+    (st.window_weights if fw.window else st.general_weights).add(key)
+    return y
+
+
 def linear_forward(shared, module, mp, fallback):
     """``module``'s forward: fused in a fused pass, ``fallback`` (the unit's decode path) else."""
     key = mp.keys[0]
@@ -124,18 +139,11 @@ def linear_forward(shared, module, mp, fallback):
                 or shared.scheduler.is_held(key)):  # held dense already: use that copy
             return fallback(input)
         with shared.lock:
-            fw = shared.fused_weight(key)
-            t0 = time.perf_counter()
             b = None if bias is None else bias.detach()
             if b is not None and b.dtype not in (torch.bfloat16, torch.float16, torch.float32):
                 return fallback(input)
-            y = fw.linear(input.reshape(rows, K), b)
-            shared.decoder.after_read(fw.ct)
-            st = shared.fused_stats
-            st.seconds += time.perf_counter() - t0
-            st.linear_calls += 1
-            st.bytes_read += fw.nbytes
-            (st.window_weights if fw.window else st.general_weights).add(key)
+            y = multiply(shared, key, input.reshape(rows, K), b)
+            shared.fused_stats.linear_calls += 1
             return y.view(*input.shape[:-1], N)
     return forward
 
