@@ -18,10 +18,13 @@ on a backend's name or shape. Modules are imported on first use (numba and Trito
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
 from typing import NamedTuple
+
+import numpy as np
 
 REQUIRED = ("encode", "decode_into")
 
@@ -77,7 +80,22 @@ class Backend:
         if ct.device.type not in self.devices and not (self.arrays == "torch" and ct.device.type == "cpu"):
             raise ValueError(f"the {self.name} backend decodes {'/'.join(d.upper() for d in self.devices)} tensors; "
                              f"this one is on {ct.device}")
-        self.load().decode_into(ct, self._bits_in(out_bits, layout) if self.arrays == "numpy" else out_bits)
+        self.load().decode_into(ct, _resizable_view(out_bits, layout) if self.arrays == "numpy" else out_bits)
+
+
+def _resizable_view(bits, layout):
+    """A writable numpy view of ``bits`` (CPU, contiguous) that leaves its storage resizable.
+
+    ``Tensor.numpy()`` marks a storage non-resizable for good, and FSDP2 frees and re-grows the
+    storage of the unsharded weights nzrt decodes into (``storage.resize_``). The caller holds
+    ``bits`` for as long as the view is used (the decode call)."""
+    if bits.device.type != "cpu" or not bits.is_contiguous():
+        raise ValueError("decode_into writes a contiguous CPU tensor")
+    nbytes = bits.numel() * bits.element_size()
+    if nbytes == 0:
+        return np.empty(0, layout.uint)
+    raw = (ctypes.c_char * nbytes).from_address(bits.data_ptr())
+    return np.frombuffer(raw, dtype=layout.uint)
 
 
 REGISTRY = {b.name: b for b in (

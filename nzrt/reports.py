@@ -46,6 +46,7 @@ class Report:
     weights_dense_bytes: int = 0         # every managed tensor once (tied weights once)
     weights_compressed_bytes: int = 0
     training: str = ""                   # optimizers and their states (optimizer=...)
+    sharded: str = ""                    # FSDP2: local shards compressed, bytes all-gathered (runtime/fsdp.py)
     fused: str = ""                      # fused passes (policies.Fused)
     blocked: str = ""                    # heads in row chunks and how their calls ran (runtime/blocked.py)
 
@@ -119,6 +120,8 @@ class Report:
             lines.append("  peaks (sampled): " + ", ".join(peaks))
         if self.training:
             lines.append(f"  {self.training}")
+        if self.sharded:
+            lines.append(f"  {self.sharded}")
         if self.fused:
             lines.append(f"  {self.fused}")
         if self.blocked:
@@ -156,6 +159,8 @@ class Report:
         lines.append(f"  NVML: {self.nvml}")
         if self.training:
             lines.append(f"  {self.training}")
+        if self.sharded:
+            lines.append(f"  {self.sharded}")
         if self.fused:
             lines.append(f"  {self.fused}")
         if self.blocked:

@@ -82,6 +82,7 @@ def build_report(shared, held: dict, *, policy, layers: dict, budget, fixed_byte
         weights_dense_bytes=weights_dense_bytes,
         weights_compressed_bytes=shared.weights_compressed_bytes,
         training=shared.trainer.summary() if shared.trainer is not None else "",
+        sharded=shared.sharded.summary() if shared.sharded is not None else "",
         fused=shared.fused_stats.summary() if shared.fused is not None else "",
         blocked=blocked_summary(shared.params, shared.blocked_stats))
 

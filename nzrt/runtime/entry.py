@@ -140,6 +140,8 @@ class Entry:
                 module._buffers[bname] = new
 
     def _take_param(self, p, names, owners, weights, used, dev) -> None:
+        if self.shared.sharded is not None and p in self.shared.sharded:
+            return  # an FSDP2 parameter whose local shard is compressed already (fsdp.py)
         src_name = next((n for n in names if n in weights), None)
         is_meta = p.device.type == "meta"
         if src_name is not None and not is_meta:

@@ -27,6 +27,7 @@ from .config import ManagedConfig
 from .decoder import Decoder
 from .entry import Entry, resolve_device
 from .errors import ManagedError
+from .fsdp import ShardedWeights, fsdp_modules
 from .passes import PassLock
 from .placement import Planner, layer_infos
 from .restore import Restore
@@ -97,6 +98,7 @@ class Managed:
         self.layers: dict = {}
         self.warnings: list = []
         self.kept_mapped: list = []   # lookup-only embeddings left dense in their file map
+        self._fsdp_modules: list = []  # the FSDP2 modules whose shards this block compressed
         self.weights_dense_bytes = 0
 
     # -- what the config says ---------------------------------------------------------------
@@ -168,6 +170,11 @@ class Managed:
         shared.tracker = MemoryTracker(dev)
         entry = Entry(self.model, config, shared, self.restore, self.warnings)
         self.kept_mapped = entry.kept_mapped
+        modules = fsdp_modules(self.model)
+        if modules:  # FSDP2: each rank's local shards compressed, gathered compressed (fsdp.py)
+            shared.sharded = ShardedWeights(self.model, decoder, config.min_numel, self.warnings)
+            self._fsdp_modules = modules
+            shared.sharded.take(modules)
         found = entry.take_weights()
         units = self._units.build(self.model, shared.params)
         self.fixed_bytes = accounting.fixed_bytes(self.model, [mp.param for mp in shared.params], dev)
@@ -220,6 +227,11 @@ class Managed:
                     errors.append(e)
             self._units.remove_forwards()
             shared.decoder.forget_fused()
+            if shared.sharded is not None:
+                try:
+                    shared.sharded.restore(self._fsdp_modules)
+                except BaseException as e:
+                    errors.append(e)
             failed = self.restore.restore_params(shared.params, shared.tensors, shared.decoder,
                                                  self.config.backend, errors)
             if not failed:

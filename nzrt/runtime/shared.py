@@ -30,6 +30,7 @@ class Shared:
     scheduler: object = None
     tracker: object = None          # nzrt.memory.MemoryTracker
     trainer: object = None          # per-parameter optimizers (optimizer=...)
+    sharded: object = None          # an FSDP2 model's compressed local shards (fsdp.ShardedWeights)
     fused_pass: bool = False        # inside a fused pass (policies.Fused; fused.py)
     fused_stats: FusedStats = field(default_factory=FusedStats)
     blocked_stats: dict = field(default_factory=lambda: {"blocked": 0, "whole": 0})  # head calls by path

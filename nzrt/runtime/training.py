@@ -26,6 +26,7 @@ from .. import osmem
 from ..format import CompressedTensor
 from .errors import ManagedError
 from .params import FLOATS, find_params
+from .shard_tensor import ShardWeight
 from .transaction import deferred_interrupts
 from .weight import lookup, make_placeholder, set_data
 
@@ -113,8 +114,9 @@ class _Group:
 def _shadow(shape, mp) -> nn.Parameter:
     """The parameter a managed weight's optimizer steps: between steps a 1-element placeholder
     of the right shape; during a step it views the decoded weight (or rows of it)."""
+    device = mp.device if isinstance(mp, ShardWeight) else mp.placeholder.device
     with torch.no_grad():
-        return nn.Parameter(make_placeholder(shape, mp.dtype, mp.placeholder.device), requires_grad=True)
+        return nn.Parameter(make_placeholder(shape, mp.dtype, device), requires_grad=True)
 
 
 def _step_spans(shape, itemsize, opt) -> list:
@@ -161,6 +163,8 @@ class Trainer:
             if not p.requires_grad:
                 continue
             mp = lookup(p)
+            if mp is None and self.shared.sharded is not None:
+                mp = self.shared.sharded.get(p)  # an FSDP2 parameter's compressed local shard
             if mp is None:
                 entries = [_Entry(names[0], p, None, None, self._optimizer(p))]
             else:
@@ -228,6 +232,8 @@ class Trainer:
             if not mp.active:
                 raise ManagedError(f"nzrt: {mp.names[0]!r} is no longer managed (the block has ended)")
             grad = g.param.grad
+            if isinstance(mp, ShardWeight):  # FSDP2's reduce-scattered gradient: a DTensor of the shard
+                grad = grad._local_tensor
             cached, self._unpacked = self._unpacked, None
             if cached is not None and cached[0] is mp and cached[1] == mp.version:
                 dense = cached[2]            # decoded by the backward just now (its node is done)
@@ -251,7 +257,10 @@ class Trainer:
                         set_data(e.shadow, e.blank)
                 g.param.grad = None
                 del grad
-                self.shared.update_weight(mp, dense)
+                if isinstance(mp, ShardWeight):
+                    mp.store(dense)
+                else:
+                    self.shared.update_weight(mp, dense)
             self.steps += 1
 
     # -- optimizer state ------------------------------------------------------------------------

@@ -1,0 +1,165 @@
+"""A compressed FSDP2 shard: the local tensor inside a sharded parameter's DTensor.
+
+FSDP2 (``fully_shard``) keeps each parameter as a DTensor whose ``_local_tensor`` is this rank's
+rows. nzrt puts a ``CompressedShard`` there: a wrapper tensor subclass of the shard's shape and
+dtype that holds no dense storage, only a reference to its ``ShardWeight`` (the compressed bytes,
+which a training step replaces). FSDP2's all-gather extension points (torchao's float8 pattern):
+
+* ``fsdp_pre_all_gather`` returns the shard's *frame* (``nzrt.format.frame``): uint8, zero-padded
+  to the capacity every rank agreed on, so each rank sends the same number of bytes;
+* ``fsdp_post_all_gather`` decodes every rank's frame into its rows of the unsharded weight (the
+  forward's, and again the backward's after FSDP2 freed it: ``out=``).
+
+Any other op on the shard (a read: ``p.full_tensor()``, ``state_dict()``, printing) sees its exact
+dense values, decoded on demand; a write into it raises ``ManagedError``: the compressed shard is
+the truth while managed, and nzrt's optimizer step is the one writer.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_map_only
+
+from ..format import frame
+from .errors import ManagedError
+
+_aten = torch.ops.aten
+_ALIASES = (_aten.detach.default, _aten.alias.default)
+
+
+class ShardWeight:
+    """One parameter's local shard, compressed (the state a ``CompressedShard`` refers to).
+
+    ``fsdp_param``: FSDP2's record of the parameter; ``ct``: the shard (shape = the local shard's,
+    rows ``[rank * rows, (rank + 1) * rows)`` of the weight); ``decoder``: the session's codec.
+    ``capacity`` is set by the ranks' agreement (``fsdp.ShardedWeights.agree``) before a gather.
+    """
+
+    def __init__(self, name: str, fsdp_param, ct, decoder):
+        self.names = [name]
+        self.fsdp_param = fsdp_param
+        self.param = fsdp_param.sharded_param   # the DTensor parameter the user sees
+        self.ct = ct
+        self.decoder = decoder
+        self.shape = tuple(ct.shape)
+        self.dtype = ct.dtype
+        self.device = ct.device
+        self.capacity = frame.framed_size(ct)
+        self.version = 0
+        self.active = True
+        self.gathers = 0          # all-gathers this shard took part in
+        self.sent_bytes = 0       # bytes it put into them (its frames, padding included)
+
+    @property
+    def dense_bytes(self) -> int:
+        return self.ct.numel() * self.ct.dtype.itemsize
+
+    def needed(self) -> int:
+        return frame.framed_size(self.ct)
+
+    def dense_copy(self) -> torch.Tensor:
+        """The shard's exact values in a fresh tensor ``[shape]`` of its dtype."""
+        if not self.active:
+            raise ManagedError(f"nzrt: {self.names[0]!r} is no longer managed (the block has ended)")
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self.decoder.decode(self.ct, out)
+        return out
+
+    def store(self, dense: torch.Tensor) -> None:
+        """A training step's new shard (exact): compressed again, lossless."""
+        self.ct = self.decoder.compress_lossless(dense)
+        self.version += 1
+
+    def wire(self) -> torch.Tensor:
+        """This rank's all-gather input: the frame, zero-padded to ``capacity`` bytes."""
+        if self.needed() > self.capacity:  # a step grew it after the last agreement
+            raise ManagedError(f"nzrt: {self.names[0]!r}'s compressed shard ({self.needed()} bytes) "
+                               f"outgrew the all-gather capacity ({self.capacity}); the ranks agree on "
+                               f"capacities before each forward of the root module: gather only through it")
+        buf = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
+        frame.pack_into(self.ct, buf)
+        self.gathers += 1
+        self.sent_bytes += self.capacity
+        return buf
+
+    def decode_gathered(self, gathered: torch.Tensor, out: torch.Tensor) -> None:
+        """Every rank's frame in ``gathered`` (uint8 ``[world * capacity]``) into its rows of
+        ``out`` (the unsharded weight, contiguous: rank r's shard is its r-th block of rows)."""
+        world = gathered.numel() // self.capacity
+        n = self.ct.numel()
+        flat = out.view(-1)
+        for r in range(world):
+            # a copy: the decoder reads a blob through numpy, which would pin the size of FSDP2's
+            # all-gather buffer (it frees and re-grows it: ``storage.resize_``)
+            part = gathered[r * self.capacity:(r + 1) * self.capacity].clone()
+            ct = frame.unpack(part, f"{self.names[0]!r}: rank {r}'s gathered shard")
+            if tuple(ct.shape) != self.shape or ct.dtype != self.dtype:
+                raise ManagedError(f"nzrt: rank {r} sent {self.names[0]!r} as {ct.dtype} {tuple(ct.shape)}, "
+                                   f"this rank holds {self.dtype} {self.shape}")
+            self.decoder.decode(ct, flat[r * n:(r + 1) * n])
+
+
+def _written_args(func, args, kwargs):
+    """The arguments an aten op writes (in-place or ``out=``)."""
+    schema = func._schema
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            if i < len(args):
+                yield args[i]
+            elif a.name in kwargs:
+                yield kwargs[a.name]
+
+
+class CompressedShard(torch.Tensor):
+    """The local shard of an FSDP2 parameter, held compressed (see the module docstring)."""
+
+    @staticmethod
+    def __new__(cls, weight: ShardWeight):
+        return torch.Tensor._make_wrapper_subclass(cls, weight.shape, dtype=weight.dtype,
+                                                   device=weight.device, requires_grad=False)
+
+    def __init__(self, weight: ShardWeight):
+        self._weight = weight
+
+    def __repr__(self):
+        w = self._weight
+        return (f"CompressedShard({w.names[0]!r}, shape={w.shape}, dtype={w.dtype}, "
+                f"{w.ct.nbytes} bytes for {w.dense_bytes})")
+
+    def __reduce_ex__(self, protocol):  # pickles (torch.save) as its dense values
+        return self._weight.dense_copy().__reduce_ex__(protocol)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _ALIASES:  # DTensor and nn.Parameter detach their local tensor: the same shard
+            return CompressedShard(args[0]._weight)
+        for t in _written_args(func, args, kwargs):
+            if isinstance(t, CompressedShard):
+                raise ManagedError(f"nzrt: {t._weight.names[0]!r} is a compressed FSDP2 shard managed by "
+                                   f"nzrt.managed(); it cannot be written in place ({func}): its optimizer "
+                                   f"step is nzrt's (optimizer=...), or leave the block first")
+        args, kwargs = tree_map_only(CompressedShard, lambda t: t._weight.dense_copy(), (args, kwargs))
+        return func(*args, **kwargs)
+
+    # -- FSDP2's all-gather extension ----------------------------------------------------------
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        return (self._weight.wire(),), None
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        (gathered,) = all_gather_outputs
+        w = self._weight
+        world = gathered.numel() // w.capacity
+        full = (w.shape[0] * world,) + w.shape[1:]
+        dtype = param_dtype or w.dtype
+        with torch.no_grad():
+            if out is not None:
+                target = out.data if dtype == w.dtype else torch.empty(full, dtype=w.dtype, device=w.device)
+                w.decode_gathered(gathered, target)
+                if target is not out.data:
+                    out.data.copy_(target)
+                return None
+            dense = torch.empty(full, dtype=w.dtype, device=w.device)
+            w.decode_gathered(gathered, dense)
+            if dtype != w.dtype:  # FSDP2's mixed precision: the unsharded weight in param_dtype
+                dense = dense.to(dtype)
+            return dense, (dense,)

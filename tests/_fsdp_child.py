@@ -1,0 +1,219 @@
+"""One rank of a 2-process FSDP2 run (gloo, CPU) for tests/test_fsdp.py.
+
+    python tests/_fsdp_child.py RANK WORLD PORT CASE OUT_DIR
+
+Trains the same Llama (hidden 1024, 2 layers, vocab 8192, untied; 64 tokens a step, each rank its
+own data) with plain FSDP2 and under ``nzrt.managed``, from the same weights, and writes
+OUT_DIR/rank{RANK}.json: for each run the loss of every step (its float32 bits) and a SHA-256 of
+every final local shard's integer view; nzrt's run also what it held (which local shards were
+compressed, the report's fsdp2 line, the bytes it put into all-gathers against the dense bytes).
+
+CASE: adamw (optimizer in the backward) | sgd (SGD with momentum, activation checkpointing) |
+accumulate (two micro-batches a step, ``in_backward=False``, ``run.step()``) | save (adamw, then
+``run.save`` against the single-process save of the same weights, and ``run.state_dict()`` through
+torch.distributed.checkpoint) | raise (rank 1 raises in its second step: both must end, none hang).
+The plain reference of the in-backward cases is PyTorch's optimizer-in-backward: one
+``AdamW(foreach=False)`` per sharded parameter, stepped in its post-accumulate-grad hook.
+"""
+import datetime
+import functools
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+TOKENS = 64
+STEPS = 3
+ADAMW = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1, foreach=False)
+SGD = functools.partial(torch.optim.SGD, lr=1e-2, momentum=0.9, foreach=False)
+
+
+def digest(t: torch.Tensor) -> str:
+    t = t.detach().contiguous()
+    if t.is_floating_point():
+        t = t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+
+
+def loss_bits(loss) -> int:
+    return int(loss.detach().float().view(torch.int32))
+
+
+def config():
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+                       num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=256,
+                       tie_word_embeddings=False)
+
+
+def build(mesh, checkpointing=False):
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(config(), dtype=torch.bfloat16)
+    if checkpointing:
+        model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def batches(rank, steps, micro=1):
+    g = torch.Generator().manual_seed(1000 + rank)
+    return [torch.randint(0, 8192, (1, TOKENS), generator=g) for _ in range(steps * micro)]
+
+
+def shards(model) -> dict:
+    return {n: digest(p.to_local()) for n, p in model.named_parameters()}
+
+
+def eval_loss(model) -> int:
+    """A forward through FSDP2's own all-gathers (after nzrt's exit: its default path again)."""
+    ids = batches(7, 1)[0]
+    with torch.no_grad():
+        return loss_bits(model(input_ids=ids, labels=ids).loss)
+
+
+def plain_run(mesh, rank, factory, checkpointing=False, micro=1):
+    model = build(mesh, checkpointing)
+    losses = []
+    if micro == 1:  # PyTorch's optimizer-in-backward
+        for p in model.parameters():
+            opt = factory([p])
+            p.register_post_accumulate_grad_hook(lambda _p, opt=opt: (opt.step(), opt.zero_grad(set_to_none=True)))
+        for ids in batches(rank, STEPS):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss_bits(loss))
+    else:  # the user's ordinary loop with accumulation: one optimizer, one step per `micro` batches
+        opt = factory(list(model.parameters()))
+        for i, ids in enumerate(batches(rank, STEPS, micro)):
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss / micro).backward()
+            losses.append(loss_bits(loss))
+            if (i + 1) % micro == 0:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    return {"losses": losses, "shards": shards(model), "eval_after": eval_loss(model)}
+
+
+def nzrt_run(mesh, rank, factory, checkpointing=False, micro=1, fail_rank=None, save_dir=None):
+    import nzrt
+    from nzrt.runtime.shard_tensor import CompressedShard
+    model = build(mesh, checkpointing)
+    before = shards(model)
+    losses, out = [], {}
+    optimizer = factory if micro == 1 else nzrt.OptimizerConfig(factory, in_backward=False)
+    with nzrt.managed(model, optimizer=optimizer) as run:
+        out["compressed"] = sorted(n for n, p in model.named_parameters()
+                                   if isinstance(p._local_tensor, CompressedShard))
+        for i, ids in enumerate(batches(rank, STEPS, micro)):
+            if fail_rank == rank and i == 1:
+                raise RuntimeError("a deliberate failure on this rank")
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss / micro if micro > 1 else loss).backward()
+            losses.append(loss_bits(loss))
+            if micro > 1 and (i + 1) % micro == 0:
+                run.step()
+                run.zero_grad()
+        w = run.shared.sharded.weights
+        out["sent"] = sum(x.sent_bytes for x in w)
+        out["sent_dense"] = sum(x.gathers * x.dense_bytes for x in w)
+        out["report"] = run.report().sharded
+        out["inside"] = shards(model)  # read through the compressed shards (decoded on demand)
+        if save_dir is not None:
+            out.update(save_checks(run, model, mesh, rank, save_dir))
+    out["losses"] = losses
+    out["shards"] = shards(model)
+    out["moved"] = sum(before[n] != d for n, d in out["shards"].items())
+    out["after_exit_local"] = sorted({type(p._local_tensor).__name__ for p in model.parameters()})
+    out["eval_after"] = eval_loss(model)
+    return out
+
+
+def save_checks(run, model, mesh, rank, save_dir) -> dict:
+    """run.save against the single-process save of the same weights; run.state_dict through DCP."""
+    import nzrt
+    from transformers import LlamaForCausalLM
+    save_dir = Path(save_dir)
+    run.save(save_dir / "fsdp.nzrt")
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}  # collectives: every rank
+    res = {}
+    if rank == 0:
+        torch.manual_seed(0)
+        single = LlamaForCausalLM._from_config(config(), dtype=torch.bfloat16)
+        with torch.no_grad():
+            for n, p in single.named_parameters():
+                p.copy_(full[n])
+        with nzrt.managed(single) as r1:
+            r1.save(save_dir / "single.nzrt")
+        a, b = nzrt.load(save_dir / "fsdp.nzrt"), nzrt.load(save_dir / "single.nzrt")
+        diffs = sorted(set(a) ^ set(b))
+        for n in set(a) & set(b):
+            x, y = a[n], b[n]
+            if type(x) is not type(y):
+                diffs.append(n)
+            elif isinstance(x, torch.Tensor):
+                if x.dtype != y.dtype or x.shape != y.shape or digest(x) != digest(y):
+                    diffs.append(n)
+            elif x.header != y.header or not torch.equal(x.data, y.data):
+                diffs.append(n)
+        res["save_entries"] = len(a)
+        res["save_diffs"] = diffs
+    del full
+    # DCP: save run.state_dict(), then load it into a run whose states differ, and compare
+    import torch.distributed.checkpoint as dcp
+    sd = run.state_dict()
+    dcp.save(sd, checkpoint_id=str(save_dir / "dcp"))
+    digests = {n: {k: digest(v.to_local() if hasattr(v, "to_local") else v) for k, v in st.items()
+                   if isinstance(v, torch.Tensor)} for n, st in _flat_states(sd).items()}
+    empty = run.state_dict()
+    dcp.load(empty, checkpoint_id=str(save_dir / "dcp"))
+    run.load_state_dict(empty)
+    again = {n: {k: digest(v.to_local() if hasattr(v, "to_local") else v) for k, v in st.items()
+                 if isinstance(v, torch.Tensor)} for n, st in _flat_states(run.state_dict()).items()}
+    res["dcp_states"] = sum(len(v) for v in digests.values())
+    res["dcp_equal"] = digests == again
+    return res
+
+
+def _flat_states(sd) -> dict:
+    return {n: o.get("state", {}).get(0, {}) for n, o in sd["optimizers"].items()}
+
+
+def main():
+    rank, world, port, case, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))
+    res = {}
+    try:
+        if case == "adamw":
+            res["plain"] = plain_run(mesh, rank, ADAMW)
+            res["nzrt"] = nzrt_run(mesh, rank, ADAMW)
+        elif case == "sgd":
+            res["plain"] = plain_run(mesh, rank, SGD, checkpointing=True)
+            res["nzrt"] = nzrt_run(mesh, rank, SGD, checkpointing=True)
+        elif case == "accumulate":
+            res["plain"] = plain_run(mesh, rank, ADAMW, micro=2)
+            res["nzrt"] = nzrt_run(mesh, rank, ADAMW, micro=2)
+        elif case == "save":
+            res["nzrt"] = nzrt_run(mesh, rank, ADAMW, save_dir=out_dir)
+        elif case == "raise":
+            res["nzrt"] = nzrt_run(mesh, rank, ADAMW, fail_rank=1)
+        else:
+            raise SystemExit(f"unknown case {case!r}")
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
