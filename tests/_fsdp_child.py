@@ -56,7 +56,7 @@ def build(mesh, checkpointing=False):
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(config(), dtype=torch.bfloat16)
     if checkpointing:
-        model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -163,27 +163,37 @@ def save_checks(run, model, mesh, rank, save_dir) -> dict:
                     diffs.append(n)
             elif x.header != y.header or not torch.equal(x.data, y.data):
                 diffs.append(n)
+        from nzrt.format.checkpoint import load_metadata
+        res["save_metadata_equal"] = load_metadata(save_dir / "fsdp.nzrt") == load_metadata(save_dir / "single.nzrt")
         res["save_entries"] = len(a)
         res["save_diffs"] = diffs
     del full
-    # DCP: save run.state_dict(), then load it into a run whose states differ, and compare
+    # DCP: save run.state_dict(); train a step (weights and states move); load it back
     import torch.distributed.checkpoint as dcp
     sd = run.state_dict()
     dcp.save(sd, checkpoint_id=str(save_dir / "dcp"))
-    digests = {n: {k: digest(v.to_local() if hasattr(v, "to_local") else v) for k, v in st.items()
-                   if isinstance(v, torch.Tensor)} for n, st in _flat_states(sd).items()}
-    empty = run.state_dict()
-    dcp.load(empty, checkpoint_id=str(save_dir / "dcp"))
-    run.load_state_dict(empty)
-    again = {n: {k: digest(v.to_local() if hasattr(v, "to_local") else v) for k, v in st.items()
-                 if isinstance(v, torch.Tensor)} for n, st in _flat_states(run.state_dict()).items()}
-    res["dcp_states"] = sum(len(v) for v in digests.values())
-    res["dcp_equal"] = digests == again
+    saved = state_digests(sd)
+    del sd
+    ids = batches(50 + rank, 1)[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    moved = state_digests(run.state_dict())
+    target = run.state_dict()
+    dcp.load(target, checkpoint_id=str(save_dir / "dcp"))
+    run.load_state_dict(target)
+    res["dcp_tensors"] = len(saved)
+    res["dcp_moved"] = sum(moved[k] != v for k, v in saved.items())
+    res["dcp_restored"] = state_digests(run.state_dict()) == saved
     return res
 
 
-def _flat_states(sd) -> dict:
-    return {n: o.get("state", {}).get(0, {}) for n, o in sd["optimizers"].items()}
+def state_digests(sd) -> dict:
+    """{key: digest} of every tensor of a run.state_dict() (DTensors by their local shard)."""
+    out = {f"model/{n}": digest(v.to_local()) for n, v in sd["model"].items()}
+    for n, o in sd["optimizers"].items():
+        for k, v in o.get("state", {}).get(0, {}).items():
+            if isinstance(v, torch.Tensor):
+                out[f"{n}/{k}"] = digest(v.to_local() if hasattr(v, "to_local") else v)
+    return out
 
 
 def main():

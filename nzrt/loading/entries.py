@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .errors import ModelError
-from .loaded import LoadedModel
+from .loaded import LoadedModel, class_name
 
 INTERNAL_PREFIX = "__nzrt__/"  # entries that are not model weights
 TOKENIZER_PREFIX = INTERNAL_PREFIX + "tokenizer/"
@@ -30,7 +30,7 @@ def model_metadata(lm: LoadedModel, mantissa_bits: int | None) -> dict:
 
     model = lm.model
     info = {"version": MODEL_META_VERSION, "kind": lm.kind, "name": lm.name,
-            "architecture": type(model).__name__, "dtype": str(lm.dtype).removeprefix("torch."),
+            "architecture": class_name(model), "dtype": str(lm.dtype).removeprefix("torch."),
             "mantissa_bits": mantissa_bits, "source": lm.source, "nzrt_version": __version__}
     if hasattr(model, "config") and hasattr(model.config, "to_dict") and lm.kind != "module":
         cfg = model.config.to_dict()

@@ -113,9 +113,19 @@ def parse_dtype(dtype):
     return getattr(torch, names[key])
 
 
+def class_name(model) -> str:
+    """The model's class name. FSDP2's ``fully_shard`` swaps a module's class for a subclass
+    ``FSDP<Name>(FSDPModule, <Name>)``: the name of the class under it (what loads it back)."""
+    cls = type(model)
+    bases = cls.__bases__
+    if len(bases) == 2 and bases[0].__name__ == "FSDPModule" and cls.__name__ == f"FSDP{bases[1].__name__}":
+        cls = bases[1]
+    return cls.__name__
+
+
 def kind_of(model) -> str:
     """"causal-lm", "encoder" (a transformers model without an LM head) or "module"."""
-    cls = type(model).__name__
+    cls = class_name(model)
     if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
         return "causal-lm"
     if hasattr(model, "config") and hasattr(model.config, "model_type"):

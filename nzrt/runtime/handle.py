@@ -299,16 +299,28 @@ class Managed:
 
     def state_dict(self) -> dict:
         """Optimizer (and LR scheduler) states for resuming; compressed states stay compressed.
-        The weights are written by ``save(path)``."""
+        The weights are written by ``save(path)``. Under FSDP2: the weights and the states of
+        this rank's shards as DTensors, for ``torch.distributed.checkpoint`` (``fsdp_save``)."""
+        if self.attached and self.shared.sharded is not None:
+            from .fsdp_save import sharded_state_dict
+            return sharded_state_dict(self)
         return self._trainer().state_dict()
 
     def load_state_dict(self, sd: dict) -> None:
+        if self.attached and self.shared.sharded is not None:
+            from .fsdp_save import load_sharded_state_dict
+            return load_sharded_state_dict(self, sd)
         self._trainer().load_state_dict(sd)
 
     def save(self, path, tokenizer=None) -> None:
         """Write the model's current weights as a ``.nzrt`` straight from their compressed copies
         (small parameters and buffers are stored dense, as they are). ``tokenizer``: stored too,
         for ``nzrt generate FILE``."""
+        if self.attached and self.shared.sharded is not None:  # every rank calls it; rank 0 writes
+            from .fsdp_save import save_sharded
+            with self.lock:
+                save_sharded(self, path, tokenizer)
+            return
         from .saving import save_run
         with self.lock:
             save_run(self, path, tokenizer)

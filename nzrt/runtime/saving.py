@@ -20,7 +20,7 @@ from .weight import lookup
 
 def _metadata(run, chunk_spans: dict) -> dict | None:
     from ..loading.entries import MODEL_META_KEY, model_metadata
-    from ..loading.loaded import LoadedModel, kind_of
+    from ..loading.loaded import LoadedModel, class_name, kind_of
 
     model = run.model
     if not (hasattr(model, "config") and hasattr(model.config, "to_dict")):
@@ -28,9 +28,9 @@ def _metadata(run, chunk_spans: dict) -> dict | None:
     kind = kind_of(model)
     if kind == "module":
         return None
-    name = getattr(model.config, "name_or_path", "") or type(model).__name__
+    name = getattr(model.config, "name_or_path", "") or class_name(model)
     lm = LoadedModel(model, None, kind, name=str(name).rsplit("/", 1)[-1],
-                    source=f"nzrt.managed run of {type(model).__name__}")
+                    source=f"nzrt.managed run of {class_name(model)}")
     meta = model_metadata(lm, None)
     if chunk_spans:
         meta[MODEL_META_KEY][rowchunks.META_KEY] = {n: [list(s) for s in sp] for n, sp in chunk_spans.items()}

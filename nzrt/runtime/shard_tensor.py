@@ -75,10 +75,15 @@ class ShardWeight:
             raise ManagedError(f"nzrt: {self.names[0]!r}'s compressed shard ({self.needed()} bytes) "
                                f"outgrew the all-gather capacity ({self.capacity}); the ranks agree on "
                                f"capacities before each forward of the root module: gather only through it")
-        buf = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
-        frame.pack_into(self.ct, buf)
+        buf = self.frame_buffer()
         self.gathers += 1
         self.sent_bytes += self.capacity
+        return buf
+
+    def frame_buffer(self) -> torch.Tensor:
+        """The shard's frame in a fresh uint8 buffer of ``capacity`` bytes."""
+        buf = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
+        frame.pack_into(self.ct, buf)
         return buf
 
     def decode_gathered(self, gathered: torch.Tensor, out: torch.Tensor) -> None:
