@@ -92,6 +92,9 @@ class Report:
         (``str(report)`` adds a line per layer)."""
         t = self.totals()
         h = self.held or {}
+        if self.sharded and not t["layers"]:  # FSDP2: every managed weight is a compressed shard
+            return "\n".join(self._head()[:1] + [f"  {line}" for line in
+                                                 (self.sharded, self.training) if line] + self._tail())
         lines = self._head() + [
             f"  weights {format_bytes(t['dense_bytes'])} dense -> {format_bytes(t['compressed_bytes'])} compressed "
             f"({100 * t['ratio']:.1f}%) in {t['layers']} layers; {format_bytes(self.fixed_bytes)} left "
@@ -111,24 +114,22 @@ class Report:
         lines.append(f"  decodes {t['decodes']} ({t['decode_s'] * 1e3:.1f} ms), transfer {t['transfer_s'] * 1e3:.1f} ms, "
                      f"stalls {t['stall_s'] * 1e3:.1f} ms; hits {t['hits']}, on-demand {t['misses']}; "
                      f"passes {self.passes}, re-plans {self.replans}")
+        lines += self._peaks()
+        for extra in (self.training, self.sharded, self.fused, self.blocked):
+            if extra:
+                lines.append(f"  {extra}")
+        return "\n".join(lines + [f"  warning: {w}" for w in self.warnings])
+
+    def _peaks(self) -> list:
         p = self.peaks or {}
         peaks = [f"host RSS {format_bytes(p['host_rss'])}"] if p.get("host_rss") is not None else []
         dev = p.get("nvml_used", p.get("torch_max_allocated"))
         if dev is not None:
             peaks.append(f"device {format_bytes(dev)} ({'NVML' if 'nvml_used' in p else 'torch'})")
-        if peaks:
-            lines.append("  peaks (sampled): " + ", ".join(peaks))
-        if self.training:
-            lines.append(f"  {self.training}")
-        if self.sharded:
-            lines.append(f"  {self.sharded}")
-        if self.fused:
-            lines.append(f"  {self.fused}")
-        if self.blocked:
-            lines.append(f"  {self.blocked}")
-        for w in self.warnings:
-            lines.append(f"  warning: {w}")
-        return "\n".join(lines)
+        return ["  peaks (sampled): " + ", ".join(peaks)] if peaks else []
+
+    def _tail(self) -> list:
+        return self._peaks() + [f"  warning: {w}" for w in self.warnings]
 
     def layer_lines(self) -> list:
         """One line per layer (with a header line)."""

@@ -141,7 +141,7 @@ class Entry:
 
     def _take_param(self, p, names, owners, weights, used, dev) -> None:
         if self.shared.sharded is not None and p in self.shared.sharded:
-            return  # an FSDP2 parameter whose local shard is compressed already (fsdp.py)
+            return  # an FSDP2 parameter: its local shard compressed already, or kept dense (fsdp.py)
         src_name = next((n for n in names if n in weights), None)
         is_meta = p.device.type == "meta"
         if src_name is not None and not is_meta:

@@ -63,6 +63,7 @@ class ShardedWeights:
         self.warnings = warnings
         self.weights: list[ShardWeight] = []
         self._by_param: dict = {}      # id(DTensor parameter) -> ShardWeight
+        self._seen: set = set()        # id() of every FSDP2 parameter, compressed or not
         self._hooks: list = []
         self.dense_bytes = 0           # the compressed shards' dense size on this rank
         self.agreements = 0
@@ -72,7 +73,8 @@ class ShardedWeights:
         return self._by_param.get(id(param))
 
     def __contains__(self, param) -> bool:
-        return id(param) in self._by_param
+        """Whether ``param`` is an FSDP2 parameter (compressed here, or kept dense with a reason)."""
+        return id(param) in self._seen
 
     # -- entry ----------------------------------------------------------------------------------
     def take(self, modules) -> None:
@@ -92,6 +94,7 @@ class ShardedWeights:
                     if fp.sharded_state != ShardedState.SHARDED:  # pragma: no cover (reshard() above)
                         raise RuntimeError("an FSDP2 parameter is not sharded after reshard()")
                     name = names.get(id(fp.sharded_param), fp._module_info.param_name)
+                    self._seen.add(id(fp.sharded_param))
                     if not self._eligible(fp, name):
                         continue
                     local = fp._sharded_local_tensor
@@ -109,8 +112,10 @@ class ShardedWeights:
             self._hooks.append(root.register_forward_pre_hook(self._before_forward, prepend=True))
 
     def _eligible(self, fp, name: str) -> bool:
+        # every test below gives the same answer on every rank (the shard's padded size, never its
+        # own rows): the ranks must agree on which shards they gather compressed
         local = fp._sharded_local_tensor
-        if local.dtype not in FLOATS or local.numel() < self.min_numel:
+        if local.dtype not in FLOATS or fp.padded_sharded_param_size.numel() < self.min_numel:
             return False
         why = None
         if type(local) is not torch.Tensor:
@@ -121,8 +126,8 @@ class ShardedWeights:
             why = "it is a DTensor already (tensor parallel)"
         elif fp.fsdp_placement.dim != 0:
             why = f"FSDP2 shards it on dim {fp.fsdp_placement.dim}"
-        elif tuple(local.shape) != tuple(fp.padded_sharded_param_size):
-            why = (f"FSDP2 shards it unevenly ({tuple(fp._orig_size)} over {fp.mesh_info.mesh.size()} "
+        elif fp._orig_size[0] % fp.mesh_info.shard_mesh_size:  # decided alike on every rank
+            why = (f"FSDP2 shards it unevenly ({tuple(fp._orig_size)} over {fp.mesh_info.shard_mesh_size} "
                    f"ranks: the rows do not divide by the world size)")
         if why is not None:
             self.warnings.append(f"{name!r}: kept dense under FSDP2: {why}")

@@ -160,11 +160,22 @@ class CompressedShard(torch.Tensor):
             if out is not None:
                 target = out.data if dtype == w.dtype else torch.empty(full, dtype=w.dtype, device=w.device)
                 w.decode_gathered(gathered, target)
+                _free(gathered)
                 if target is not out.data:
                     out.data.copy_(target)
                 return None
             dense = torch.empty(full, dtype=w.dtype, device=w.device)
             w.decode_gathered(gathered, dense)
+            _free(gathered)
             if dtype != w.dtype:  # FSDP2's mixed precision: the unsharded weight in param_dtype
                 dense = dense.to(dtype)
             return dense, (dense,)
+
+
+def _free(gathered: torch.Tensor) -> None:
+    """Give back the all-gather's buffer once it is decoded: FSDP2 would hold it beside the
+    unsharded weight until the reshard (the root's: through the whole forward and backward);
+    it re-grows it for the next gather (``alloc_storage``)."""
+    storage = gathered.untyped_storage()
+    if storage.size() != 0:
+        storage.resize_(0)
