@@ -12,7 +12,8 @@ CASE: adamw (optimizer in the backward) | sgd (SGD with momentum, activation che
 accumulate (two micro-batches a step, ``in_backward=False``, ``run.step()``; an odd vocabulary,
 so FSDP2 shards the embedding and the head unevenly and nzrt keeps them dense) | save (adamw, then
 ``run.save`` against the single-process save of the same weights, and ``run.state_dict()`` through
-torch.distributed.checkpoint) | raise (rank 1 raises in its second step: both must end, none hang).
+torch.distributed.checkpoint) | misuse (entry failing half-way, writes into a compressed shard: the
+model is left as it was) | raise (rank 1 raises in its second step: both must end, none hang).
 The plain reference of the in-backward cases is PyTorch's optimizer-in-backward: one
 ``AdamW(foreach=False)`` per sharded parameter, stepped in its post-accumulate-grad hook.
 """
@@ -80,16 +81,23 @@ def eval_loss(model) -> int:
     """A forward through FSDP2's own all-gathers (after nzrt's exit: its default path again)."""
     ids = batches(7, 1)[0]
     with torch.no_grad():
-        return loss_bits(model(input_ids=ids, labels=ids).loss)
+        loss = loss_bits(model(input_ids=ids, labels=ids).loss)
+    model.reshard()  # FSDP2 keeps the root's weights gathered after a forward: shard them again
+    return loss
+
+
+def _step_in_backward(opt, _param) -> None:
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def plain_run(mesh, rank, factory, checkpointing=False, micro=1):
     model = build(mesh, checkpointing)
+    before = eval_loss(model)
     losses = []
     if micro == 1:  # PyTorch's optimizer-in-backward
         for p in model.parameters():
-            opt = factory([p])
-            p.register_post_accumulate_grad_hook(lambda _p, opt=opt: (opt.step(), opt.zero_grad(set_to_none=True)))
+            p.register_post_accumulate_grad_hook(functools.partial(_step_in_backward, factory([p])))
         for ids in batches(rank, STEPS):
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
@@ -103,7 +111,7 @@ def plain_run(mesh, rank, factory, checkpointing=False, micro=1):
             if (i + 1) % micro == 0:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-    return {"losses": losses, "shards": shards(model), "eval_after": eval_loss(model)}
+    return {"losses": losses, "shards": shards(model), "eval_after": eval_loss(model), "eval_before": before}
 
 
 def nzrt_run(mesh, rank, factory, checkpointing=False, micro=1, fail_rank=None, save_dir=None):
@@ -112,6 +120,9 @@ def nzrt_run(mesh, rank, factory, checkpointing=False, micro=1, fail_rank=None, 
     model = build(mesh, checkpointing)
     before = shards(model)
     losses, out = [], {}
+    with nzrt.managed(model):  # inference only: compressed shards, compressed all-gathers
+        out["eval_compressed"] = sum(isinstance(p._local_tensor, CompressedShard) for p in model.parameters())
+        out["eval_before"] = eval_loss(model)
     optimizer = factory if micro == 1 else nzrt.OptimizerConfig(factory, in_backward=False)
     with nzrt.managed(model, optimizer=optimizer) as run:
         out["compressed"] = sorted(n for n, p in model.named_parameters()
@@ -202,6 +213,48 @@ def state_digests(sd) -> dict:
     return out
 
 
+def misuse_run(mesh, rank) -> dict:
+    """Entry failing half-way and a write into a compressed shard: the model is left as it was."""
+    import nzrt
+    from nzrt.runtime import fsdp
+    from nzrt.runtime.errors import ManagedError
+    model = build(mesh)
+    before, eval_before = shards(model), eval_loss(model)
+    real, made = fsdp.ShardWeight, []
+
+    def failing(*args, **kwargs):  # the 5th shard's compression fails
+        if len(made) == 4:
+            raise RuntimeError("injected failure at entry")
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    out = {}
+    fsdp.ShardWeight = failing
+    try:
+        with nzrt.managed(model, optimizer=ADAMW):
+            out["entered"] = True
+    except RuntimeError as e:
+        out["entry_error"] = str(e)
+    finally:
+        fsdp.ShardWeight = real
+    out["after_failed_entry"] = shards(model) == before
+    out["locals_after_failed_entry"] = sorted({type(p._local_tensor).__name__ for p in model.parameters()})
+    out["eval_after_failed_entry"] = eval_loss(model) == eval_before
+    with nzrt.managed(model, optimizer=ADAMW):
+        p = model.lm_head.weight
+        for name, write in (("add_", lambda: p.add_(1)), ("data.mul_", lambda: p.data.mul_(2)),
+                            ("copy_", lambda: p.copy_(p.detach().clone()))):
+            try:
+                with torch.no_grad():
+                    write()
+                out[f"write_{name}"] = "allowed"
+            except ManagedError as e:
+                out[f"write_{name}"] = "refused" if "cannot be written in place" in str(e) else str(e)
+    out["after_refused_writes"] = shards(model) == before
+    out["eval_after_refused_writes"] = eval_loss(model) == eval_before
+    return out
+
+
 def main():
     rank, world, port, case, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
@@ -224,6 +277,8 @@ def main():
             res["nzrt"] = nzrt_run(mesh, rank, ADAMW, micro=2)
         elif case == "save":
             res["nzrt"] = nzrt_run(mesh, rank, ADAMW, save_dir=out_dir)
+        elif case == "misuse":
+            res["nzrt"] = misuse_run(mesh, rank)
         elif case == "raise":
             res["nzrt"] = nzrt_run(mesh, rank, ADAMW, fail_rank=1)
         else:

@@ -4,8 +4,9 @@ Each rank keeps its local shards compressed and all-gathers compressed bytes; th
 step and the final shards must equal plain FSDP2's bit for bit on both ranks (AdamW and SGD with
 momentum stepped in the backward, activation checkpointing, gradient accumulation with
 ``run.step()``); ``run.save`` must write the file a single process writes for the same weights;
-``run.state_dict()`` must go through torch.distributed.checkpoint and back; a rank that raises must
-leave no peer hung. Each case runs its own pair of processes in a temporary working directory
+``run.state_dict()`` must go through torch.distributed.checkpoint and back; an entry that fails
+half-way and writes into a compressed shard must leave the model as it was; a rank that raises
+must leave no peer hung. Each case runs its own pair of processes in a temporary working directory
 (never the project root: see DESIGN.md).
 """
 import json
@@ -73,6 +74,8 @@ def _check_identical(rcs, errs, results, compressed=16):
         assert nz["moved"] >= compressed, f"rank {rank}: training changed only {nz['moved']} shards"
         assert nz["after_exit_local"] == ["Tensor"], "exit must leave dense local shards"
         assert nz["eval_after"] == plain["eval_after"], "FSDP2's own all-gather after exit differs"
+        assert nz["eval_before"] == plain["eval_before"], "an inference-only block differs from plain FSDP2"
+        assert nz["eval_compressed"] == compressed
         # compressed bytes went through the all-gathers: about 2/3 of the dense bytes
         assert 0 < nz["sent"] <= 0.72 * nz["sent_dense"], (nz["sent"], nz["sent_dense"])
         assert "all-gathers sent" in nz["report"] and nz["report"] in nz["summary"]
@@ -116,3 +119,15 @@ def test_a_rank_that_raises_leaves_no_hung_peer(tmp_path):
     assert rcs[1] != 0 and "a deliberate failure on this rank" in errs[1]
     assert rcs[0] != 0, "rank 0 cannot finish: its peer is gone"
     assert time.monotonic() - t0 < TIMEOUT
+
+
+def test_failed_entry_and_refused_writes_leave_the_model_as_it_was(tmp_path):
+    rcs, errs, results = _launch("misuse", tmp_path)
+    assert rcs == [0, 0], "\n".join(e[-3000:] for e in errs)
+    for res in results:
+        nz = res["nzrt"]
+        assert nz["entry_error"] == "injected failure at entry" and "entered" not in nz
+        assert nz["after_failed_entry"] and nz["locals_after_failed_entry"] == ["Tensor"]
+        assert nz["eval_after_failed_entry"], "FSDP2's own all-gather after a rolled-back entry differs"
+        assert [nz[f"write_{k}"] for k in ("add_", "data.mul_", "copy_")] == ["refused"] * 3
+        assert nz["after_refused_writes"] and nz["eval_after_refused_writes"]

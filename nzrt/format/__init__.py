@@ -5,6 +5,7 @@
   header      the strict reader of untrusted JSON headers (checked whole, before any data)
   checkpoint  ``.nzrt`` files: ``MAGIC``, a JSON header, aligned buffers, memory-mapped on load
   rowchunks   a large 2-D weight stored as row chunks, each its own compressed entry
+  frame       one compressed tensor framed in a byte buffer of fixed capacity (FSDP2's all-gather)
 
 The bit layout inside a blob's sections (the exponent cascade, the sign-mantissa stream, tile
 offsets, patches) is ``nzrt.kernels.spec``'s: the kernels read and write it and sit below this

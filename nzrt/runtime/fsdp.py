@@ -93,19 +93,21 @@ class ShardedWeights:
                 for fp in group.fsdp_params:
                     if fp.sharded_state != ShardedState.SHARDED:  # pragma: no cover (reshard() above)
                         raise RuntimeError("an FSDP2 parameter is not sharded after reshard()")
+                    if id(fp.sharded_param) in self._seen:  # fully_shard([a, b]): one state, two modules
+                        continue
                     name = names.get(id(fp.sharded_param), fp._module_info.param_name)
                     self._seen.add(id(fp.sharded_param))
                     if not self._eligible(fp, name):
                         continue
                     local = fp._sharded_local_tensor
                     w = ShardWeight(name, fp, self.decoder.compress_lossless(local), self.decoder)
+                    self.weights.append(w)  # before the swap: a failure from here on is restored
+                    self._by_param[id(fp.sharded_param)] = w
+                    self.dense_bytes += w.dense_bytes
                     fp._sharded_param_data = torch.empty(0, dtype=local.dtype, device=local.device)
                     fp.sharded_param._local_tensor = CompressedShard(w)
                     fp._extensions_data = ExtensionsData()
                     _reset_gather_state(fp)
-                    self.weights.append(w)
-                    self._by_param[id(fp.sharded_param)] = w
-                    self.dense_bytes += w.dense_bytes
                     del local
         self.agree()
         for root in _roots(modules):
