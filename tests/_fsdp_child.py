@@ -30,19 +30,21 @@ import torch.distributed as dist
 
 TOKENS = 64
 STEPS = 3
+# NZRT_FSDP_DEVICE=cuda: the same on GPUs over NCCL (tools/gpu_all.sh fsdp runs it with one rank)
+DEVICE = os.environ.get("NZRT_FSDP_DEVICE", "cpu")
 ADAMW = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1, foreach=False)
 SGD = functools.partial(torch.optim.SGD, lr=1e-2, momentum=0.9, foreach=False)
 
 
 def digest(t: torch.Tensor) -> str:
-    t = t.detach().contiguous()
+    t = t.detach().contiguous().cpu()
     if t.is_floating_point():
         t = t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
     return hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
 
 
 def loss_bits(loss) -> int:
-    return int(loss.detach().float().view(torch.int32))
+    return int(loss.detach().float().cpu().view(torch.int32))
 
 
 VOCAB = 8192
@@ -59,7 +61,7 @@ def build(mesh, checkpointing=False):
     from torch.distributed.fsdp import fully_shard
     from transformers import LlamaForCausalLM
     torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(config(), dtype=torch.bfloat16)
+    model = LlamaForCausalLM._from_config(config(), dtype=torch.bfloat16).to(DEVICE)
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     for layer in model.model.layers:
@@ -70,7 +72,7 @@ def build(mesh, checkpointing=False):
 
 def batches(rank, steps, micro=1):
     g = torch.Generator().manual_seed(1000 + rank)
-    return [torch.randint(0, VOCAB, (1, TOKENS), generator=g) for _ in range(steps * micro)]
+    return [torch.randint(0, VOCAB, (1, TOKENS), generator=g).to(DEVICE) for _ in range(steps * micro)]
 
 
 def shards(model) -> dict:
@@ -259,9 +261,12 @@ def main():
     rank, world, port, case, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    if DEVICE == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     from torch.distributed.device_mesh import init_device_mesh
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(DEVICE, (world,))
     res = {}
     try:
         if case == "adamw":

@@ -6,6 +6,9 @@
 #     bash tools/gpu_all.sh e2e        # only the end-to-end table (or: gpu)
 #     bash tools/gpu_all.sh train      # only tools/bench_train.py --device cuda (not in the default;
 #                                      # `gpu train e2e` runs all three, train under GPU_TRAIN_TIMEOUT=150)
+#     bash tools/gpu_all.sh fsdp       # only FSDP2 on CUDA over NCCL with one rank (tests/_fsdp_child.py
+#                                      # adamw: nzrt's compressed shards against plain FSDP2), under
+#                                      # GPU_FSDP_TIMEOUT (150); not in the default
 #     bash tools/gpu_all.sh offload    # only tools/bench_offload.py --device cuda (not in the default):
 #                                      # accelerate's cpu_offload against nzrt's host tier, a small
 #                                      # Llama, under GPU_OFFLOAD_TIMEOUT (150)
@@ -90,6 +93,21 @@ assert torch.equal(nzrt.decompress(nzrt.compress(x)).view(torch.int16), x.view(t
             --shape small --modes plain,accelerate,nzrt_disk,nzrt_mem --budget 40MiB --rounds 1 --gen 8 \
             ${OUT:+--json "$OUT/bench_offload_gpu.json"})
         r=$?; [ $r -gt $rc ] && rc=$r
+    fi
+    if [[ $WHAT == *" fsdp "* ]]; then
+        # FSDP2 over NCCL, one rank (a second GPU would be needed for two): compressed shards,
+        # compressed all-gathers, Triton decodes; losses and final shards against plain FSDP2
+        echo "== tests/_fsdp_child.py adamw on cuda, NCCL, 1 rank ($SECONDS s in)"
+        local fd
+        fd=$(mktemp -d)
+        (cd "$fd" && NZRT_FSDP_DEVICE=cuda timeout -s TERM "${GPU_FSDP_TIMEOUT:-150}" "$PY" "$ROOT/tests/_fsdp_child.py" \
+            0 1 29517 adamw "$fd")
+        r=$?; [ $r -gt $rc ] && rc=$r
+        pyc "import json, sys
+d = json.load(open('$fd/rank0.json')); p, n = d['plain'], d['nzrt']
+ok = p['losses'] == n['losses'] and p['shards'] == n['shards'] and p['eval_before'] == n['eval_before']
+print('fsdp cuda: compressed', len(n['compressed']), '|', n['report'], '| losses and shards identical:', ok)
+sys.exit(0 if ok else 1)" || rc=$(( rc > 1 ? rc : 1 ))
     fi
     if [[ $WHAT == *" e2e "* ]]; then
         left=$(( BUDGET - SECONDS ))
