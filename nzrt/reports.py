@@ -144,6 +144,8 @@ class Report:
 
     def __str__(self) -> str:
         t = self.totals()
+        if self.sharded and not t["layers"]:  # FSDP2: no layers of nzrt's own scheduler to list
+            return self.summary()
         lines = self._head() + [
             f"  budget {format_bytes(self.budget)}; weights {format_bytes(t['dense_bytes'])} dense -> "
             f"{format_bytes(t['compressed_bytes'])} compressed ({100 * t['ratio']:.1f}%); "
