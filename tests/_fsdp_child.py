@@ -57,16 +57,21 @@ def config():
                        tie_word_embeddings=False)
 
 
+MIXED = False  # fp32 weights, bf16 compute (FSDP2's MixedPrecisionPolicy)
+
+
 def build(mesh, checkpointing=False):
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import LlamaForCausalLM
     torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(config(), dtype=torch.bfloat16).to(DEVICE)
+    dtype = torch.float32 if MIXED else torch.bfloat16
+    model = LlamaForCausalLM._from_config(config(), dtype=dtype).to(DEVICE)
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if MIXED else MixedPrecisionPolicy()
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
@@ -282,6 +287,11 @@ def main():
             res["nzrt"] = nzrt_run(mesh, rank, ADAMW, micro=2)
         elif case == "save":
             res["nzrt"] = nzrt_run(mesh, rank, ADAMW, save_dir=out_dir)
+        elif case == "mixed":  # fp32 master weights gathered as bf16
+            global MIXED
+            MIXED = True
+            res["plain"] = plain_run(mesh, rank, ADAMW)
+            res["nzrt"] = nzrt_run(mesh, rank, ADAMW)
         elif case == "misuse":
             res["nzrt"] = misuse_run(mesh, rank)
         elif case == "raise":

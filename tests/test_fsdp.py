@@ -100,6 +100,19 @@ def test_gradient_accumulation_run_step_and_uneven_shards_kept_dense(tmp_path):
         assert len(res["nzrt"]["warnings"]) == 2, res["nzrt"]["warnings"]  # one note each, nothing else
 
 
+def test_mixed_precision_fp32_weights_bf16_compute(tmp_path):
+    """MixedPrecisionPolicy(param_dtype=bf16) over fp32 weights: the gathered fp32 shards are cast
+    after the decode, as plain FSDP2 casts before its gather (elementwise: the same bits)."""
+    rcs, errs, results = _launch("mixed", tmp_path)
+    assert rcs == [0, 0], "\n".join(e[-3000:] for e in errs)
+    for res in results:
+        plain, nz = res["plain"], res["nzrt"]
+        assert len(nz["compressed"]) == 16
+        assert nz["losses"] == plain["losses"] and nz["shards"] == plain["shards"]
+        assert nz["eval_before"] == plain["eval_before"] and nz["eval_after"] == plain["eval_after"]
+        assert any("MixedPrecisionPolicy" in w for w in nz["warnings"]), nz["warnings"]
+
+
 def test_save_equals_single_process_and_dcp_round_trip(tmp_path):
     rcs, errs, results = _launch("save", tmp_path)
     assert rcs == [0, 0], "\n".join(e[-3000:] for e in errs)
