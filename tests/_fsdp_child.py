@@ -165,6 +165,8 @@ def save_checks(run, model, mesh, rank, save_dir) -> dict:
     import nzrt
     from transformers import LlamaForCausalLM
     save_dir = Path(save_dir)
+    with torch.no_grad():  # FSDP2 keeps the root's weights gathered after this: save reshards
+        model(input_ids=batches(9, 1)[0])
     run.save(save_dir / "fsdp.nzrt")
     full = {n: p.full_tensor() for n, p in model.named_parameters()}  # collectives: every rank
     res = {}

@@ -67,6 +67,7 @@ class ShardedWeights:
         self._hooks: list = []
         self.dense_bytes = 0           # the compressed shards' dense size on this rank
         self.agreements = 0
+        self.modules: list = []        # the model's FSDP2 modules (fsdp_modules), set by take()
 
     def get(self, param):
         """The ShardWeight standing for ``param`` (a sharded parameter), or None."""
@@ -77,14 +78,20 @@ class ShardedWeights:
         return id(param) in self._seen
 
     # -- entry ----------------------------------------------------------------------------------
+    def reshard(self) -> None:
+        """Every FSDP2 module sharded (FSDP2 keeps the root's weights gathered after a forward:
+        ``model.named_parameters()`` would list the unsharded ones)."""
+        for m in self.modules:
+            m.reshard()
+
     def take(self, modules) -> None:
         from torch.distributed.fsdp._fully_shard._fsdp_param import ExtensionsData
         from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
 
+        self.modules = modules
         for root in _roots(modules):
             root._get_fsdp_state()._lazy_init()  # FSDP2 pads and re-views shards here: before the swap
-        for m in modules:
-            m.reshard()
+        self.reshard()
         names = {}
         for name, p in self.model.named_parameters():
             names.setdefault(id(p), name)
@@ -134,6 +141,8 @@ class ShardedWeights:
             why = "FSDP2 offloads it to the CPU (CPUOffloadPolicy)"
         elif fp.is_dtensor:
             why = "it is a DTensor already (tensor parallel)"
+        elif fp.mesh_info.mesh.ndim != 1:
+            why = f"its mesh has {fp.mesh_info.mesh.ndim} dimensions (HSDP): nzrt compresses shards of 1-D meshes"
         elif fp.fsdp_placement.dim != 0:
             why = f"FSDP2 shards it on dim {fp.fsdp_placement.dim}"
         elif fp._orig_size[0] % fp.mesh_info.shard_mesh_size:  # decided alike on every rank
@@ -169,13 +178,12 @@ class ShardedWeights:
         self.agreements += 1
 
     # -- exit -----------------------------------------------------------------------------------
-    def restore(self, modules) -> None:
+    def restore(self) -> None:
         """Dense local shards again (exact), FSDP2's default all-gather, no hooks."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        for m in modules:
-            m.reshard()
+        self.reshard()
         for w in self.weights:
             if not w.active:
                 continue

@@ -45,6 +45,7 @@ def save_sharded(run, path, tokenizer=None) -> None:
     from ..format.checkpoint import Writer
 
     sharded = run.shared.sharded
+    sharded.reshard()
     sharded.agree()  # frames of the shards as they are now
     rank = dist.get_rank()
     model = run.model
@@ -54,7 +55,7 @@ def save_sharded(run, path, tokenizer=None) -> None:
     for p, names, owners in find_params(model):
         w = sharded.get(p)
         if w is not None:
-            full_shape = (w.shape[0] * w.fsdp_param.mesh_info.mesh.size(),) + w.shape[1:]
+            full_shape = (w.shape[0] * w.fsdp_param.mesh_info.shard_mesh_size,) + w.shape[1:]
             if chunkable_embedding(full_shape, p.element_size(), owners, chunk_bytes):
                 spans[names[0]] = chunk_spans(full_shape, p.element_size(), chunk_bytes)
     with Writer(path, _metadata(run, spans)) if rank == 0 else contextlib.nullcontext() as writer:
@@ -96,6 +97,7 @@ def sharded_state_dict(run) -> dict:
     """{"model": {name: DTensor}, "optimizers": ..., "lr_schedulers": ...} for DCP."""
     shared = run.shared
     trainer, sharded = shared.trainer, shared.sharded
+    sharded.reshard()
     model_sd = {}
     for name, p in run.model.named_parameters():
         w = sharded.get(p)
@@ -124,6 +126,7 @@ def load_sharded_state_dict(run, sd: dict) -> None:
     trainer, sharded = shared.trainer, shared.sharded
     if not isinstance(sd, dict) or "model" not in sd:
         raise ManagedError("expected a dict from run.state_dict() under FSDP2 (with a 'model' entry)")
+    sharded.reshard()
     with shared.lock, torch.no_grad():
         for name, p in run.model.named_parameters():
             if name not in sd["model"]:

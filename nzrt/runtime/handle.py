@@ -98,7 +98,6 @@ class Managed:
         self.layers: dict = {}
         self.warnings: list = []
         self.kept_mapped: list = []   # lookup-only embeddings left dense in their file map
-        self._fsdp_modules: list = []  # the FSDP2 modules whose shards this block compressed
         self.weights_dense_bytes = 0
 
     # -- what the config says ---------------------------------------------------------------
@@ -173,7 +172,6 @@ class Managed:
         modules = fsdp_modules(self.model)
         if modules:  # FSDP2: each rank's local shards compressed, gathered compressed (fsdp.py)
             shared.sharded = ShardedWeights(self.model, decoder, config.min_numel, self.warnings)
-            self._fsdp_modules = modules
             shared.sharded.take(modules)
         found = entry.take_weights()
         units = self._units.build(self.model, shared.params)
@@ -229,7 +227,7 @@ class Managed:
             shared.decoder.forget_fused()
             if shared.sharded is not None:
                 try:
-                    shared.sharded.restore(self._fsdp_modules)
+                    shared.sharded.restore()
                 except BaseException as e:
                     errors.append(e)
             failed = self.restore.restore_params(shared.params, shared.tensors, shared.decoder,
