@@ -101,8 +101,8 @@ def test_gradient_accumulation_run_step_and_uneven_shards_kept_dense(tmp_path):
 
 
 def test_mixed_precision_fp32_weights_bf16_compute(tmp_path):
-    """MixedPrecisionPolicy(param_dtype=bf16) over fp32 weights: the gathered fp32 shards are cast
-    after the decode, as plain FSDP2 casts before its gather (elementwise: the same bits)."""
+    """MixedPrecisionPolicy(param_dtype=bf16) over fp32 weights: the gathers carry the shards cast
+    to bf16 (what plain FSDP2 gathers), compressed; the fp32 shards stay exact for the steps."""
     rcs, errs, results = _launch("mixed", tmp_path)
     assert rcs == [0, 0], "\n".join(e[-3000:] for e in errs)
     for res in results:
@@ -110,7 +110,9 @@ def test_mixed_precision_fp32_weights_bf16_compute(tmp_path):
         assert len(nz["compressed"]) == 16
         assert nz["losses"] == plain["losses"] and nz["shards"] == plain["shards"]
         assert nz["eval_before"] == plain["eval_before"] and nz["eval_after"] == plain["eval_after"]
-        assert any("MixedPrecisionPolicy" in w for w in nz["warnings"]), nz["warnings"]
+        assert nz["warnings"] == []
+        # plain gathers bf16 (half of the fp32 bytes); nzrt about 2/3 of those
+        assert 0 < nz["sent"] <= 0.72 * 0.5 * nz["sent_dense"], (nz["sent"], nz["sent_dense"])
 
 
 def test_save_equals_single_process_and_dcp_round_trip(tmp_path):

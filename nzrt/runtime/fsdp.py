@@ -116,14 +116,6 @@ class ShardedWeights:
                     fp._extensions_data = ExtensionsData()
                     _reset_gather_state(fp)
                     del local
-        narrowed = [w for w in self.weights if w.fsdp_param.param_dtype is not None
-                    and w.fsdp_param.param_dtype.itemsize < w.dtype.itemsize]
-        if narrowed:
-            w = narrowed[0]
-            self.warnings.append(
-                f"FSDP2 computes in {w.fsdp_param.param_dtype} over {w.dtype} weights (MixedPrecisionPolicy): "
-                f"nzrt all-gathers the {w.dtype} shards compressed (exact, but about 0.8x of {w.dtype}, more "
-                f"bytes than plain FSDP2's cast to {w.fsdp_param.param_dtype}); {len(narrowed)} shards")
         self.agree()
         for root in _roots(modules):
             self._hooks.append(root.register_forward_pre_hook(self._before_forward, prepend=True))
@@ -200,7 +192,8 @@ class ShardedWeights:
 
         comp = sum(w.ct.nbytes for w in self.weights)
         sent = sum(w.sent_bytes for w in self.weights)
-        dense_sent = sum(w.gathers * w.dense_bytes for w in self.weights)
-        ratio = f" ({sent / dense_sent:.2f}x dense)" if dense_sent else ""
+        # what plain FSDP2 would have sent: the dense shards, in param_dtype under mixed precision
+        dense_sent = sum(w.gathers * w.ct.numel() * (w.wire_dtype or w.dtype).itemsize for w in self.weights)
+        ratio = f" ({sent / dense_sent:.2f}x plain FSDP2's)" if dense_sent else ""
         return (f"fsdp2: {len(self.weights)} local shards compressed, {format_bytes(self.dense_bytes)} -> "
                 f"{format_bytes(comp)} on this rank; all-gathers sent {format_bytes(sent)}{ratio}")

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from ..format import CompressedTensor, rowchunks
+from ..format import CompressedTensor, frame, rowchunks
 from .errors import ManagedError
 from .params import chunk_spans, chunkable_embedding, find_params
 from .saving import _metadata
@@ -31,13 +31,15 @@ def _gather_to_rank0(w: ShardWeight):
     """The whole weight of ``w`` on rank 0 (decoded from every rank's frame), None elsewhere."""
     pg = w.fsdp_param.mesh_info.shard_process_group
     world, rank = dist.get_world_size(pg), dist.get_rank(pg)
-    buf = w.frame_buffer()
+    cap = torch.tensor([frame.framed_size(w.ct)], dtype=torch.int64, device=w.device)
+    dist.all_reduce(cap, op=dist.ReduceOp.MAX, group=pg)  # the exact shard's frames (not the gathers')
+    buf = w.frame_buffer(w.ct, int(cap.item()))
     parts = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
     dist.gather(buf, parts, group_dst=0, group=pg)
     if rank != 0:
         return None
     full = torch.empty((w.shape[0] * world,) + w.shape[1:], dtype=w.dtype, device=w.device)
-    w.decode_gathered(torch.cat(parts), full)
+    w.decode_gathered(torch.cat(parts), full, capacity=buf.numel())
     return full
 
 
@@ -46,7 +48,6 @@ def save_sharded(run, path, tokenizer=None) -> None:
 
     sharded = run.shared.sharded
     sharded.reshard()
-    sharded.agree()  # frames of the shards as they are now
     rank = dist.get_rank()
     model = run.model
     chunk_bytes = run.config.chunk_bytes

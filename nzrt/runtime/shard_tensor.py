@@ -32,6 +32,9 @@ class ShardWeight:
     ``fsdp_param``: FSDP2's record of the parameter; ``ct``: the shard (shape = the local shard's,
     rows ``[rank * rows, (rank + 1) * rows)`` of the weight); ``decoder``: the session's codec.
     ``capacity`` is set by the ranks' agreement (``fsdp.ShardedWeights.agree``) before a gather.
+    Under FSDP2's mixed precision (``param_dtype`` narrower than the weight's, e.g. fp32 weights and
+    bf16 compute) the gathers carry the shard cast to ``param_dtype`` -- what plain FSDP2 gathers --
+    compressed once per version of the shard (``wire_ct``), not the full-width shard.
     """
 
     def __init__(self, name: str, fsdp_param, ct, decoder):
@@ -43,7 +46,10 @@ class ShardWeight:
         self.shape = tuple(ct.shape)
         self.dtype = ct.dtype
         self.device = ct.device
-        self.capacity = frame.framed_size(ct)
+        wire = getattr(fsdp_param, "param_dtype", None)
+        self.wire_dtype = wire if wire is not None and wire.itemsize < ct.dtype.itemsize else None
+        self._wire = None         # (version, CompressedTensor of the shard cast to wire_dtype)
+        self.capacity = 0
         self.version = 0
         self.active = True
         self.gathers = 0          # all-gathers this shard took part in
@@ -53,8 +59,18 @@ class ShardWeight:
     def dense_bytes(self) -> int:
         return self.ct.numel() * self.ct.dtype.itemsize
 
+    @property
+    def wire_ct(self):
+        """What the all-gathers carry: the shard, or (mixed precision) its cast to ``wire_dtype``."""
+        if self.wire_dtype is None:
+            return self.ct
+        if self._wire is None or self._wire[0] != self.version:
+            self._wire = None  # the old one goes before the new one is made
+            self._wire = (self.version, self.decoder.compress_lossless(self.dense_copy().to(self.wire_dtype)))
+        return self._wire[1]
+
     def needed(self) -> int:
-        return frame.framed_size(self.ct)
+        return frame.framed_size(self.wire_ct)
 
     def dense_copy(self) -> torch.Tensor:
         """The shard's exact values in a fresh tensor ``[shape]`` of its dtype."""
@@ -66,6 +82,7 @@ class ShardWeight:
 
     def store(self, dense: torch.Tensor) -> None:
         """A training step's new shard (exact): compressed again, lossless."""
+        self._wire = None
         self.ct = self.decoder.compress_lossless(dense)
         self.version += 1
 
@@ -75,31 +92,33 @@ class ShardWeight:
             raise ManagedError(f"nzrt: {self.names[0]!r}'s compressed shard ({self.needed()} bytes) "
                                f"outgrew the all-gather capacity ({self.capacity}); the ranks agree on "
                                f"capacities before each forward of the root module: gather only through it")
-        buf = self.frame_buffer()
+        buf = self.frame_buffer(self.wire_ct, self.capacity)
         self.gathers += 1
         self.sent_bytes += self.capacity
         return buf
 
-    def frame_buffer(self) -> torch.Tensor:
-        """The shard's frame in a fresh uint8 buffer of ``capacity`` bytes."""
-        buf = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
-        frame.pack_into(self.ct, buf)
+    def frame_buffer(self, ct, capacity: int) -> torch.Tensor:
+        """``ct``'s frame in a fresh uint8 buffer of ``capacity`` bytes."""
+        buf = torch.empty(capacity, dtype=torch.uint8, device=self.device)
+        frame.pack_into(ct, buf)
         return buf
 
-    def decode_gathered(self, gathered: torch.Tensor, out: torch.Tensor) -> None:
+    def decode_gathered(self, gathered: torch.Tensor, out: torch.Tensor, capacity: int | None = None) -> None:
         """Every rank's frame in ``gathered`` (uint8 ``[world * capacity]``) into its rows of
-        ``out`` (the unsharded weight, contiguous: rank r's shard is its r-th block of rows)."""
-        world = gathered.numel() // self.capacity
+        ``out`` (the unsharded weight, contiguous, the frames' dtype: rank r's shard is its r-th
+        block of rows)."""
+        capacity = capacity or self.capacity
+        world = gathered.numel() // capacity
         n = self.ct.numel()
         flat = out.view(-1)
         for r in range(world):
             # a copy: the decoder reads a blob through numpy, which would pin the size of FSDP2's
             # all-gather buffer (it frees and re-grows it: ``storage.resize_``)
-            part = gathered[r * self.capacity:(r + 1) * self.capacity].clone()
+            part = gathered[r * capacity:(r + 1) * capacity].clone()
             ct = frame.unpack(part, f"{self.names[0]!r}: rank {r}'s gathered shard")
-            if tuple(ct.shape) != self.shape or ct.dtype != self.dtype:
+            if tuple(ct.shape) != self.shape or ct.dtype != out.dtype:
                 raise ManagedError(f"nzrt: rank {r} sent {self.names[0]!r} as {ct.dtype} {tuple(ct.shape)}, "
-                                   f"this rank holds {self.dtype} {self.shape}")
+                                   f"this rank expects {out.dtype} {self.shape}")
             self.decoder.decode(ct, flat[r * n:(r + 1) * n])
 
 
@@ -155,19 +174,20 @@ class CompressedShard(torch.Tensor):
         w = self._weight
         world = gathered.numel() // w.capacity
         full = (w.shape[0] * world,) + w.shape[1:]
-        dtype = param_dtype or w.dtype
+        sent = w.wire_dtype or w.dtype      # the frames' dtype
+        dtype = param_dtype or w.dtype      # the unsharded weight's (FSDP2's mixed precision)
         with torch.no_grad():
             if out is not None:
-                target = out.data if dtype == w.dtype else torch.empty(full, dtype=w.dtype, device=w.device)
+                target = out.data if dtype == sent else torch.empty(full, dtype=sent, device=w.device)
                 w.decode_gathered(gathered, target)
                 _free(gathered)
                 if target is not out.data:
                     out.data.copy_(target)
                 return None
-            dense = torch.empty(full, dtype=w.dtype, device=w.device)
+            dense = torch.empty(full, dtype=sent, device=w.device)
             w.decode_gathered(gathered, dense)
             _free(gathered)
-            if dtype != w.dtype:  # FSDP2's mixed precision: the unsharded weight in param_dtype
+            if dtype != sent:
                 dense = dense.to(dtype)
             return dense, (dense,)
 
