@@ -93,8 +93,7 @@ class Report:
         t = self.totals()
         h = self.held or {}
         if self.sharded and not t["layers"]:  # FSDP2: every managed weight is a compressed shard
-            return "\n".join(self._head()[:1] + [f"  {line}" for line in
-                                                 (self.sharded, self.training) if line] + self._tail())
+            return "\n".join(self._head()[:1] + self._extras() + self._peaks() + self._warnings())
         lines = self._head() + [
             f"  weights {format_bytes(t['dense_bytes'])} dense -> {format_bytes(t['compressed_bytes'])} compressed "
             f"({100 * t['ratio']:.1f}%) in {t['layers']} layers; {format_bytes(self.fixed_bytes)} left "
@@ -114,11 +113,7 @@ class Report:
         lines.append(f"  decodes {t['decodes']} ({t['decode_s'] * 1e3:.1f} ms), transfer {t['transfer_s'] * 1e3:.1f} ms, "
                      f"stalls {t['stall_s'] * 1e3:.1f} ms; hits {t['hits']}, on-demand {t['misses']}; "
                      f"passes {self.passes}, re-plans {self.replans}")
-        lines += self._peaks()
-        for extra in (self.training, self.sharded, self.fused, self.blocked):
-            if extra:
-                lines.append(f"  {extra}")
-        return "\n".join(lines + [f"  warning: {w}" for w in self.warnings])
+        return "\n".join(lines + self._peaks() + self._extras() + self._warnings())
 
     def _peaks(self) -> list:
         p = self.peaks or {}
@@ -128,8 +123,12 @@ class Report:
             peaks.append(f"device {format_bytes(dev)} ({'NVML' if 'nvml_used' in p else 'torch'})")
         return ["  peaks (sampled): " + ", ".join(peaks)] if peaks else []
 
-    def _tail(self) -> list:
-        return self._peaks() + [f"  warning: {w}" for w in self.warnings]
+    def _extras(self) -> list:
+        """The lines of the parts a block may have: training, FSDP2, fused passes, blocked heads."""
+        return [f"  {line}" for line in (self.training, self.sharded, self.fused, self.blocked) if line]
+
+    def _warnings(self) -> list:
+        return [f"  warning: {w}" for w in self.warnings]
 
     def layer_lines(self) -> list:
         """One line per layer (with a header line)."""
@@ -160,16 +159,6 @@ class Report:
         if self.peaks:
             lines.append("  peaks: " + ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.peaks.items())))
         lines.append(f"  NVML: {self.nvml}")
-        if self.training:
-            lines.append(f"  {self.training}")
-        if self.sharded:
-            lines.append(f"  {self.sharded}")
-        if self.fused:
-            lines.append(f"  {self.fused}")
-        if self.blocked:
-            lines.append(f"  {self.blocked}")
-        for w in self.warnings:
-            lines.append(f"  warning: {w}")
-        lines.append("")
+        lines += self._extras() + self._warnings() + [""]
         lines.extend(self.layer_lines())
         return "\n".join(lines)

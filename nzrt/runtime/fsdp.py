@@ -65,8 +65,6 @@ class ShardedWeights:
         self._by_param: dict = {}      # id(DTensor parameter) -> ShardWeight
         self._seen: set = set()        # id() of every FSDP2 parameter, compressed or not
         self._hooks: list = []
-        self.dense_bytes = 0           # the compressed shards' dense size on this rank
-        self.agreements = 0
         self.modules: list = []        # the model's FSDP2 modules (fsdp_modules), set by take()
 
     def get(self, param):
@@ -89,7 +87,8 @@ class ShardedWeights:
         from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
 
         self.modules = modules
-        for root in _roots(modules):
+        roots = _roots(modules)
+        for root in roots:
             root._get_fsdp_state()._lazy_init()  # FSDP2 pads and re-views shards here: before the swap
         self.reshard()
         names = {}
@@ -110,14 +109,13 @@ class ShardedWeights:
                     w = ShardWeight(name, fp, self.decoder.compress_lossless(local), self.decoder)
                     self.weights.append(w)  # before the swap: a failure from here on is restored
                     self._by_param[id(fp.sharded_param)] = w
-                    self.dense_bytes += w.dense_bytes
                     fp._sharded_param_data = torch.empty(0, dtype=local.dtype, device=local.device)
                     fp.sharded_param._local_tensor = CompressedShard(w)
                     fp._extensions_data = ExtensionsData()
                     _reset_gather_state(fp)
                     del local
         self.agree()
-        for root in _roots(modules):
+        for root in roots:
             self._hooks.append(root.register_forward_pre_hook(self._before_forward, prepend=True))
 
     def _eligible(self, fp, name: str) -> bool:
@@ -167,7 +165,6 @@ class ShardedWeights:
                 if cap != w.capacity:
                     w.capacity = cap
                     w.fsdp_param.all_gather_outputs = []  # FSDP2 sizes its buffers at the first gather
-        self.agreements += 1
 
     # -- exit -----------------------------------------------------------------------------------
     def restore(self) -> None:
@@ -190,10 +187,11 @@ class ShardedWeights:
     def summary(self) -> str:
         from ..budget import format_bytes
 
+        dense = sum(w.dense_bytes for w in self.weights)
         comp = sum(w.ct.nbytes for w in self.weights)
         sent = sum(w.sent_bytes for w in self.weights)
         # what plain FSDP2 would have sent: the dense shards, in param_dtype under mixed precision
         dense_sent = sum(w.gathers * w.ct.numel() * (w.wire_dtype or w.dtype).itemsize for w in self.weights)
         ratio = f" ({sent / dense_sent:.2f}x plain FSDP2's)" if dense_sent else ""
-        return (f"fsdp2: {len(self.weights)} local shards compressed, {format_bytes(self.dense_bytes)} -> "
+        return (f"fsdp2: {len(self.weights)} local shards compressed, {format_bytes(dense)} -> "
                 f"{format_bytes(comp)} on this rank; all-gathers sent {format_bytes(sent)}{ratio}")

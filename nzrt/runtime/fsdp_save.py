@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor, Shard
 from ..format import CompressedTensor, frame, rowchunks
 from .errors import ManagedError
 from .params import chunk_spans, chunkable_embedding, find_params
-from .saving import _metadata
+from .saving import add_buffers_and_tokenizer, run_metadata
 from .shard_tensor import ShardWeight
 
 
@@ -38,7 +38,7 @@ def _gather_to_rank0(w: ShardWeight):
     dist.gather(buf, parts, group_dst=0, group=pg)
     if rank != 0:
         return None
-    full = torch.empty((w.shape[0] * world,) + w.shape[1:], dtype=w.dtype, device=w.device)
+    full = torch.empty(w.full_shape, dtype=w.dtype, device=w.device)
     w.decode_gathered(torch.cat(parts), full, capacity=buf.numel())
     return full
 
@@ -56,10 +56,9 @@ def save_sharded(run, path, tokenizer=None) -> None:
     for p, names, owners in find_params(model):
         w = sharded.get(p)
         if w is not None:
-            full_shape = (w.shape[0] * w.fsdp_param.mesh_info.shard_mesh_size,) + w.shape[1:]
-            if chunkable_embedding(full_shape, p.element_size(), owners, chunk_bytes):
-                spans[names[0]] = chunk_spans(full_shape, p.element_size(), chunk_bytes)
-    with Writer(path, _metadata(run, spans)) if rank == 0 else contextlib.nullcontext() as writer:
+            if chunkable_embedding(w.full_shape, p.element_size(), owners, chunk_bytes):
+                spans[names[0]] = chunk_spans(w.full_shape, p.element_size(), chunk_bytes)
+    with Writer(path, run_metadata(run, spans)) if rank == 0 else contextlib.nullcontext() as writer:
         for name, p in model.named_parameters():
             w = sharded.get(p)
             if w is not None:
@@ -76,13 +75,7 @@ def save_sharded(run, path, tokenizer=None) -> None:
             elif writer is not None:
                 writer.add(name, p.detach().cpu())
         if writer is not None:
-            for name, b in model.named_buffers():
-                if b.device.type != "meta":
-                    writer.add(name, b.detach().cpu())
-            if tokenizer is not None:
-                from ..loading.entries import tokenizer_entries
-                for name, t in tokenizer_entries(tokenizer):
-                    writer.add(name, t)
+            add_buffers_and_tokenizer(writer, model, tokenizer)
     dist.barrier()
 
 
@@ -91,7 +84,7 @@ def _as_dtensor(local: torch.Tensor, w: ShardWeight) -> DTensor:
     world = mesh.size()
     shape = (local.shape[0] * world,) + tuple(local.shape[1:])
     return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
-                              stride=torch.empty(0).new_empty(shape, device="meta").stride())
+                              stride=torch.empty(shape, device="meta").stride())
 
 
 def sharded_state_dict(run) -> dict:

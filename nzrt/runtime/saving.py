@@ -18,7 +18,9 @@ from ..format.checkpoint import Writer
 from .weight import lookup
 
 
-def _metadata(run, chunk_spans: dict) -> dict | None:
+def run_metadata(run, chunk_spans: dict) -> dict | None:
+    """The model metadata of ``run``'s ``.nzrt`` (None for a model that is not a transformers one);
+    ``chunk_spans``: {name: [(first, end) row]} of the weights written in row chunks."""
     from ..loading.entries import MODEL_META_KEY, model_metadata
     from ..loading.loaded import LoadedModel, class_name, kind_of
 
@@ -45,7 +47,7 @@ def save_run(run, path, tokenizer=None) -> None:
         mp = lookup(p)
         if mp is not None and mp.active and mp.chunked:
             chunked[name] = list(mp.rows)
-    metadata = _metadata(run, chunked)
+    metadata = run_metadata(run, chunked)
     with Writer(path, metadata) as w:
         for name, p in params:
             mp = lookup(p)
@@ -61,11 +63,17 @@ def save_run(run, path, tokenizer=None) -> None:
                     w.add(rowchunks.entry_name(name, a, b), ct.to("cpu"))
             else:
                 w.add(name, codec.compress(mp.dense_copy().cpu()))
-        for name, b in model.named_buffers():
-            if b.device.type != "meta":
-                w.add(name, b.detach().cpu())
-        if tokenizer is not None:  # what `nzrt generate FILE` reads the prompt with
-            from ..loading.entries import tokenizer_entries
+        add_buffers_and_tokenizer(w, model, tokenizer)
 
-            for name, t in tokenizer_entries(tokenizer):
-                w.add(name, t)
+
+def add_buffers_and_tokenizer(writer, model, tokenizer) -> None:
+    """The model's buffers (dense, as they are) and, if given, the tokenizer -- what
+    ``nzrt generate FILE`` reads the prompt with -- into ``writer``."""
+    for name, b in model.named_buffers():
+        if b.device.type != "meta":
+            writer.add(name, b.detach().cpu())
+    if tokenizer is not None:
+        from ..loading.entries import tokenizer_entries
+
+        for name, t in tokenizer_entries(tokenizer):
+            writer.add(name, t)

@@ -40,7 +40,6 @@ class ShardWeight:
     def __init__(self, name: str, fsdp_param, ct, decoder):
         self.names = [name]
         self.fsdp_param = fsdp_param
-        self.param = fsdp_param.sharded_param   # the DTensor parameter the user sees
         self.ct = ct
         self.decoder = decoder
         self.shape = tuple(ct.shape)
@@ -58,6 +57,11 @@ class ShardWeight:
     @property
     def dense_bytes(self) -> int:
         return self.ct.numel() * self.ct.dtype.itemsize
+
+    @property
+    def full_shape(self) -> tuple:
+        """The whole weight's shape: the shards of every rank of FSDP2's shard group, stacked."""
+        return (self.shape[0] * self.fsdp_param.mesh_info.shard_mesh_size,) + self.shape[1:]
 
     @property
     def wire_ct(self):
@@ -177,18 +181,17 @@ class CompressedShard(torch.Tensor):
         sent = w.wire_dtype or w.dtype      # the frames' dtype
         dtype = param_dtype or w.dtype      # the unsharded weight's (FSDP2's mixed precision)
         with torch.no_grad():
+            # straight into FSDP2's unsharded weight when it has the frames' dtype (``out=``: the
+            # backward's gather after FSDP2 freed it); else a new tensor, cast if need be
+            direct = out is not None and dtype == sent
+            target = out.data if direct else torch.empty(full, dtype=sent, device=w.device)
+            w.decode_gathered(gathered, target)
+            _free(gathered)
             if out is not None:
-                target = out.data if dtype == sent else torch.empty(full, dtype=sent, device=w.device)
-                w.decode_gathered(gathered, target)
-                _free(gathered)
-                if target is not out.data:
+                if not direct:
                     out.data.copy_(target)
                 return None
-            dense = torch.empty(full, dtype=sent, device=w.device)
-            w.decode_gathered(gathered, dense)
-            _free(gathered)
-            if dtype != sent:
-                dense = dense.to(dtype)
+            dense = target if dtype == sent else target.to(dtype)
             return dense, (dense,)
 
 
